@@ -1,0 +1,1 @@
+"""The wattprint daemon: sources, attribution, ledger, HTTP API and CLI."""

@@ -1,0 +1,193 @@
+"""The ``wattprint`` command: run the daemon, list jobs, check the config.
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad config or bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+from .api import BadRequest, parse_time
+from .config import Config, ConfigError, load_config, parse_listen
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+
+def _load(path: str | None) -> Config:
+    return load_config(path)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    print(f"# effective wattprint config (from {cfg.source_path or 'embedded defaults'} and WATTPRINT_* variables)")
+    for section, values in cfg.to_dict().items():
+        print(f"\n[{section}]")
+        for key, value in values.items():
+            print(f"{key} = {_toml_value(value)}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .app import run
+
+    return run(_load(args.config))
+
+
+def api_base(cfg: Config, url: str | None) -> str:
+    if url:
+        return url.rstrip("/")
+    host, port = parse_listen(cfg.http.listen)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def fetch_json(base: str, path: str, params: dict[str, Any], token: str = "") -> Any:
+    """GET a JSON document from the daemon; raise OSError when it is not reachable."""
+    query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+    req = urllib.request.Request(f"{base}{path}" + (f"?{query}" if query else ""))
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc)["error"]["message"]
+        except Exception:
+            message = exc.reason
+        raise RuntimeError(f"daemon answered {exc.code}: {message}") from None
+
+
+def _fmt_time(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _fmt_duration(s: float) -> str:
+    s = int(s)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}"
+
+
+def _printable(text: str, width: int) -> str:
+    """Show untrusted text on one line: control characters made visible."""
+    shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return shown if len(shown) <= width else shown[: width - 1] + "…"
+
+
+def print_jobs_table(jobs: list[dict[str, Any]], out: Any = sys.stdout) -> None:
+    header = f"{'ID':<22} {'LABEL':<24} {'USER':<10} {'STATE':<9} {'STARTED (UTC)':<19} {'DURATION':>9} {'kWh':>10} {'CO2e g':>10} {'GPU-h':>7}"
+    print(header, file=out)
+    for j in jobs:
+        print(
+            f"{_printable(j['id'], 22):<22} {_printable(j['label'] or '-', 24):<24} {_printable(j['user'], 10):<10} "
+            f"{j['state']:<9} {_fmt_time(j['started_at']):<19} {_fmt_duration(j['duration_s']):>9} "
+            f"{j['energy_kwh']:>10.4f} {j['co2e_g']:>10.2f} {j['gpu_seconds'] / 3600:>7.2f}",
+            file=out,
+        )
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    params: dict[str, Any] = {"state": args.state, "label": args.label, "user": args.user, "limit": args.limit}
+    try:
+        if args.since is not None:
+            params["since"] = parse_time("--since", args.since)
+        if args.until is not None:
+            params["until"] = parse_time("--until", args.until)
+    except BadRequest as exc:
+        print(f"wattprint jobs: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    base = api_base(cfg, args.url)
+    try:
+        jobs = fetch_json(base, "/api/v1/jobs", params, token=cfg.http.token)["jobs"]
+    except RuntimeError as exc:
+        print(f"wattprint jobs: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except OSError as exc:
+        # No daemon answering: read the local store directly.
+        from .app import store_path
+        from .ledger import LedgerError, LedgerReader
+
+        print(f"wattprint jobs: daemon at {base} not reachable ({getattr(exc, 'reason', exc)}); "
+              "reading the local store", file=sys.stderr)
+        try:
+            reader = LedgerReader(store_path(cfg), pue=cfg.accounting.pue,
+                                  price_per_kwh=cfg.accounting.price_per_kwh, currency=cfg.accounting.currency)
+        except LedgerError as exc2:
+            print(f"wattprint jobs: {exc2}", file=sys.stderr)
+            return EXIT_FAIL
+        try:
+            jobs = reader.jobs(now=time.time(), **{k: v for k, v in params.items() if v is not None})
+        finally:
+            reader.close()
+    if args.json:
+        json.dump({"jobs": jobs, "count": len(jobs)}, sys.stdout, indent=2)
+        print()
+    else:
+        print_jobs_table(jobs)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wattprint", description="Per-job GPU, CPU and DRAM energy and CO2e.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("--config", help="TOML config file (default /etc/wattprint/wattprint.toml if present)")
+    run.set_defaults(func=cmd_run)
+
+    chk = sub.add_parser("check-config", help="validate and print the effective config")
+    chk.add_argument("--config")
+    chk.set_defaults(func=cmd_check_config)
+
+    jobs = sub.add_parser("jobs", help="per-job totals")
+    jobs.add_argument("--config")
+    jobs.add_argument("--state", choices=["running", "finished"])
+    jobs.add_argument("--since", help="seconds since epoch or ISO 8601")
+    jobs.add_argument("--until", help="seconds since epoch or ISO 8601")
+    jobs.add_argument("--label")
+    jobs.add_argument("--user")
+    jobs.add_argument("--limit", type=int, default=100)
+    jobs.add_argument("--json", action="store_true", help="print JSON")
+    jobs.add_argument("--url", help="daemon base URL (default from [http] listen)")
+    jobs.set_defaults(func=cmd_jobs)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"wattprint: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Configuration: a TOML file plus ``WATTPRINT_<SECTION>_<KEY>`` overrides, validated
+into frozen, typed objects.
+
+Every problem is collected and reported at once, each naming the file (or the
+environment variable), the key and what is wrong. The CLI turns ``ConfigError`` into
+exit code 2. Defaults work unprivileged: the state directory is under the user's
+state directory unless running as root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, get_args, get_origin, get_type_hints
+
+DEFAULT_CONFIG_PATH = Path("/etc/wattprint/wattprint.toml")
+ENV_PREFIX = "WATTPRINT_"
+
+
+class ConfigError(Exception):
+    """One or more configuration problems; ``problems`` lists each as a sentence."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _default_state_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/wattprint"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "wattprint")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    interval_s: float = 1.0
+    state_dir: str = field(default_factory=_default_state_dir)
+    host: str = field(default_factory=socket.gethostname)
+    bucket_s: int = 60  # width of ledger time buckets
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    backend: str = "auto"  # auto | nvml | sim | none
+    sim_file: str = ""
+
+
+@dataclass(frozen=True)
+class CpuConfig:
+    source: str = "auto"  # auto | rapl | estimate | none
+    powercap_root: str = "/sys/class/powercap"
+    tdp_w: float = 85.0  # rated package power used by the estimate (CodeCarbon's default)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    source: str = "auto"  # auto | rapl | estimate | none
+    w_per_gb: float = 0.375  # estimate: 3 W per 8 GB
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    label_env: tuple[str, ...] = ("WATTPRINT_JOB", "SLURM_JOB_ID")
+    rescan_interval_s: float = 5.0  # full /proc scan at most this often
+    finished_grace_s: float = 300.0  # finished jobs stay in /metrics this long
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    provider: str = "static"  # energidataservice | carbonintensity_uk | electricitymaps | static
+    zone: str = ""
+    token: str = ""
+    # IEA Global Energy & CO2 Status Report 2019: world average 475 gCO2/kWh.
+    static_g_per_kwh: float = 475.0
+    base_url: str = ""  # empty: the provider's public endpoint
+    fetch_interval_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class InfluxConfig:
+    enabled: bool = False
+    url: str = "http://127.0.0.1:8086"
+    api: str = "v1"  # v1 | v2
+    database: str = "wattprint"
+    retention_policy: str = ""
+    username: str = ""
+    password: str = ""
+    token: str = ""
+    org: str = ""
+    bucket: str = "wattprint"
+    batch_size: int = 5000
+    flush_interval_s: float = 1.0
+    timeout_s: float = 10.0
+    spool_max_bytes: int = 256 * 1024 * 1024
+    gzip: bool = True
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = "127.0.0.1:9877"
+    token: str = ""
+
+
+@dataclass(frozen=True)
+class AccountingConfig:
+    pue: float = 1.0
+    price_per_kwh: float = 0.0
+    currency: str = "EUR"
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    cpu: CpuConfig = field(default_factory=CpuConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+    influxdb: InfluxConfig = field(default_factory=InfluxConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    accounting: AccountingConfig = field(default_factory=AccountingConfig)
+    source_path: str = ""  # the file it was read from, "" for embedded defaults
+
+    def to_dict(self, redact: bool = True) -> dict[str, dict[str, Any]]:
+        """The effective config as plain data; secrets redacted unless asked."""
+        out: dict[str, dict[str, Any]] = {}
+        for f in fields(self):
+            if f.name == "source_path":
+                continue
+            section = dataclasses.asdict(getattr(self, f.name))
+            for key, value in section.items():
+                if isinstance(value, tuple):
+                    section[key] = list(value)
+                if redact and key in _SECRET_KEYS and value:
+                    section[key] = "<redacted>"
+            out[f.name] = section
+        return out
+
+
+_SECRET_KEYS = {"token", "password"}
+
+# Allowed values for enumerated keys.
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("gpu", "backend"): ("auto", "nvml", "sim", "none"),
+    ("cpu", "source"): ("auto", "rapl", "estimate", "none"),
+    ("memory", "source"): ("auto", "rapl", "estimate", "none"),
+    ("grid", "provider"): ("energidataservice", "carbonintensity_uk", "electricitymaps", "static"),
+    ("influxdb", "api"): ("v1", "v2"),
+    ("daemon", "log_level"): ("debug", "info", "warning", "error"),
+}
+
+# (section, key) -> (minimum, maximum) inclusive, for numbers.
+_RANGES: dict[tuple[str, str], tuple[float, float]] = {
+    ("daemon", "interval_s"): (0.05, 3600.0),
+    ("daemon", "bucket_s"): (1, 86400),
+    ("cpu", "tdp_w"): (0.0, 10000.0),
+    ("memory", "w_per_gb"): (0.0, 100.0),
+    ("jobs", "rescan_interval_s"): (0.0, 3600.0),
+    ("jobs", "finished_grace_s"): (0.0, 30 * 86400.0),
+    ("grid", "static_g_per_kwh"): (0.0, 5000.0),
+    ("grid", "fetch_interval_s"): (60.0, 86400.0),
+    ("influxdb", "batch_size"): (1, 1_000_000),
+    ("influxdb", "flush_interval_s"): (0.05, 3600.0),
+    ("influxdb", "timeout_s"): (0.1, 10.0),
+    ("influxdb", "spool_max_bytes"): (4096, 1 << 40),
+    ("accounting", "pue"): (1.0, 5.0),
+    ("accounting", "price_per_kwh"): (0.0, 1000.0),
+}
+
+
+def _coerce(value: Any, typ: Any, from_env: bool) -> Any:
+    """Convert ``value`` to ``typ`` or raise ValueError with a short reason."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ValueError(f"expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if from_env and isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ValueError(f"expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            v = float(value)
+        elif from_env and isinstance(value, str):
+            try:
+                v = float(value.strip())
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+        else:
+            raise ValueError(f"expected a number, got {value!r}")
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return v
+    if typ is str:
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise ValueError("contains a NUL character")
+            return value
+        raise ValueError(f"expected a string, got {type(value).__name__} {value!r}")
+    if get_origin(typ) is tuple:
+        if from_env and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"expected a list of strings, got {value!r}")
+        return tuple(value)
+    raise ValueError(f"unsupported type {typ}")  # pragma: no cover - programming error
+
+
+def _sections() -> dict[str, type]:
+    hints = get_type_hints(Config)
+    return {f.name: hints[f.name] for f in fields(Config) if f.name != "source_path"}
+
+
+def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (or the default file when it exists) and the environment.
+
+    ``path=None`` uses /etc/wattprint/wattprint.toml if present, else embedded
+    defaults. An explicit path that does not exist is an error.
+    """
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    raw: dict[str, Any] = {}
+    source = ""
+    if path is None and DEFAULT_CONFIG_PATH.exists():
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError([f"{source}: file not found"]) from None
+        except PermissionError:
+            raise ConfigError([f"{source}: permission denied"]) from None
+        except IsADirectoryError:
+            raise ConfigError([f"{source}: is a directory, expected a TOML file"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
+        except UnicodeDecodeError:
+            raise ConfigError([f"{source}: not valid UTF-8"]) from None
+
+    sections = _sections()
+    built: dict[str, Any] = {}
+    where_file = source or "<defaults>"
+    for name in raw:
+        if name not in sections:
+            problems.append(f"{where_file}: unknown section [{name}] (known: {', '.join(sections)})")
+        elif not isinstance(raw[name], dict):
+            problems.append(f"{where_file}: {name} must be a table [{name}], got {type(raw[name]).__name__}")
+
+    for sec_name, sec_type in sections.items():
+        hints = get_type_hints(sec_type)
+        sec_raw = raw.get(sec_name, {})
+        if not isinstance(sec_raw, dict):
+            sec_raw = {}
+        values: dict[str, Any] = {}
+        for key, value in sec_raw.items():
+            if key not in hints:
+                problems.append(
+                    f"{where_file}: [{sec_name}] {key}: unknown key (known: {', '.join(hints)})"
+                )
+                continue
+            try:
+                values[key] = _coerce(value, hints[key], from_env=False)
+            except ValueError as exc:
+                problems.append(f"{where_file}: [{sec_name}] {key}: {exc}")
+        prefix = f"{ENV_PREFIX}{sec_name.upper()}_"
+        for env_key, env_value in env.items():
+            if not env_key.startswith(prefix):
+                continue
+            key = env_key[len(prefix):].lower()
+            if key not in hints:
+                problems.append(f"environment {env_key}: unknown key {sec_name}.{key} (known: {', '.join(hints)})")
+                continue
+            try:
+                values[key] = _coerce(env_value, hints[key], from_env=True)
+            except ValueError as exc:
+                problems.append(f"environment {env_key}: [{sec_name}] {key}: {exc}")
+        for key, value in values.items():
+            where = f"{where_file}: [{sec_name}] {key}"
+            choices = _CHOICES.get((sec_name, key))
+            if choices and value not in choices:
+                problems.append(f"{where}: {value!r} is not one of {', '.join(choices)}")
+            bounds = _RANGES.get((sec_name, key))
+            if bounds and not (bounds[0] <= value <= bounds[1]):
+                problems.append(f"{where}: {value!r} is outside {bounds[0]}..{bounds[1]}")
+        try:
+            built[sec_name] = sec_type(**values)
+        except TypeError as exc:  # pragma: no cover - guarded above
+            problems.append(f"{where_file}: [{sec_name}]: {exc}")
+
+    if not problems:
+        problems.extend(_cross_checks(built, where_file))
+    if problems:
+        raise ConfigError(problems)
+    return Config(**built, source_path=source)
+
+
+def _cross_checks(c: dict[str, Any], where: str) -> list[str]:
+    problems: list[str] = []
+    gpu: GpuConfig = c["gpu"]
+    if gpu.backend == "sim" and not gpu.sim_file:
+        problems.append(f"{where}: [gpu] sim_file: required when backend = \"sim\"")
+    http: HttpConfig = c["http"]
+    try:
+        parse_listen(http.listen)
+    except ValueError as exc:
+        problems.append(f"{where}: [http] listen: {exc}")
+    grid: GridConfig = c["grid"]
+    if grid.provider == "electricitymaps" and not grid.token:
+        problems.append(f"{where}: [grid] token: required for provider electricitymaps")
+    if grid.provider in ("energidataservice",) and grid.zone and grid.zone not in ("DK1", "DK2"):
+        problems.append(f"{where}: [grid] zone: {grid.zone!r} is not DK1 or DK2 for energidataservice")
+    influx: InfluxConfig = c["influxdb"]
+    if influx.enabled and not influx.url.startswith(("http://", "https://")):
+        problems.append(f"{where}: [influxdb] url: must start with http:// or https://")
+    if influx.enabled and influx.api == "v2" and not (influx.org and influx.bucket and influx.token):
+        problems.append(f"{where}: [influxdb] api = \"v2\" needs org, bucket and token")
+    for name in c["jobs"].label_env:
+        if not name or not all(ch.isalnum() or ch == "_" for ch in name):
+            problems.append(f"{where}: [jobs] label_env: {name!r} is not an environment variable name")
+    return problems
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` too); raise ValueError when malformed."""
+    host, sep, port_s = listen.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{listen!r} is not HOST:PORT")
+    host = host.strip("[]")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ValueError(f"{listen!r}: port {port_s!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{listen!r}: port {port} is outside 0..65535")
+    return host, port

@@ -1,0 +1,30 @@
+"""Build the configured grid-intensity provider from ``[grid]`` (GridConfig)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Callable
+
+from ..config import GridConfig
+from .base import IntensityProvider, utcnow
+from .carbonintensity_uk import CarbonIntensityUKProvider
+from .electricitymaps import ElectricityMapsProvider
+from .energidataservice import EnergiDataServiceProvider
+from .static import StaticProvider
+
+
+def make_provider(cfg: GridConfig, *, now: Callable[[], datetime] = utcnow) -> IntensityProvider:
+    """The provider named by ``cfg.provider``. Raises ValueError for a zone or token
+    the provider cannot use (the message names the key)."""
+    try:
+        if cfg.provider == "energidataservice":
+            return EnergiDataServiceProvider(cfg.zone, base_url=cfg.base_url, now=now)
+        if cfg.provider == "carbonintensity_uk":
+            return CarbonIntensityUKProvider(cfg.zone, base_url=cfg.base_url, now=now)
+        if cfg.provider == "electricitymaps":
+            return ElectricityMapsProvider(cfg.zone, cfg.token, base_url=cfg.base_url, now=now)
+        if cfg.provider == "static":
+            return StaticProvider(cfg.zone, cfg.static_g_per_kwh, now=now)
+    except ValueError as exc:
+        raise ValueError(f"[grid] {exc}") from None
+    raise ValueError(f"[grid] provider: unknown provider {cfg.provider!r}")

@@ -1,0 +1,389 @@
+"""The ledger: per-job energy by component in time buckets, job metadata, device and
+unattributed totals, and the grid intensity used for each bucket, in SQLite.
+
+One writer (the tick thread) commits once per tick, so a crash loses at most the last
+tick. Readers (HTTP API, CLI) open their own connections; WAL lets them read while the
+writer writes. CO2e is never stored as a number that could go stale: it is computed
+from bucket energy x the bucket's intensity x PUE, so settling an intensity value
+(provisional -> final) revises every affected job at once.
+
+All query values are bound parameters; nothing from users is ever formatted into SQL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from .model import COMPONENTS
+from .procs import JobIdentity
+
+SCHEMA_VERSION = 1
+J_PER_KWH = 3.6e6
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    label TEXT NOT NULL,
+    label_source TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    command TEXT NOT NULL,
+    root_pid INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    last_seen REAL NOT NULL,
+    gpu_seconds REAL NOT NULL DEFAULT 0,
+    peak_gpu_memory_bytes INTEGER NOT NULL DEFAULT 0,
+    gpu_j REAL NOT NULL DEFAULT 0,
+    cpu_j REAL NOT NULL DEFAULT 0,
+    dram_j REAL NOT NULL DEFAULT 0,
+    sources TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, started_at);
+CREATE TABLE IF NOT EXISTS job_buckets (
+    job_id TEXT NOT NULL,
+    bucket_start INTEGER NOT NULL,
+    component TEXT NOT NULL,
+    energy_j REAL NOT NULL,
+    PRIMARY KEY (job_id, bucket_start, component)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS device_buckets (
+    kind TEXT NOT NULL,
+    device TEXT NOT NULL,
+    bucket_start INTEGER NOT NULL,
+    energy_j REAL NOT NULL,
+    source TEXT NOT NULL,
+    PRIMARY KEY (kind, device, bucket_start)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS unattributed_buckets (
+    component TEXT NOT NULL,
+    bucket_start INTEGER NOT NULL,
+    energy_j REAL NOT NULL,
+    PRIMARY KEY (component, bucket_start)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bucket_intensity (
+    bucket_start INTEGER PRIMARY KEY,
+    g_per_kwh REAL NOT NULL,
+    status TEXT NOT NULL,          -- provisional | final
+    provider TEXT NOT NULL,
+    zone TEXT NOT NULL,
+    basis TEXT NOT NULL            -- actual | forecast | latest | static
+);
+"""
+
+
+class LedgerError(Exception):
+    """The store cannot be opened or used; the message says which file and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Intensity:
+    g_per_kwh: float
+    status: str  # provisional | final
+    provider: str
+    zone: str
+    basis: str  # actual | forecast | latest | static
+
+
+@dataclass(frozen=True, slots=True)
+class JobTick:
+    """One job's share of one tick, as the ledger books it."""
+
+    identity: JobIdentity
+    energy_j: Mapping[str, float]  # component -> J
+    gpu_seconds: float
+    gpu_memory_bytes: int
+    sources: Mapping[str, str]  # component -> counter | power | estimate
+
+
+def _connect(path: str, readonly: bool) -> sqlite3.Connection:
+    try:
+        if readonly:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0, check_same_thread=False)
+        else:
+            conn = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.row_factory = sqlite3.Row
+        return conn
+    except sqlite3.Error as exc:
+        raise LedgerError(f"{path}: cannot open the store: {exc}") from None
+
+
+class Ledger:
+    """Writer side of the store. Not thread-safe: used from the tick thread only
+    (``open``/``close`` too); readers use ``LedgerReader``."""
+
+    def __init__(self, path: str, host: str, bucket_s: int):
+        self.path = path
+        self.host = host
+        self.bucket_s = bucket_s
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.conn = _connect(path, readonly=False)
+        try:
+            self.conn.executescript(_SCHEMA)
+            row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row["value"]) > SCHEMA_VERSION:
+                raise LedgerError(f"{path}: store schema {row['value']} is newer than this wattprint ({SCHEMA_VERSION})")
+            self.conn.commit()
+            # Fail at start, not on the first tick, when the file is not a database.
+            self.conn.execute("SELECT count(*) FROM jobs").fetchone()
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            raise LedgerError(f"{path}: not a usable wattprint store: {exc}") from None
+
+    def bucket_of(self, wall_s: float) -> int:
+        return int(wall_s // self.bucket_s) * self.bucket_s
+
+    def running_jobs(self) -> dict[str, dict[str, Any]]:
+        rows = self.conn.execute("SELECT * FROM jobs WHERE state='running'").fetchall()
+        return {r["id"]: dict(r) for r in rows}
+
+    def record_tick(
+        self,
+        wall_s: float,
+        jobs: Iterable[JobTick],
+        device_j: Iterable[tuple[str, str, float, str]],  # kind, device, J, source
+        unattributed_j: Mapping[str, float],
+        intensity: Intensity | None,
+        ended: Iterable[tuple[str, float]] = (),  # job_id, ended_at
+    ) -> None:
+        """Book one tick in one transaction."""
+        bucket = self.bucket_of(wall_s)
+        c = self.conn
+        with c:
+            for jt in jobs:
+                ident = jt.identity
+                c.execute(
+                    """INSERT INTO jobs (id, host, label, label_source, uid, user, command, root_pid,
+                                         state, started_at, last_seen, sources)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)
+                       ON CONFLICT(id) DO NOTHING""",
+                    (ident.job_id, self.host, ident.label, ident.label_source, ident.uid, ident.user,
+                     ident.command, ident.root_pid, ident.started_at, wall_s, json.dumps(dict(jt.sources))),
+                )
+                c.execute(
+                    """UPDATE jobs SET last_seen=?, state='running', ended_at=NULL,
+                           gpu_seconds=gpu_seconds+?, peak_gpu_memory_bytes=max(peak_gpu_memory_bytes, ?),
+                           gpu_j=gpu_j+?, cpu_j=cpu_j+?, dram_j=dram_j+?,
+                           sources=json_patch(sources, ?)
+                       WHERE id=?""",
+                    (wall_s, jt.gpu_seconds, jt.gpu_memory_bytes,
+                     jt.energy_j.get("gpu", 0.0), jt.energy_j.get("cpu", 0.0), jt.energy_j.get("dram", 0.0),
+                     json.dumps(dict(jt.sources)), ident.job_id),
+                )
+                for comp in COMPONENTS:
+                    e = jt.energy_j.get(comp, 0.0)
+                    if e:
+                        c.execute(
+                            """INSERT INTO job_buckets VALUES (?, ?, ?, ?)
+                               ON CONFLICT(job_id, bucket_start, component)
+                               DO UPDATE SET energy_j = energy_j + excluded.energy_j""",
+                            (ident.job_id, bucket, comp, e),
+                        )
+            for kind, device, e, source in device_j:
+                c.execute(
+                    """INSERT INTO device_buckets VALUES (?, ?, ?, ?, ?)
+                       ON CONFLICT(kind, device, bucket_start)
+                       DO UPDATE SET energy_j = energy_j + excluded.energy_j, source = excluded.source""",
+                    (kind, device, bucket, e, source),
+                )
+            for comp, e in unattributed_j.items():
+                c.execute(
+                    """INSERT INTO unattributed_buckets VALUES (?, ?, ?)
+                       ON CONFLICT(component, bucket_start)
+                       DO UPDATE SET energy_j = energy_j + excluded.energy_j""",
+                    (comp, bucket, e),
+                )
+            if intensity is not None:
+                c.execute(
+                    "INSERT OR IGNORE INTO bucket_intensity VALUES (?, ?, ?, ?, ?, ?)",
+                    (bucket, intensity.g_per_kwh, intensity.status, intensity.provider, intensity.zone, intensity.basis),
+                )
+            for job_id, ended_at in ended:
+                c.execute("UPDATE jobs SET state='finished', ended_at=? WHERE id=? AND state='running'", (ended_at, job_id))
+
+    def finish_jobs(self, ended: Iterable[tuple[str, float]]) -> None:
+        with self.conn:
+            for job_id, ended_at in ended:
+                self.conn.execute("UPDATE jobs SET state='finished', ended_at=? WHERE id=? AND state='running'", (ended_at, job_id))
+
+    def set_intensity(self, bucket_start: int, intensity: Intensity) -> None:
+        """Replace a bucket's intensity (settlement: provisional -> final)."""
+        with self.conn:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO bucket_intensity VALUES (?, ?, ?, ?, ?, ?)",
+                (bucket_start, intensity.g_per_kwh, intensity.status, intensity.provider, intensity.zone, intensity.basis),
+            )
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+_JOB_CO2E_SQL = """
+SELECT b.job_id AS job_id,
+       SUM(b.energy_j * COALESCE(i.g_per_kwh, 0)) / 3600000.0 AS gj,
+       SUM(CASE WHEN i.g_per_kwh IS NULL THEN b.energy_j ELSE 0 END) AS no_intensity_j,
+       SUM(CASE WHEN i.status = 'provisional' THEN 1 ELSE 0 END) AS provisional,
+       GROUP_CONCAT(DISTINCT i.zone) AS zones
+FROM job_buckets b LEFT JOIN bucket_intensity i ON i.bucket_start = b.bucket_start
+WHERE b.job_id IN ({marks})
+GROUP BY b.job_id
+"""
+
+
+class LedgerReader:
+    """Read side of the store for the HTTP API and the CLI. Thread-safe via a lock."""
+
+    def __init__(self, path: str, pue: float = 1.0, price_per_kwh: float = 0.0, currency: str = "EUR"):
+        if not os.path.exists(path):
+            raise LedgerError(f"{path}: no store here (has the daemon run with this state_dir?)")
+        self.conn = _connect(path, readonly=True)
+        self.pue = pue
+        self.price_per_kwh = price_per_kwh
+        self.currency = currency
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _co2e(self, job_ids: list[str]) -> dict[str, sqlite3.Row]:
+        if not job_ids:
+            return {}
+        out: dict[str, sqlite3.Row] = {}
+        for i in range(0, len(job_ids), 500):
+            chunk = job_ids[i : i + 500]
+            sql = _JOB_CO2E_SQL.format(marks=",".join("?" * len(chunk)))
+            for row in self.conn.execute(sql, chunk):
+                out[row["job_id"]] = row
+        return out
+
+    def _job_obj(self, r: sqlite3.Row, co2: sqlite3.Row | None, now: float) -> dict[str, Any]:
+        energy = {c: r[f"{c}_j"] for c in COMPONENTS}
+        total_j = sum(energy.values())
+        kwh = total_j / J_PER_KWH
+        gj = co2["gj"] if co2 is not None else 0.0
+        co2e_g = gj * self.pue
+        no_int = co2["no_intensity_j"] if co2 is not None else 0.0
+        provisional = bool(co2["provisional"]) if co2 is not None else False
+        end = r["ended_at"] if r["ended_at"] is not None else (r["last_seen"] if r["state"] == "finished" else now)
+        return {
+            "id": r["id"],
+            "label": r["label"],
+            "label_source": r["label_source"],
+            "host": r["host"],
+            "user": r["user"],
+            "uid": r["uid"],
+            "command": r["command"],
+            "root_pid": r["root_pid"],
+            "state": r["state"],
+            "started_at": r["started_at"],
+            "ended_at": r["ended_at"],
+            "last_seen": r["last_seen"],
+            "duration_s": max(0.0, end - r["started_at"]),
+            "energy_j": {**energy, "total": total_j},
+            "energy_kwh": kwh,
+            "energy_sources": json.loads(r["sources"] or "{}"),
+            "co2e_g": co2e_g,
+            "co2e_status": "provisional" if (provisional or no_int > 0) else "final",
+            "intensity_g_per_kwh_avg": (gj / (total_j / J_PER_KWH)) if total_j > 0 else None,
+            "zone": (co2["zones"] or "") if co2 is not None else "",
+            "pue": self.pue,
+            "gpu_seconds": r["gpu_seconds"],
+            "peak_gpu_memory_bytes": r["peak_gpu_memory_bytes"],
+            "cost": {"amount": kwh * self.pue * self.price_per_kwh, "currency": self.currency,
+                     "price_per_kwh": self.price_per_kwh},
+        }
+
+    def jobs(self, *, state: str | None = None, since: float | None = None, until: float | None = None,
+             label: str | None = None, user: str | None = None, limit: int = 100, now: float) -> list[dict[str, Any]]:
+        where: list[str] = []
+        params: list[Any] = []
+        if state:
+            where.append("state = ?")
+            params.append(state)
+        if since is not None:  # jobs active at or after `since`
+            where.append("COALESCE(ended_at, last_seen) >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("started_at < ?")
+            params.append(until)
+        if label is not None:
+            where.append("label = ?")
+            params.append(label)
+        if user is not None:
+            where.append("user = ?")
+            params.append(user)
+        sql = "SELECT * FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY started_at DESC, id LIMIT ?"
+        params.append(limit)
+        with self._lock:
+            rows = self.conn.execute(sql, params).fetchall()
+            co2 = self._co2e([r["id"] for r in rows])
+        return [self._job_obj(r, co2.get(r["id"]), now) for r in rows]
+
+    def job(self, job_id: str, now: float) -> dict[str, Any] | None:
+        with self._lock:
+            r = self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if r is None:
+                return None
+            co2 = self._co2e([job_id])
+        return self._job_obj(r, co2.get(job_id), now)
+
+    def job_series(self, job_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self.conn.execute(
+                """SELECT b.bucket_start, b.component, b.energy_j, i.g_per_kwh, i.status, i.provider, i.zone, i.basis
+                   FROM job_buckets b LEFT JOIN bucket_intensity i ON i.bucket_start = b.bucket_start
+                   WHERE b.job_id = ? ORDER BY b.bucket_start, b.component""",
+                (job_id,),
+            ).fetchall()
+        buckets: dict[int, dict[str, Any]] = {}
+        for r in rows:
+            b = buckets.setdefault(r["bucket_start"], {
+                "start": r["bucket_start"], "energy_j": {c: 0.0 for c in COMPONENTS},
+                "g_per_kwh": r["g_per_kwh"], "intensity_status": r["status"] or "missing",
+                "intensity_provider": r["provider"], "intensity_zone": r["zone"], "intensity_basis": r["basis"],
+            })
+            b["energy_j"][r["component"]] += r["energy_j"]
+        out = []
+        for b in buckets.values():
+            total = sum(b["energy_j"].values())
+            b["energy_j"]["total"] = total
+            b["co2e_g"] = total / J_PER_KWH * (b["g_per_kwh"] or 0.0) * self.pue
+            out.append(b)
+        return out
+
+    def host_totals(self) -> dict[str, Any]:
+        with self._lock:
+            devices = self.conn.execute(
+                "SELECT kind, device, SUM(energy_j) AS e, MAX(source) AS source FROM device_buckets GROUP BY kind, device ORDER BY kind, device"
+            ).fetchall()
+            attributed = self.conn.execute(
+                "SELECT component, SUM(energy_j) AS e FROM job_buckets GROUP BY component").fetchall()
+            unattributed = self.conn.execute(
+                "SELECT component, SUM(energy_j) AS e FROM unattributed_buckets GROUP BY component").fetchall()
+        dev_by_kind = {c: 0.0 for c in COMPONENTS}
+        for d in devices:
+            dev_by_kind[d["kind"]] = dev_by_kind.get(d["kind"], 0.0) + d["e"]
+        att = {c: 0.0 for c in COMPONENTS} | {r["component"]: r["e"] for r in attributed}
+        un = {c: 0.0 for c in COMPONENTS} | {r["component"]: r["e"] for r in unattributed}
+        return {
+            "devices": [{"kind": d["kind"], "device": d["device"], "energy_j": d["e"], "source": d["source"]} for d in devices],
+            "device_energy_j": dev_by_kind,
+            "attributed_energy_j": att,
+            "unattributed_energy_j": un,
+        }

@@ -1,0 +1,128 @@
+"""Immutable data that flows between the stages: source readings, process facts, snapshots.
+
+Every stage hands the next one frozen values, so exporters and the HTTP API read a
+snapshot that no later tick can change under them (Kepler's model). Units are in the
+names: ``energy_j`` joules, ``power_w`` watts, ``*_bytes`` bytes, ``*_s`` seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+Component = Literal["gpu", "cpu", "dram"]
+COMPONENTS: tuple[Component, ...] = ("gpu", "cpu", "dram")
+
+# Where an energy figure comes from: a hardware energy counter, integrated sampled
+# power, or a model (rated power x load). Every figure carries one of these.
+EnergySource = Literal["counter", "power", "estimate"]
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcessUse:
+    """One process seen on a GPU during the interval."""
+
+    pid: int
+    used_memory_bytes: int | None = None  # None: NVML did not report it
+    sm_util_pct: float | None = None  # None: no utilisation sample in the interval
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceReading:
+    """Energy one device used during one interval, as its source reported it.
+
+    ``energy_j`` is the energy between the previous read and this one;
+    ``power_w`` is the average (or last sampled) power over that interval.
+    """
+
+    kind: Component
+    device: str  # stable name: "gpu0", "package-0", "dram-0", "cpu" (estimate)
+    energy_j: float
+    power_w: float
+    source: EnergySource
+    interval_s: float
+    processes: tuple[GpuProcessUse, ...] = ()  # GPU only
+    memory_used_bytes: int | None = None  # GPU only
+    memory_total_bytes: int | None = None  # GPU only
+    name: str = ""  # human model name ("NVIDIA H100 80GB HBM3"), uuid or zone name
+    attributable: bool = True  # False: energy must stay unattributed (e.g. MIG)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceHealth:
+    """State of one source or sink, as shown by /healthz and the health metrics."""
+
+    name: str
+    state: Literal["ok", "degraded", "disabled"]
+    detail: str = ""
+    errors_total: int = 0
+    since: float | None = None  # wall time the current state began
+
+
+@dataclass(frozen=True, slots=True)
+class JobTotals:
+    """Cumulative figures for one job, as kept by the ledger."""
+
+    job_id: str
+    label: str
+    user: str
+    uid: int
+    energy_j: Mapping[str, float]  # component -> joules
+    co2e_g: float
+    state: Literal["running", "finished"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """Latest power and cumulative energy of one device (since this daemon started)."""
+
+    kind: Component
+    device: str
+    name: str
+    power_w: float
+    energy_j_total: float
+    source: EnergySource
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything exporters need about the latest tick. Never mutated once built."""
+
+    taken_at: float  # wall clock, seconds since epoch
+    tick: int
+    tick_duration_s: float
+    devices: tuple[DeviceState, ...] = ()
+    jobs: tuple[JobTotals, ...] = ()
+    unattributed_j_total: Mapping[str, float] = field(default_factory=dict)
+    health: tuple[SourceHealth, ...] = ()
+    grid_zone: str = ""
+    grid_provider: str = ""
+    grid_g_per_kwh: float | None = None
+    counters: Mapping[str, float] = field(default_factory=dict)  # daemon self-metrics
+
+
+@dataclass(frozen=True, slots=True)
+class JobRef:
+    """Who a job is, as exporters may show it. Never carries a command line."""
+
+    job_id: str
+    label: str  # sanitised label; "" when the job has none (process-group job)
+    user: str
+    uid: int
+
+
+@dataclass(frozen=True, slots=True)
+class TickRecord:
+    """What one tick measured and booked: the per-interval deltas that sinks such as
+    InfluxDB write as points, timestamped at sampling time (``sampled_at``, wall clock).
+
+    For every component: sum(job_energy_j[*][component]) + unattributed_j[component]
+    == sum of device readings of that component (conservation).
+    """
+
+    sampled_at: float  # wall clock, seconds since epoch
+    interval_s: float
+    readings: tuple[DeviceReading, ...]
+    jobs: Mapping[str, JobRef]  # job_id -> who
+    job_energy_j: Mapping[str, Mapping[str, float]]  # job_id -> component -> joules this tick
+    unattributed_j: Mapping[str, float]  # component -> joules this tick

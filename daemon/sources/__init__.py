@@ -1,0 +1,1 @@
+"""Energy sources: GPU (NVML), CPU and DRAM (RAPL powercap), and estimates."""

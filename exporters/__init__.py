@@ -1,0 +1,1 @@
+"""Exporters that read the daemon's immutable snapshots: Prometheus and InfluxDB."""

@@ -1,0 +1,287 @@
+"""Prometheus exposition of the daemon's latest Snapshot.
+
+One custom collector renders whatever ``get_snapshot()`` returns (the immutable snapshot
+of the last tick) and never touches hardware, so a scrape costs a few microseconds per
+series and always agrees with the other sinks. Metric names are a public contract
+(shared/design.md). The collector has its own registry, not prometheus_client's
+global one, and emits no ``_created`` series (custom metric families have none).
+
+A failure while building one group of metrics (devices, jobs, health, ...) drops that
+group from this scrape only: the rest is still served, the failure is logged once
+(until that group renders again) and counted in ``wattprint_exporter_errors_total``.
+Label values come from untrusted users (job labels, user names); prometheus_client
+escapes ``\\``, ``"`` and newline, and text that cannot be encoded as UTF-8 (lone
+surrogates from undecodable bytes) is backslash-escaped here so it cannot fail a scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from typing import Callable, Iterable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from wattprint.daemon.model import COMPONENTS, Snapshot
+
+log = logging.getLogger("wattprint.exporters.prometheus")
+
+# Prometheus text exposition format 0.0.4 (prometheus_client's CONTENT_TYPE_LATEST may
+# name a newer version; this module renders 0.0.4).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+PREFIX = "wattprint_"
+EXPORTER_ERRORS = "wattprint_exporter_errors_total"
+_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+
+# Sample names this module emits itself; a Snapshot.counters key may not shadow one.
+RESERVED_NAMES = frozenset(
+    {
+        "wattprint_device_power_watts",
+        "wattprint_device_energy_joules_total",
+        "wattprint_device_info",
+        "wattprint_job_energy_joules_total",
+        "wattprint_job_co2e_grams",
+        "wattprint_job_running",
+        "wattprint_unattributed_energy_joules_total",
+        "wattprint_grid_intensity_grams_per_kwh",
+        "wattprint_source_up",
+        "wattprint_source_state",
+        "wattprint_source_errors_total",
+        "wattprint_tick_duration_seconds",
+        "wattprint_ticks_total",
+        "wattprint_last_tick_timestamp_seconds",
+        EXPORTER_ERRORS,
+    }
+)
+
+ErrorReporter = Callable[[str, str], None]  # (where, what is wrong): count and log a problem
+
+
+def _text(value: object) -> str:
+    """A label value that always encodes as UTF-8 (escaping is prometheus_client's job)."""
+    text = value if isinstance(value, str) else str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _components(energy_j: Mapping[str, float]) -> Iterator[tuple[str, float]]:
+    """(component, joules) for gpu, cpu, dram in that order; other keys (e.g. a total)
+    are left out so that summing over ``kind`` never double-counts."""
+    for component in COMPONENTS:
+        if component in energy_j:
+            yield component, float(energy_j[component])
+
+
+def _devices(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
+    power = GaugeMetricFamily(
+        "wattprint_device_power_watts", "Latest power of each device, in watts.", labels=["kind", "device"]
+    )
+    energy = CounterMetricFamily(
+        "wattprint_device_energy_joules_total",
+        "Energy each device used since the daemon started, in joules.",
+        labels=["kind", "device"],
+    )
+    info = GaugeMetricFamily(
+        "wattprint_device_info",
+        "Always 1: a device's model name and where its energy figures come from (counter, power, estimate).",
+        labels=["kind", "device", "name", "source"],
+    )
+    for device in snapshot.devices:
+        key = [_text(device.kind), _text(device.device)]
+        power.add_metric(key, float(device.power_w))
+        energy.add_metric(key, float(device.energy_j_total))
+        info.add_metric(key + [_text(device.name), _text(device.source)], 1.0)
+    return [power, energy, info]
+
+
+def _jobs(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
+    energy = CounterMetricFamily(
+        "wattprint_job_energy_joules_total",
+        "Energy booked to each job by component (gpu, cpu, dram), in joules.",
+        labels=["job_id", "label", "user", "kind"],
+    )
+    co2e = GaugeMetricFamily(
+        "wattprint_job_co2e_grams",
+        "CO2e of each job so far, in grams; settlement of provisional intensity may revise it.",
+        labels=["job_id", "label", "user"],
+    )
+    running = GaugeMetricFamily(
+        "wattprint_job_running", "1 while the job runs, 0 once it has finished.", labels=["job_id", "label", "user"]
+    )
+    for job in snapshot.jobs:
+        key = [_text(job.job_id), _text(job.label), _text(job.user)]
+        for component, joules in _components(job.energy_j):
+            energy.add_metric(key + [component], joules)
+        co2e.add_metric(key, float(job.co2e_g))
+        running.add_metric(key, 1.0 if job.state == "running" else 0.0)
+    return [energy, co2e, running]
+
+
+def _unattributed(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
+    family = CounterMetricFamily(
+        "wattprint_unattributed_energy_joules_total",
+        "Energy the devices used that no job was booked for, in joules.",
+        labels=["kind"],
+    )
+    for component, joules in _components(snapshot.unattributed_j_total):
+        family.add_metric([component], joules)
+    return [family]
+
+
+def _grid(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
+    if snapshot.grid_g_per_kwh is None:
+        return []
+    family = GaugeMetricFamily(
+        "wattprint_grid_intensity_grams_per_kwh",
+        "Carbon intensity of the grid now, in grams CO2e per kWh.",
+        labels=["zone", "provider"],
+    )
+    family.add_metric([_text(snapshot.grid_zone), _text(snapshot.grid_provider)], float(snapshot.grid_g_per_kwh))
+    return [family]
+
+
+def _health(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
+    up = GaugeMetricFamily(
+        "wattprint_source_up", "1 when a source or sink is ok, 0 when degraded or disabled.", labels=["source"]
+    )
+    state = GaugeMetricFamily(
+        "wattprint_source_state",
+        "Always 1: the current state (ok, degraded, disabled) of each source or sink.",
+        labels=["source", "state"],
+    )
+    errors = CounterMetricFamily(
+        "wattprint_source_errors_total", "Failures of each source or sink.", labels=["source"]
+    )
+    for part in snapshot.health:
+        name = _text(part.name)
+        up.add_metric([name], 1.0 if part.state == "ok" else 0.0)
+        state.add_metric([name, _text(part.state)], 1.0)
+        errors.add_metric([name], float(part.errors_total))
+    return [up, state, errors]
+
+
+def _tick(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
+    return [
+        GaugeMetricFamily(
+            "wattprint_tick_duration_seconds", "How long the last tick took, in seconds.",
+            value=float(snapshot.tick_duration_s),
+        ),
+        CounterMetricFamily("wattprint_ticks_total", "Ticks since the daemon started.", value=float(snapshot.tick)),
+        GaugeMetricFamily(
+            "wattprint_last_tick_timestamp_seconds", "Wall-clock time of the last tick, in seconds since the epoch.",
+            value=float(snapshot.taken_at),
+        ),
+    ]
+
+
+def _counters(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
+    """Snapshot.counters as wattprint_<key>: counters for keys ending in _total, else gauges.
+
+    A key that makes an invalid or reserved metric name is left out and reported.
+    """
+    families: list[Metric] = []
+    for key in sorted(snapshot.counters):
+        name = PREFIX + key
+        if not _METRIC_NAME.match(name) or name in RESERVED_NAMES:
+            report(f"counter {key!r}", "not a usable metric name, or one the exporter emits itself")
+            continue
+        value = float(snapshot.counters[key])
+        if key.endswith("_total"):
+            families.append(CounterMetricFamily(name, f"Daemon counter {key}.", value=value))
+        else:
+            families.append(GaugeMetricFamily(name, f"Daemon gauge {key}.", value=value))
+    return families
+
+
+Section = Callable[[Snapshot, ErrorReporter], list[Metric]]
+SECTIONS: tuple[tuple[str, Section], ...] = (
+    ("devices", _devices),
+    ("jobs", _jobs),
+    ("unattributed", _unattributed),
+    ("grid", _grid),
+    ("health", _health),
+    ("tick", _tick),
+    ("counters", _counters),
+)
+
+
+class SnapshotCollector:
+    """prometheus_client collector over the latest Snapshot (None before the first tick)."""
+
+    def __init__(self, get_snapshot: Callable[[], Snapshot | None]) -> None:
+        self._get_snapshot = get_snapshot
+        self._lock = threading.Lock()
+        self._errors_total = 0
+        self._failing: set[str] = set()  # places that failed and have not rendered since
+
+    @property
+    def errors_total(self) -> int:
+        """Failures while collecting, since this collector was made."""
+        return self._errors_total
+
+    def _failed(self, where: str, detail: str = "") -> None:
+        """Count a failure; log it only when ``where`` starts failing. Without ``detail``
+        it must be called from an ``except`` block, and logs the traceback."""
+        with self._lock:
+            self._errors_total += 1
+            first = where not in self._failing
+            self._failing.add(where)
+        level = logging.WARNING if first else logging.DEBUG
+        if detail:
+            log.log(level, "prometheus exporter: %s left out of the scrape: %s", where, detail)
+        else:
+            log.log(level, "prometheus exporter: %s left out of the scrape", where, exc_info=True)
+
+    def _recovered(self, where: str) -> None:
+        with self._lock:
+            if where not in self._failing:
+                return
+            self._failing.discard(where)
+        log.info("prometheus exporter: %s renders again", where)
+
+    def _sections(self, snapshot: Snapshot) -> Iterable[Metric]:
+        for where, build in SECTIONS:
+            try:
+                families = build(snapshot, self._failed)
+            except Exception:
+                self._failed(where)
+                continue
+            self._recovered(where)
+            yield from (family for family in families if family.samples)
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            snapshot = self._get_snapshot()
+        except Exception:
+            self._failed("snapshot")
+            snapshot = None
+        else:
+            self._recovered("snapshot")
+        if snapshot is not None:
+            yield from self._sections(snapshot)
+        yield CounterMetricFamily(
+            EXPORTER_ERRORS,
+            "Failures while rendering metrics; each left part of one scrape out.",
+            value=float(self._errors_total),
+        )
+
+
+def build_registry(get_snapshot: Callable[[], Snapshot | None]) -> CollectorRegistry:
+    """A new registry (not prometheus_client's global one) holding one SnapshotCollector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(get_snapshot))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The exposition body (text format 0.0.4) and its Content-Type header value."""
+    return generate_latest(registry), CONTENT_TYPE
+
+
+__all__ = ["CONTENT_TYPE", "SnapshotCollector", "build_registry", "render"]

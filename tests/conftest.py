@@ -1,0 +1,78 @@
+"""Shared pytest fixtures. Server machinery lives in tests/servers.py; only fixtures here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pytest
+from aiohttp import web
+
+from servers import (
+    BackgroundApp,
+    BackgroundAppFactory,
+    InfluxServer,
+    PrometheusFactory,
+    PrometheusServer,
+    require_binary,
+)
+
+# ------------------------------------------------------------------------- servers
+# influxd and prometheus start in well under a second here, so every test gets its own.
+# A missing binary skips the test, or fails it under CI=true (see require_binary).
+
+
+@pytest.fixture
+def influxdb_server(tmp_path: Path) -> Iterator[InfluxServer]:
+    """A started InfluxDB 1.x on a free loopback port, data in tmp_path; stopped afterwards."""
+    server = InfluxServer(tmp_path / "influxdb", binary=require_binary("influxd"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prometheus_factory(tmp_path: Path) -> Iterator[PrometheusFactory]:
+    """Call with ``(targets, metrics_path="/metrics")`` to get a started Prometheus
+    scraping ``host:port`` targets every second; all are stopped afterwards."""
+    binary = require_binary("prometheus")
+    started: list[PrometheusServer] = []
+
+    def start(targets: Sequence[str], metrics_path: str = "/metrics") -> PrometheusServer:
+        server = PrometheusServer(tmp_path / f"prometheus-{len(started)}", targets, metrics_path, binary=binary)
+        started.append(server)
+        server.start()
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture
+def promtool() -> str:
+    """Path of promtool (skip, or fail under CI=true, when missing)."""
+    return require_binary("promtool")
+
+
+@pytest.fixture
+def background_app() -> Iterator[BackgroundAppFactory]:
+    """Call with an aiohttp ``web.Application`` to serve it on a free loopback port from a
+    thread; returns the started ``BackgroundApp`` (``.url``, ``.host_port``). Stopped afterwards."""
+    started: list[BackgroundApp] = []
+
+    def start(app: web.Application) -> BackgroundApp:
+        server = BackgroundApp(app)
+        started.append(server)
+        server.start()
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
