@@ -58,13 +58,20 @@ def build_engine(cfg: Config, health: HealthBoard) -> Engine:
         raise StartupError(str(exc)) from None
     engine = Engine(
         sources=sources,
-        tracker=ProcessTracker(label_env=cfg.jobs.label_env, rescan_interval_s=cfg.jobs.rescan_interval_s),
+        tracker=ProcessTracker(
+            label_env=cfg.jobs.label_env,
+            rescan_interval_s=cfg.jobs.rescan_interval_s,
+            cgroup_kinds=cfg.jobs.cgroup_kinds,
+            cgroup_root=cfg.jobs.cgroup_root,
+            max_labels_per_user=cfg.jobs.max_labels_per_user,
+        ),
         ledger=ledger,
         intensity=IntensityBook(cfg.grid),
         health=health,
         interval_s=cfg.daemon.interval_s,
         pue=cfg.accounting.pue,
         finished_grace_s=cfg.jobs.finished_grace_s,
+        idle_policy=cfg.jobs.idle_policy,
     )
     running = ledger.running_jobs()
     if running:

@@ -9,9 +9,12 @@ the devices reported, exactly (the remainder is computed as the difference).
   neither is known; a sole process gets all of it. Processes that belong to no job
   (filtered PIDs) keep their share unattributed, as does a GPU that reports
   ``attributable=False`` (MIG) or has no processes.
-- CPU: each package's energy by the job's share of the machine's busy CPU time in
-  the interval (job CPU seconds / all non-idle CPU seconds). The part used by other
-  processes and by idle is unattributed.
+- CPU: each package's energy is split into active and idle parts by the machine's
+  busy share of CPU capacity in the interval (non-idle seconds / (CPUs x interval)).
+  Active energy goes to jobs by their share of busy CPU time (job CPU seconds /
+  all non-idle CPU seconds); the part used by other processes stays unattributed.
+  Idle energy stays unattributed (``idle_policy = "unattributed"``, the default) or
+  is shared among the jobs in proportion to their CPU time (``"share"``).
 - DRAM: by the job's share of used memory (resident set size / MemTotal-MemAvailable).
 """
 
@@ -59,13 +62,16 @@ def _gpu_shares(reading: DeviceReading, pid_to_job: Mapping[int, str]) -> dict[s
     return shares
 
 
-def attribute(readings: Sequence[DeviceReading], view: ProcessView) -> Attribution:
+def attribute(readings: Sequence[DeviceReading], view: ProcessView, idle_policy: str = "unattributed") -> Attribution:
     jobs: dict[str, dict[str, float]] = {j.identity.job_id: {c: 0.0 for c in COMPONENTS} for j in view.jobs}
     device_j = {c: 0.0 for c in COMPONENTS}
     gpu_seconds: dict[str, float] = {}
     gpu_mem: dict[str, int] = {}
 
-    cpu_total_s = max(view.cpu_busy_s, sum(j.cpu_s for j in view.jobs))
+    jobs_cpu_s = sum(j.cpu_s for j in view.jobs)
+    cpu_busy_s = max(view.cpu_busy_s, jobs_cpu_s)
+    cpu_capacity_s = max(view.cpu_total_s, cpu_busy_s)
+    active_share = cpu_busy_s / cpu_capacity_s if cpu_capacity_s > 0 else 0.0
     mem_total = max(view.mem_used_bytes, sum(j.rss_bytes for j in view.jobs))
 
     for r in readings:
@@ -86,9 +92,14 @@ def attribute(readings: Sequence[DeviceReading], view: ProcessView) -> Attributi
             for job in held:
                 gpu_seconds[job] = gpu_seconds.get(job, 0.0) + r.interval_s
         elif r.kind == "cpu":
-            if cpu_total_s > 0:
+            if cpu_busy_s > 0:
+                active_j = r.energy_j * active_share
+                idle_j = r.energy_j - active_j
                 for j in view.jobs:
-                    jobs[j.identity.job_id]["cpu"] += r.energy_j * (j.cpu_s / cpu_total_s)
+                    share = active_j * (j.cpu_s / cpu_busy_s)
+                    if idle_policy == "share" and jobs_cpu_s > 0:
+                        share += idle_j * (j.cpu_s / jobs_cpu_s)
+                    jobs[j.identity.job_id]["cpu"] += share
         elif r.kind == "dram":
             if mem_total > 0:
                 for j in view.jobs:

@@ -69,6 +69,10 @@ class JobsConfig:
     label_env: tuple[str, ...] = ("WATTPRINT_JOB", "SLURM_JOB_ID")
     rescan_interval_s: float = 5.0  # full /proc scan at most this often
     finished_grace_s: float = 300.0  # finished jobs stay in /metrics this long
+    idle_policy: str = "unattributed"  # unattributed | share: who gets idle CPU energy
+    cgroup_kinds: tuple[str, ...] = ()  # any of slurm, systemd, container, in order
+    cgroup_root: str = ""  # cgroup v2 mount; "" = detect
+    max_labels_per_user: int = 32  # distinct live labels per user; more become "_overflow"
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("grid", "provider"): ("energidataservice", "carbonintensity_uk", "electricitymaps", "static"),
     ("influxdb", "api"): ("v1", "v2"),
     ("daemon", "log_level"): ("debug", "info", "warning", "error"),
+    ("jobs", "idle_policy"): ("unattributed", "share"),
 }
 
 # (section, key) -> (minimum, maximum) inclusive, for numbers.
@@ -163,6 +168,7 @@ _RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("memory", "w_per_gb"): (0.0, 100.0),
     ("jobs", "rescan_interval_s"): (0.0, 3600.0),
     ("jobs", "finished_grace_s"): (0.0, 30 * 86400.0),
+    ("jobs", "max_labels_per_user"): (1, 100_000),
     ("grid", "static_g_per_kwh"): (0.0, 5000.0),
     ("grid", "fetch_interval_s"): (60.0, 86400.0),
     ("influxdb", "batch_size"): (1, 1_000_000),
@@ -333,6 +339,9 @@ def _cross_checks(c: dict[str, Any], where: str) -> list[str]:
         problems.append(f"{where}: [influxdb] url: must start with http:// or https://")
     if influx.enabled and influx.api == "v2" and not (influx.org and influx.bucket and influx.token):
         problems.append(f"{where}: [influxdb] api = \"v2\" needs org, bucket and token")
+    for kind in c["jobs"].cgroup_kinds:
+        if kind not in ("slurm", "systemd", "container"):
+            problems.append(f"{where}: [jobs] cgroup_kinds: {kind!r} is not one of slurm, systemd, container")
     for name in c["jobs"].label_env:
         if not name or not all(ch.isalnum() or ch == "_" for ch in name):
             problems.append(f"{where}: [jobs] label_env: {name!r} is not an environment variable name")

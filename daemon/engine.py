@@ -60,6 +60,7 @@ class Engine:
     interval_s: float = 1.0
     pue: float = 1.0
     finished_grace_s: float = 300.0
+    idle_policy: str = "unattributed"
     sinks: list[TickSink] = field(default_factory=list)
     snapshot: Snapshot | None = None
     _executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="wattprint-tick"))
@@ -84,6 +85,7 @@ class Engine:
             ident = JobIdentity(
                 job_id=job_id, label=row["label"], label_source=row["label_source"], uid=row["uid"],
                 user=row["user"], command=row["command"], root_pid=row["root_pid"], started_at=row["started_at"],
+                label_raw=row["label_raw"],
             )
             self._jobs[job_id] = _JobState(
                 identity=ident,
@@ -127,7 +129,7 @@ class Engine:
             log.debug("process scan failed", exc_info=True)
             self.health.fail("processes", f"{type(exc).__name__}: {exc}")
             view = ProcessView(jobs=(), pid_to_job={}, cpu_busy_s=0.0, mem_used_bytes=0, scanned=False)
-        att = attribute(readings, view)
+        att = attribute(readings, view, self.idle_policy)
 
         # Job lifecycle: a job ends when its last process is gone.
         live_ids = {j.identity.job_id for j in view.jobs}

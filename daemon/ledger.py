@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     host TEXT NOT NULL,
     label TEXT NOT NULL,
+    label_raw TEXT NOT NULL DEFAULT '',
     label_source TEXT NOT NULL,
     uid INTEGER NOT NULL,
     user TEXT NOT NULL,
@@ -166,11 +167,11 @@ class Ledger:
             for jt in jobs:
                 ident = jt.identity
                 c.execute(
-                    """INSERT INTO jobs (id, host, label, label_source, uid, user, command, root_pid,
+                    """INSERT INTO jobs (id, host, label, label_raw, label_source, uid, user, command, root_pid,
                                          state, started_at, last_seen, sources)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)
                        ON CONFLICT(id) DO NOTHING""",
-                    (ident.job_id, self.host, ident.label, ident.label_source, ident.uid, ident.user,
+                    (ident.job_id, self.host, ident.label, ident.label_raw, ident.label_source, ident.uid, ident.user,
                      ident.command, ident.root_pid, ident.started_at, wall_s, json.dumps(dict(jt.sources))),
                 )
                 c.execute(
@@ -281,6 +282,8 @@ class LedgerReader:
         return {
             "id": r["id"],
             "label": r["label"],
+            "label_raw": r["label_raw"],
+            "label_sanitised": r["label"] != r["label_raw"],
             "label_source": r["label_source"],
             "host": r["host"],
             "user": r["user"],

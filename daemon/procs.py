@@ -2,26 +2,54 @@
 
 Reads /proc directly (cheaper than psutil's per-attribute calls). A full scan of /proc
 runs at most every ``rescan_interval_s`` (or at once when a GPU shows a process we do
-not know); between scans only the processes of known jobs are re-read. Per-process
-state is keyed by (pid, start time) so a reused PID is a new process.
+not know). Between scans only job processes are re-read, plus what can join a job
+cheaply: the children of job processes (``/proc/PID/task/PID/children``) and the
+members of job cgroups (``cgroup.procs``). Per-process state is keyed by (pid, start
+time), so a reused PID is a new process.
 
-A job is found, in order, by its label (the first of ``label_env`` present in the
-process's environment; children inherit it) or, for processes seen on a GPU without a
-label, by their process group. Command lines and environments are read only to find
-the label and are never kept or exported: only the executable name (``comm``) is.
+A job is found, in order, by
+1. its label: the first of ``label_env`` set in the process's environment (children
+   inherit it); the job's leader is the topmost ancestor with the same label and user;
+2. its cgroup, when ``cgroup_kinds`` names the kind (Slurm job, systemd unit,
+   container) and one of the cgroup's processes is on a GPU;
+3. its process group, for other processes seen on a GPU.
+Once assigned, a process keeps its job for life, so a job's id (leader PID + leader
+start time) survives its leader exiting first and daemon restarts.
+
+Labels come from any local user: they are sanitised to ``LABEL_CHARS`` and
+``MAX_LABEL_LEN`` (each other character becomes ``_``; the raw value is kept for the
+API), and each user may hold at most ``max_labels_per_user`` distinct live labels —
+further labels become ``OVERFLOW_LABEL``. Command lines and environments are read
+only to find the label and are never kept: only the executable name (``comm``) is.
+
+CPU time of a process that exits between ticks is not lost: when a job process reaps
+a child, the child's final CPU time appears in the parent's cutime/cstime; the job's
+CPU time is the growth of self + reaped-children time of its live processes, minus
+what was already counted for the children that disappeared.
 """
 
 from __future__ import annotations
 
 import os
 import pwd
-import time
+import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-MAX_LABEL_CHARS = 256
+MAX_RAW_LABEL_CHARS = 256
+MAX_LABEL_LEN = 64
+LABEL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:/@+-")
+OVERFLOW_LABEL = "_overflow"
+CGROUP_KINDS = ("slurm", "systemd", "container")
+
+
+def sanitize_label(raw: str) -> str:
+    """The label as exported: disallowed characters replaced by ``_``, at most
+    ``MAX_LABEL_LEN`` characters, never empty."""
+    clean = "".join(ch if ch in LABEL_CHARS else "_" for ch in raw[:MAX_LABEL_LEN])
+    return clean or "_"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +61,7 @@ class ProcStat:
     ppid: int
     pgid: int
     cpu_ticks: int  # utime + stime, in clock ticks
+    child_cpu_ticks: int  # cutime + cstime: CPU time of reaped children
     start_ticks: int  # start time after boot, in clock ticks
     rss_bytes: int
 
@@ -50,6 +79,7 @@ def parse_stat(pid: int, text: str) -> ProcStat:
         ppid=int(rest[1]),
         pgid=int(rest[2]),
         cpu_ticks=int(rest[11]) + int(rest[12]),
+        child_cpu_ticks=int(rest[13]) + int(rest[14]),
         start_ticks=int(rest[19]),
         rss_bytes=int(rest[21]) * PAGE_SIZE,
     )
@@ -59,8 +89,17 @@ def read_stat(pid: int, proc_root: str = "/proc") -> ProcStat | None:
     try:
         with open(f"{proc_root}/{pid}/stat", "r", encoding="utf-8", errors="replace") as fh:
             return parse_stat(pid, fh.read())
-    except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError, IndexError, OSError):
+    except (OSError, ValueError, IndexError):
         return None
+
+
+def read_children(pid: int, proc_root: str = "/proc") -> list[int]:
+    """Children of the process's main thread (empty when unreadable)."""
+    try:
+        with open(f"{proc_root}/{pid}/task/{pid}/children", "r") as fh:
+            return [int(p) for p in fh.read().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def read_label(pid: int, names: tuple[str, ...], proc_root: str = "/proc") -> tuple[str, str] | None:
@@ -85,7 +124,52 @@ def read_label(pid: int, names: tuple[str, ...], proc_root: str = "/proc") -> tu
     for name in names:
         value = found.get(name)
         if value:
-            return name, value[:MAX_LABEL_CHARS]
+            return name, value[:MAX_RAW_LABEL_CHARS]
+    return None
+
+
+def read_cgroup(pid: int, proc_root: str = "/proc") -> str | None:
+    """The process's cgroup v2 path (the ``0::`` line), or None."""
+    try:
+        with open(f"{proc_root}/{pid}/cgroup", "r", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("0::"):
+                    return line[3:].strip()
+    except OSError:
+        return None
+    return None
+
+
+_SLURM = re.compile(r"^(.*?/job_(\d+))(?:/|$)")
+_CONTAINER = re.compile(
+    r"^(.*?/(?:docker-|libpod-|cri-containerd-|crio-|containerd-)?([0-9a-f]{64})(?:\.scope)?)(?:/|$)"
+)
+_SYSTEMD_UNIT = re.compile(r"^[^/]+\.(?:service|scope)$")
+
+
+def classify_cgroup(path: str, kinds: Iterable[str]) -> tuple[str, str, str] | None:
+    """(kind, job cgroup path, label) for a cgroup v2 path, trying ``kinds`` in
+    order, or None. Examples:
+    ``/system.slice/slurmstepd.scope/job_42/step_0/user/task_0`` -> slurm, "42";
+    ``/system.slice/docker-<64 hex>.scope`` -> container, "container-<12 hex>";
+    ``/user.slice/user-1000.slice/user@1000.service/app.slice/run-u7.scope`` -> systemd, "run-u7.scope".
+    """
+    for kind in kinds:
+        if kind == "slurm":
+            m = _SLURM.match(path)
+            if m and "slurm" in path:
+                return "slurm", m.group(1), m.group(2)
+        elif kind == "container":
+            m = _CONTAINER.match(path)
+            if m:
+                return "container", m.group(1), f"container-{m.group(2)[:12]}"
+        elif kind == "systemd":
+            parts = [p for p in path.split("/") if p]
+            # The innermost unit that is not a user manager (user@UID.service).
+            for i in range(len(parts) - 1, -1, -1):
+                part = parts[i]
+                if _SYSTEMD_UNIT.match(part) and not part.startswith("user@"):
+                    return "systemd", "/" + "/".join(parts[: i + 1]), part
     return None
 
 
@@ -97,7 +181,7 @@ def boot_time_s(proc_root: str = "/proc") -> float:
     raise RuntimeError("no btime in /proc/stat")  # pragma: no cover
 
 
-def read_cpu_busy_ticks(proc_root: str = "/proc") -> tuple[int, int]:
+def read_cpu_ticks(proc_root: str = "/proc") -> tuple[int, int]:
     """(busy, total) clock ticks of all CPUs since boot, from /proc/stat."""
     with open(f"{proc_root}/stat", "r") as fh:
         first = fh.readline().split()
@@ -138,13 +222,14 @@ class JobIdentity:
     restarts and unique per host even when PIDs are reused."""
 
     job_id: str
-    label: str  # "" for process-group jobs
-    label_source: str  # the env variable it came from, or "pgid"
+    label: str  # sanitised label; "" for process-group jobs
+    label_source: str  # env variable, "cgroup:<kind>", or "pgid"
     uid: int
     user: str
     command: str  # executable name of the leader, never the command line
     root_pid: int
     started_at: float  # wall time the leader started
+    label_raw: str = ""  # the label exactly as the user set it (API only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,15 +251,18 @@ class ProcessView:
     cpu_busy_s: float  # all CPUs, non-idle seconds in the interval
     mem_used_bytes: int
     scanned: bool  # True when this tick did a full /proc scan
+    cpu_total_s: float = 0.0  # all CPUs, busy + idle seconds in the interval (capacity)
 
 
 @dataclass
 class _Proc:
     stat: ProcStat
     uid: int
-    label: str | None
+    label_raw: str | None
     label_source: str | None
-    job: "JobIdentity | None" = None
+    cgroup: str | None = None
+    job: JobIdentity | None = None
+    job_cgroup: str | None = None  # the cgroup path of its job, for cgroup jobs
 
 
 @dataclass
@@ -184,16 +272,24 @@ class ProcessTracker:
     label_env: tuple[str, ...] = ("WATTPRINT_JOB", "SLURM_JOB_ID")
     rescan_interval_s: float = 5.0
     proc_root: str = "/proc"
+    cgroup_kinds: tuple[str, ...] = ()
+    cgroup_root: str = ""  # cgroup v2 mount; "" = detect
+    max_labels_per_user: int = 32
     _procs: dict[tuple[int, int], _Proc] = field(default_factory=dict)
     _tracked: set[int] = field(default_factory=set)  # pids re-read every tick
+    _job_cgroups: set[str] = field(default_factory=set)
     _last_scan_mono: float = float("-inf")
-    _last_cpu: dict[tuple[int, int], int] = field(default_factory=dict)
-    _last_busy: int | None = None
+    # (pid, start) -> (own CPU ticks, reaped-children CPU ticks, ppid, job id) at the last tick
+    _last_cpu: dict[tuple[int, int], tuple[int, int, int, str]] = field(default_factory=dict)
+    _last_ticks: tuple[int, int] | None = None
     _boot_time: float = 0.0
 
     def __post_init__(self) -> None:
         self._boot_time = boot_time_s(self.proc_root)
+        if self.cgroup_kinds and not self.cgroup_root:
+            self.cgroup_root = detect_cgroup2_root()
 
+    # -- reading ---------------------------------------------------------------
     def _load(self, pid: int, st: ProcStat) -> _Proc:
         key = (pid, st.start_ticks)
         known = self._procs.get(key)
@@ -205,8 +301,9 @@ class ProcessTracker:
         except OSError:
             uid = -1
         found = read_label(pid, self.label_env, self.proc_root)
-        source, label = found if found is not None else (None, None)
-        proc = _Proc(stat=st, uid=uid, label=label, label_source=source)
+        source, raw = found if found is not None else (None, None)
+        cgroup = read_cgroup(pid, self.proc_root) if self.cgroup_kinds and raw is None else None
+        proc = _Proc(stat=st, uid=uid, label_raw=raw, label_source=source, cgroup=cgroup)
         self._procs[key] = proc
         return proc
 
@@ -222,14 +319,36 @@ class ProcessTracker:
             live[pid] = self._load(pid, st)
         return live
 
-    def _reread(self, pids: Iterable[int]) -> dict[int, _Proc]:
+    def _cgroup_members(self) -> set[int]:
+        pids: set[int] = set()
+        for path in self._job_cgroups:
+            top = os.path.join(self.cgroup_root, path.lstrip("/"))
+            for dirpath, _dirs, _files in os.walk(top):
+                try:
+                    with open(os.path.join(dirpath, "cgroup.procs")) as fh:
+                        pids.update(int(p) for p in fh.read().split())
+                except (OSError, ValueError):
+                    continue
+        return pids
+
+    def _incremental(self, gpu_pids: set[int]) -> dict[int, _Proc]:
+        """Re-read job processes, their new children and job cgroup members."""
         live: dict[int, _Proc] = {}
-        for pid in pids:
+        pending = set(self._tracked) | gpu_pids | self._cgroup_members()
+        seen: set[int] = set()
+        while pending:
+            pid = pending.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
             st = read_stat(pid, self.proc_root)
-            if st is not None:
-                live[pid] = self._load(pid, st)
+            if st is None:
+                continue
+            live[pid] = self._load(pid, st)
+            pending.update(c for c in read_children(pid, self.proc_root) if c not in seen)
         return live
 
+    # -- one tick ----------------------------------------------------------------
     def observe(self, now_mono_s: float, gpu_pids: Iterable[int]) -> ProcessView:
         """Read the processes that matter this tick and group them into jobs."""
         gpu_pids = set(gpu_pids)
@@ -238,53 +357,72 @@ class ProcessTracker:
         if scanned:
             live = self._scan_all()
             self._last_scan_mono = now_mono_s
-        else:
-            live = self._reread(self._tracked | gpu_pids)
-
-        # Forget processes that are gone (only a full scan proves absence of others).
-        if scanned:
             keep = {(pid, p.stat.start_ticks) for pid, p in live.items()}
             for key in [k for k in self._procs if k not in keep]:
                 del self._procs[key]
+        else:
+            live = self._incremental(gpu_pids)
 
-        jobs = self._group(live, gpu_pids)
+        groups = self._group(live, gpu_pids)
 
-        busy, _total = read_cpu_busy_ticks(self.proc_root)
-        busy_s = 0.0 if self._last_busy is None else max(0, busy - self._last_busy) / CLK_TCK
-        self._last_busy = busy
+        busy, total = read_cpu_ticks(self.proc_root)
+        if self._last_ticks is None:
+            busy_s = total_s = 0.0
+        else:
+            busy_s = max(0, busy - self._last_ticks[0]) / CLK_TCK
+            total_s = max(0, total - self._last_ticks[1]) / CLK_TCK
+        self._last_ticks = (busy, total)
 
         usages: list[JobUsage] = []
         pid_to_job: dict[int, str] = {}
-        new_last_cpu: dict[tuple[int, int], int] = {}
+        new_last: dict[tuple[int, int], tuple[int, int, int, str]] = {}
         tracked: set[int] = set()
-        for identity, members in jobs:
-            cpu_ticks = 0
+        live_keys: set[tuple[int, int]] = set()
+        for identity, members in groups:
+            ticks = 0
             rss = 0
+            member_pids = {p.stat.pid for p in members}
             for proc in members:
                 key = (proc.stat.pid, proc.stat.start_ticks)
+                live_keys.add(key)
                 prev = self._last_cpu.get(key)
                 if prev is not None:
-                    cpu_ticks += max(0, proc.stat.cpu_ticks - prev)
+                    ticks += max(0, proc.stat.cpu_ticks - prev[0]) + max(0, proc.stat.child_cpu_ticks - prev[1])
                 # A process first seen now: its earlier CPU time predates this
                 # interval and is not booked.
-                new_last_cpu[key] = proc.stat.cpu_ticks
+                new_last[key] = (proc.stat.cpu_ticks, proc.stat.child_cpu_ticks, proc.stat.ppid, identity.job_id)
                 rss += proc.stat.rss_bytes
                 pid_to_job[proc.stat.pid] = identity.job_id
                 tracked.add(proc.stat.pid)
-            usages.append(JobUsage(identity=identity, pids=frozenset(p.stat.pid for p in members),
-                                   cpu_s=cpu_ticks / CLK_TCK, rss_bytes=rss))
-        self._last_cpu = new_last_cpu
+            # Children that exited since the last tick and were reaped by a live
+            # member: their final time is in the parent's reaped-children time, of
+            # which the part counted before must not be counted again.
+            for key, (own, kids, ppid, job_id) in self._last_cpu.items():
+                if job_id == identity.job_id and key not in live_keys and ppid in member_pids and key[0] not in live:
+                    ticks -= own + kids
+            usages.append(JobUsage(identity=identity, pids=frozenset(member_pids),
+                                   cpu_s=max(0, ticks) / CLK_TCK, rss_bytes=rss))
+        self._last_cpu = new_last
         self._tracked = tracked
+        self._job_cgroups = {p.job_cgroup for _i, ms in groups for p in ms if p.job_cgroup}
         return ProcessView(
             jobs=tuple(usages),
             pid_to_job=pid_to_job,
             cpu_busy_s=busy_s,
             mem_used_bytes=read_mem_used_bytes(self.proc_root),
             scanned=scanned,
+            cpu_total_s=total_s,
         )
 
-    def _identity(self, leader: _Proc, label: str, label_source: str) -> JobIdentity:
+    # -- grouping ----------------------------------------------------------------
+    def _identity(self, leader: _Proc, label_raw: str, label_source: str, live_labels: dict[int, set[str]]) -> JobIdentity:
         started_at = self._boot_time + leader.stat.start_ticks / CLK_TCK
+        label = sanitize_label(label_raw) if label_raw else ""
+        if label:
+            labels = live_labels.setdefault(leader.uid, set())
+            if label not in labels and len(labels) >= self.max_labels_per_user:
+                label = OVERFLOW_LABEL
+            labels.add(label)
         return JobIdentity(
             job_id=make_job_id(leader.stat.pid, started_at),
             label=label,
@@ -294,21 +432,25 @@ class ProcessTracker:
             command=leader.stat.comm,
             root_pid=leader.stat.pid,
             started_at=started_at,
+            label_raw=label_raw,
         )
 
     def _group(self, live: dict[int, _Proc], gpu_pids: set[int]) -> list[tuple[JobIdentity, list[_Proc]]]:
-        """Assign processes to jobs. Once assigned, a process keeps its job for life,
-        so a job's id does not change when its leader exits before its children."""
-        # Labelled processes: the leader is the topmost ancestor carrying the same
-        # label for the same user; children inherit their ancestor's job.
+        """Assign processes to jobs (a process keeps its job for life)."""
+        live_labels: dict[int, set[str]] = {}
         for proc in live.values():
-            if proc.job is not None or proc.label is None:
+            if proc.job is not None and proc.job.label:
+                live_labels.setdefault(proc.job.uid, set()).add(proc.job.label)
+
+        # 1. Labelled processes.
+        for proc in live.values():
+            if proc.job is not None or proc.label_raw is None:
                 continue
             chain = [proc]
             node = proc
             while True:
                 parent = live.get(node.stat.ppid)
-                if (parent is None or parent in chain or parent.label != proc.label
+                if (parent is None or parent in chain or parent.label_raw != proc.label_raw
                         or parent.uid != proc.uid):
                     break
                 chain.append(parent)
@@ -316,30 +458,64 @@ class ProcessTracker:
                     break
                 node = parent
             top = chain[-1]
-            ident = top.job or self._identity(top, proc.label, proc.label_source or "label")
+            ident = top.job or self._identity(top, proc.label_raw, proc.label_source or "label", live_labels)
             for member in chain:
                 member.job = ident
 
-        # Unlabelled processes whose process group has a process on a GPU, or is
-        # already a job: the process group is the job.
+        # 2. Cgroups of configured kinds with a process on a GPU (or already a job).
+        if self.cgroup_kinds:
+            cg_jobs: dict[str, JobIdentity] = {}
+            for proc in live.values():
+                if proc.job is not None and proc.job_cgroup:
+                    cg_jobs.setdefault(proc.job_cgroup, proc.job)
+            wanted: dict[str, tuple[str, str]] = {}
+            for pid in gpu_pids:
+                proc = live.get(pid)
+                if proc is None or proc.job is not None or proc.cgroup is None:
+                    continue
+                found = classify_cgroup(proc.cgroup, self.cgroup_kinds)
+                if found is not None:
+                    wanted[found[1]] = (found[0], found[2])
+            for path in cg_jobs:
+                wanted.setdefault(path, ("", ""))
+            if wanted:
+                members_by_cg: dict[str, list[_Proc]] = {}
+                for proc in live.values():
+                    if proc.job is not None or proc.cgroup is None:
+                        continue
+                    for path in wanted:
+                        if proc.cgroup == path or proc.cgroup.startswith(path + "/"):
+                            members_by_cg.setdefault(path, []).append(proc)
+                            break
+                for path, members in members_by_cg.items():
+                    ident = cg_jobs.get(path)
+                    if ident is None:
+                        kind, label = wanted[path]
+                        leader = min(members, key=lambda p: (p.stat.start_ticks, p.stat.pid))
+                        ident = self._identity(leader, label, f"cgroup:{kind}", live_labels)
+                    for member in members:
+                        member.job = ident
+                        member.job_cgroup = path
+
+        # 3. Process groups with a process on a GPU (or already a job).
         pg_jobs: dict[int, JobIdentity] = {}
         for proc in live.values():
             if proc.job is not None and proc.job.label_source == "pgid":
                 pg_jobs.setdefault(proc.stat.pgid, proc.job)
-        wanted = {live[p].stat.pgid for p in gpu_pids if p in live and live[p].job is None}
-        wanted |= set(pg_jobs)
-        if wanted:
+        wanted_pg = {live[p].stat.pgid for p in gpu_pids if p in live and live[p].job is None}
+        wanted_pg |= set(pg_jobs)
+        if wanted_pg:
             members_by_pg: dict[int, list[_Proc]] = {}
             for proc in live.values():
-                if proc.job is None and proc.label is None and proc.stat.pgid in wanted:
+                if proc.job is None and proc.label_raw is None and proc.stat.pgid in wanted_pg:
                     members_by_pg.setdefault(proc.stat.pgid, []).append(proc)
             for pgid, members in members_by_pg.items():
                 ident = pg_jobs.get(pgid)
                 if ident is None:
                     leader = live.get(pgid)
-                    if leader is None or leader.stat.pgid != pgid or leader.label is not None:
+                    if leader is None or leader.stat.pgid != pgid or leader.label_raw is not None:
                         leader = min(members, key=lambda p: (p.stat.start_ticks, p.stat.pid))
-                    ident = self._identity(leader, "", "pgid")
+                    ident = self._identity(leader, "", "pgid", live_labels)
                 for member in members:
                     member.job = ident
 
@@ -350,10 +526,20 @@ class ProcessTracker:
         return list(groups.values())
 
 
+def detect_cgroup2_root() -> str:
+    """Where the unified (v2) cgroup hierarchy is mounted: /sys/fs/cgroup, or
+    /sys/fs/cgroup/unified on hybrid systems."""
+    try:
+        with open("/proc/self/mounts") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) > 2 and parts[2] == "cgroup2":
+                    return parts[1]
+    except OSError:
+        pass
+    return "/sys/fs/cgroup"
+
+
 def make_job_id(root_pid: int, started_at: float) -> str:
     """``<pid>-<start time in centiseconds since epoch>``: stable and unique per host."""
     return f"{root_pid}-{int(round(started_at * 100))}"
-
-
-def now_wall() -> float:
-    return time.time()

@@ -155,9 +155,7 @@ def _health(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
         "Always 1: the current state (ok, degraded, disabled) of each source or sink.",
         labels=["source", "state"],
     )
-    errors = CounterMetricFamily(
-        "wattprint_source_errors_total", "Failures of each source or sink.", labels=["source"]
-    )
+    errors = CounterMetricFamily("wattprint_source_errors_total", "Failures of each source or sink.", labels=["source"])
     for part in snapshot.health:
         name = _text(part.name)
         up.add_metric([name], 1.0 if part.state == "ok" else 0.0)
@@ -169,12 +167,14 @@ def _health(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
 def _tick(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
     return [
         GaugeMetricFamily(
-            "wattprint_tick_duration_seconds", "How long the last tick took, in seconds.",
+            "wattprint_tick_duration_seconds",
+            "How long the last tick took, in seconds.",
             value=float(snapshot.tick_duration_s),
         ),
         CounterMetricFamily("wattprint_ticks_total", "Ticks since the daemon started.", value=float(snapshot.tick)),
         GaugeMetricFamily(
-            "wattprint_last_tick_timestamp_seconds", "Wall-clock time of the last tick, in seconds since the epoch.",
+            "wattprint_last_tick_timestamp_seconds",
+            "Wall-clock time of the last tick, in seconds since the epoch.",
             value=float(snapshot.taken_at),
         ),
     ]

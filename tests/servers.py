@@ -401,9 +401,7 @@ class PrometheusServer:
             if predicate(result):
                 return result
             if time.monotonic() >= deadline:
-                health = [
-                    {k: t.get(k) for k in ("scrapeUrl", "health", "lastError")} for t in self.targets_health()
-                ]
+                health = [{k: t.get(k) for k in ("scrapeUrl", "health", "lastError")} for t in self.targets_health()]
                 raise ServerError(
                     f"prometheus: {expr!r} not satisfied within {timeout:.0f} s; "
                     f"last result {result!r}; targets {health!r}"

@@ -23,9 +23,11 @@ from daemon_harness import DaemonProcess, sample
 from gpusim import gpu, proc, write_sim
 from powercap import PowercapTree
 from servers import promtool_check_metrics
+from wattprint.daemon.procs import sanitize_label
 
 GPU_W, PKG_W, DRAM_W = 250.0, 30.0, 5.0
 NASTY = 'train "q", a=b c\\d\\\nnext}line {x="y"} é'
+SANE = sanitize_label(NASTY)
 
 
 def rate(m1: dict, m2: dict, name: str, **labels: str) -> float:
@@ -57,8 +59,9 @@ def test_daemon_end_to_end(tmp_path, job_process, promtool):
     feeder = tree.start_feeding({zones["package"]: PKG_W, zones["dram"]: DRAM_W}, period_s=0.01)
     try:
         daemon.start()
-        job = daemon.wait_for_job(NASTY)
-        assert job["label"] == NASTY  # shown exactly, not sanitised
+        job = daemon.wait_for_job(SANE)
+        assert job["label_raw"] == NASTY  # shown exactly...
+        assert job["label"] == SANE and job["label_sanitised"] is True  # ...and visibly sanitised for export
         assert job["root_pid"] == job_process.pid
         assert job["host"] == "testhost"
         assert job["command"] == "python" or job["command"].startswith("python")
@@ -72,7 +75,7 @@ def test_daemon_end_to_end(tmp_path, job_process, promtool):
         assert rate(m1, m2, "wattprint_device_energy_joules_total", kind="cpu", device="package-0") == pytest.approx(PKG_W, rel=0.02)
         assert rate(m1, m2, "wattprint_device_energy_joules_total", kind="dram", device="dram-0") == pytest.approx(DRAM_W, rel=0.02)
         job_id = job["id"]
-        job_labels = {"job_id": job_id, "label": NASTY, "user": job["user"]}
+        job_labels = {"job_id": job_id, "label": SANE, "user": job["user"]}
         assert rate(m1, m2, "wattprint_job_energy_joules_total", kind="gpu", **job_labels) == pytest.approx(GPU_W, rel=0.02)
 
         # 2. An NVML counter reset (driver reload) loses nothing.
@@ -96,13 +99,13 @@ def test_daemon_end_to_end(tmp_path, job_process, promtool):
         assert job["co2e_g"] == pytest.approx(job["energy_kwh"] * 475.0, rel=1e-9)
         assert job["gpu_seconds"] > 5
 
-        # 4. The exposition is valid and the hostile label round-trips exactly.
+        # 4. The exposition is valid and carries the sanitised label.
         text = daemon.metrics_text()
         check = promtool_check_metrics(text.encode(), binary=promtool)
         assert check.returncode == 0, check.stdout + check.stderr
         labels = [s.labels["label"] for f in text_string_to_metric_families(text) for s in f.samples
                   if s.name == "wattprint_job_energy_joules_total"]
-        assert labels and set(labels) == {NASTY}
+        assert labels and set(labels) == {SANE}
 
         # 5. A crash (SIGKILL) and restart: the same job continues from its stored totals.
         before = daemon.get(f"/api/v1/jobs/{urllib.parse.quote(job_id, safe='')}")
@@ -118,7 +121,7 @@ def test_daemon_end_to_end(tmp_path, job_process, promtool):
         downtime = restarted_at - killed_at
         assert gained <= GPU_W * (span + 0.1)  # nothing counted twice
         assert gained >= GPU_W * (span - downtime - 1.5)  # lost at most the downtime and one tick
-        assert len([j for j in daemon.get("/api/v1/jobs")["jobs"] if j["label"] == NASTY]) == 1
+        assert len([j for j in daemon.get("/api/v1/jobs")["jobs"] if j["label_raw"] == NASTY]) == 1
 
         # 6. The job ends when its process exits, totals intact.
         os.killpg(job_process.pid, signal.SIGKILL)

@@ -65,8 +65,9 @@ def test_labelled_tree_is_one_job_and_gpu_process_group_is_another(procs):
     time.sleep(0.5)
     t = ProcessTracker(rescan_interval_s=1000)
     v = t.observe(time.monotonic(), [gpu_proc.pid])
-    by_label = {j.identity.label: j for j in v.jobs}
+    by_label = {j.identity.label_raw: j for j in v.jobs}
     train = by_label['train, "x"=1']
+    assert train.identity.label == "train___x__1"  # sanitised visibly, raw kept
     assert train.identity.root_pid == launcher.pid
     assert len(train.pids) == 3 and launcher.pid in train.pids
     assert train.identity.label_source == "WATTPRINT_JOB"
@@ -119,3 +120,134 @@ def test_pid_reuse_is_a_new_process_identity(procs):
     jobs = [j for j in ProcessTracker().observe(time.monotonic(), []).jobs if j.identity.label == "same"]
     assert len(jobs) == 2
     assert {j.identity.root_pid for j in jobs} == {a.pid, b.pid}
+
+
+def test_sanitize_and_overflow_per_user(procs):
+    from wattprint.daemon.procs import MAX_LABEL_LEN, OVERFLOW_LABEL, sanitize_label
+
+    assert sanitize_label("llama-7b/lora.run:3@a+b") == "llama-7b/lora.run:3@a+b"
+    assert sanitize_label('a "b",c=d\\\n') == "a__b__c_d__"
+    assert sanitize_label("x" * 100) == "x" * MAX_LABEL_LEN
+    assert sanitize_label("") == "_"
+    ps = [procs(SLEEP, {"WATTPRINT_JOB": f"many-{i}"}) for i in range(4)]
+    time.sleep(0.4)
+    t = ProcessTracker(max_labels_per_user=2)
+    mine = [j for j in t.observe(time.monotonic(), []).jobs if j.identity.root_pid in {p.pid for p in ps}]
+    labels = sorted(j.identity.label for j in mine)
+    assert len(mine) == 4
+    assert labels.count(OVERFLOW_LABEL) == 2
+    assert {j.identity.label_raw for j in mine} == {f"many-{i}" for i in range(4)}
+
+
+def test_new_children_are_found_between_full_scans(procs):
+    parent = procs([sys.executable, "-c", "import subprocess, sys, time\ntime.sleep(1.0)\n"
+                    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\ntime.sleep(60)"],
+                   {"WATTPRINT_JOB": "spawner"})
+    time.sleep(0.4)
+    t = ProcessTracker(rescan_interval_s=1000)
+    first = next(j for j in t.observe(time.monotonic(), []).jobs if j.identity.root_pid == parent.pid)
+    assert first.pids == {parent.pid}
+    time.sleep(1.5)
+    v = t.observe(time.monotonic(), [])
+    assert not v.scanned
+    job = next(j for j in v.jobs if j.identity.root_pid == parent.pid)
+    assert len(job.pids) == 2
+
+
+def test_cpu_of_a_child_that_exits_between_ticks_is_booked(procs):
+    # The child burns ~0.8 s of CPU and exits between two ticks; the parent reaps it.
+    code = ("import subprocess, sys, time\ntime.sleep(0.8)\n"
+            "subprocess.run([sys.executable, '-c', 'import time\\nt=time.process_time()\\n"
+            "while time.process_time()-t<0.8: pass'])\ntime.sleep(60)")
+    parent = procs([sys.executable, "-c", code], {"WATTPRINT_JOB": "reaper"})
+    time.sleep(0.4)
+    t = ProcessTracker(rescan_interval_s=1000)
+    t.observe(time.monotonic(), [])
+    time.sleep(2.5)  # the child starts, burns and is reaped within this interval
+    job = next(j for j in t.observe(time.monotonic(), []).jobs if j.identity.root_pid == parent.pid)
+    assert job.pids == {parent.pid}
+    assert 0.7 <= job.cpu_s <= 1.3
+
+
+def test_classify_cgroup_paths():
+    from wattprint.daemon.procs import classify_cgroup
+
+    hexid = "0123456789abcdef" * 4
+    kinds = ("slurm", "container", "systemd")
+    assert classify_cgroup("/system.slice/slurmstepd.scope/job_42/step_0/user/task_0", kinds) == (
+        "slurm", "/system.slice/slurmstepd.scope/job_42", "42")
+    assert classify_cgroup("/slurm/uid_1000/job_7/step_batch", kinds) == ("slurm", "/slurm/uid_1000/job_7", "7")
+    assert classify_cgroup(f"/system.slice/docker-{hexid}.scope", kinds) == (
+        "container", f"/system.slice/docker-{hexid}.scope", f"container-{hexid[:12]}")
+    assert classify_cgroup(f"/kubepods/burstable/pod1/{hexid}", kinds)[2] == f"container-{hexid[:12]}"
+    assert classify_cgroup("/user.slice/user-1000.slice/user@1000.service/app.slice/run-u7.scope", kinds) == (
+        "systemd", "/user.slice/user-1000.slice/user@1000.service/app.slice/run-u7.scope", "run-u7.scope")
+    assert classify_cgroup("/system.slice/train.service", ("slurm",)) is None
+    assert classify_cgroup("/", kinds) is None
+
+
+def test_cgroup_job_with_real_cgroup(procs, tmp_path):
+    from wattprint.daemon.procs import detect_cgroup2_root
+
+    root = detect_cgroup2_root()
+    unit = os.path.join(root, "system.slice", f"wattprint-test-{os.getpid()}.service")
+    try:
+        os.makedirs(unit)
+    except OSError as exc:
+        pytest.skip(f"cannot create a cgroup v2 directory under {root}: {exc}")
+    try:
+        a = procs(SLEEP)
+        b = procs(SLEEP)
+        for p in (a, b):
+            with open(os.path.join(unit, "cgroup.procs"), "w") as fh:
+                fh.write(str(p.pid))
+        time.sleep(0.2)
+        t = ProcessTracker(cgroup_kinds=("systemd",), cgroup_root=root, rescan_interval_s=1000)
+        v = t.observe(time.monotonic(), [a.pid])
+        job = next(j for j in v.jobs if a.pid in j.pids)
+        assert job.identity.label_source == "cgroup:systemd"
+        assert job.identity.label == f"wattprint-test-{os.getpid()}.service"
+        assert job.pids == {a.pid, b.pid}  # b is not on a GPU and in another process group
+        c = procs(SLEEP)
+        with open(os.path.join(unit, "cgroup.procs"), "w") as fh:
+            fh.write(str(c.pid))
+        v = t.observe(time.monotonic(), [a.pid])
+        assert not v.scanned
+        assert next(j for j in v.jobs if a.pid in j.pids).pids == {a.pid, b.pid, c.pid}
+    finally:
+        try:
+            for pid in open(os.path.join(unit, "cgroup.procs")).read().split():
+                os.kill(int(pid), signal.SIGKILL)
+            time.sleep(0.2)
+            os.rmdir(unit)
+        except OSError:
+            pass
+
+
+def test_pid_reuse_gives_two_jobs(procs):
+    """Force the kernel to hand out the same PID again (ns_last_pid, root only)."""
+    if os.geteuid() != 0 or not os.path.exists("/proc/sys/kernel/ns_last_pid"):
+        pytest.skip("needs root and /proc/sys/kernel/ns_last_pid")
+    first = procs(SLEEP, {"WATTPRINT_JOB": "reuse"})
+    time.sleep(0.3)
+    t = ProcessTracker(rescan_interval_s=0)
+    a = next(j for j in t.observe(time.monotonic(), []).jobs if j.identity.root_pid == first.pid)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    second = None
+    for _ in range(20):
+        try:
+            with open("/proc/sys/kernel/ns_last_pid", "w") as fh:
+                fh.write(str(first.pid - 1))
+        except OSError as exc:
+            pytest.skip(f"cannot set ns_last_pid: {exc}")
+        cand = procs(SLEEP, {"WATTPRINT_JOB": "reuse"})
+        if cand.pid == first.pid:
+            second = cand
+            break
+    if second is None:
+        pytest.skip("could not get the same PID again (busy machine)")
+    time.sleep(1.1)  # start times differ by at least one clock tick
+    b = next(j for j in t.observe(time.monotonic(), []).jobs if j.identity.root_pid == second.pid)
+    assert a.identity.root_pid == b.identity.root_pid
+    assert a.identity.job_id != b.identity.job_id

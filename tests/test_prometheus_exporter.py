@@ -54,8 +54,17 @@ def full_snapshot(label: str = "lora-7b", user: str = "alice", counters: Mapping
         tick=3600,
         tick_duration_s=0.0125,
         devices=(
-            DeviceState(kind="gpu", device="gpu0", name="NVIDIA RTX A4000", power_w=140.5, energy_j_total=2_000_000.0, source="counter"),
-            DeviceState(kind="cpu", device="package-0", name="", power_w=35.25, energy_j_total=400_000.0, source="counter"),
+            DeviceState(
+                kind="gpu",
+                device="gpu0",
+                name="NVIDIA RTX A4000",
+                power_w=140.5,
+                energy_j_total=2_000_000.0,
+                source="counter",
+            ),
+            DeviceState(
+                kind="cpu", device="package-0", name="", power_w=35.25, energy_j_total=400_000.0, source="counter"
+            ),
             DeviceState(kind="dram", device="dram-0", name="", power_w=4.0, energy_j_total=50_000.0, source="estimate"),
         ),
         jobs=(
@@ -69,7 +78,13 @@ def full_snapshot(label: str = "lora-7b", user: str = "alice", counters: Mapping
                 state="running",
             ),
             JobTotals(
-                job_id="99-1699990000", label="", user="bob", uid=1001, energy_j={"cpu": 10.5}, co2e_g=0.0, state="finished"
+                job_id="99-1699990000",
+                label="",
+                user="bob",
+                uid=1001,
+                energy_j={"cpu": 10.5},
+                co2e_g=0.0,
+                state="finished",
             ),
         ),
         unattributed_j_total={"gpu": 12.5, "cpu": 20_000.0, "dram": 0.0},
@@ -175,8 +190,11 @@ def test_untrusted_label_round_trips_exactly(promtool: str) -> None:
     assert got[series("wattprint_job_energy_joules_total", **job, kind="gpu")] == 2_000_000.0
     # nothing the user wrote became a series or a label of its own
     assert {name for name, _ in got} == {name for name, _ in samples(scrape(full_snapshot()))}
-    assert all(set(dict(labels)) <= {"kind", "device", "name", "source", "job_id", "label", "user", "zone",
-                                      "provider", "state"} for _, labels in got)
+    assert all(
+        set(dict(labels))
+        <= {"kind", "device", "name", "source", "job_id", "label", "user", "zone", "provider", "state"}
+        for _, labels in got
+    )
 
 
 def test_undecodable_label_bytes_do_not_fail_the_scrape(promtool: str) -> None:
@@ -184,7 +202,10 @@ def test_undecodable_label_bytes_do_not_fail_the_scrape(promtool: str) -> None:
     body = scrape(full_snapshot(label=label))
     assert_promtool_ok(promtool, body)
     got = samples(body)
-    assert got[series("wattprint_job_co2e_grams", job_id="1234-1700000000", label="job-\\udcff\\udcfe", user="alice")] == 57.25
+    assert (
+        got[series("wattprint_job_co2e_grams", job_id="1234-1700000000", label="job-\\udcff\\udcfe", user="alice")]
+        == 57.25
+    )
 
 
 def test_no_snapshot_yet_renders_valid_output(promtool: str) -> None:
@@ -230,7 +251,9 @@ def test_one_broken_section_leaves_the_rest(promtool: str) -> None:
         taken_at=5.0,
         tick=5,
         tick_duration_s=0.5,
-        devices=(DeviceState(kind="gpu", device="gpu0", name="A4000", power_w=100.0, energy_j_total=500.0, source="counter"),),
+        devices=(
+            DeviceState(kind="gpu", device="gpu0", name="A4000", power_w=100.0, energy_j_total=500.0, source="counter"),
+        ),
         jobs=(bad_job,),
     )
     body = scrape(snapshot)

@@ -33,8 +33,7 @@ def _select_value(influx: InfluxServer) -> list[list[object]]:
 def test_influx_write_then_query_with_bound_param(influxdb_server: InfluxServer) -> None:
     influxdb_server.create_database("harness")
     influxdb_server.write(
-        f'cpu,host=box\\ "one"\\,\\ x\\=1 value=1.5 {POINT_NS}\n'
-        f"cpu,host=other value=9 {POINT_NS}\n",
+        f'cpu,host=box\\ "one"\\,\\ x\\=1 value=1.5 {POINT_NS}\ncpu,host=other value=9 {POINT_NS}\n',
         db="harness",
     )
     assert _select_value(influxdb_server) == [["2023-11-14T22:13:20Z", 1.5]]
@@ -64,7 +63,11 @@ def test_prometheus_scrapes_local_aiohttp_counter(
     background_app: BackgroundAppFactory, prometheus_factory: PrometheusFactory
 ) -> None:
     async def metrics(request: web.Request) -> web.Response:
-        body = "# HELP harness_requests_total Requests.\n# TYPE harness_requests_total counter\nharness_requests_total 42\n"
+        body = (
+            "# HELP harness_requests_total Requests.\n"
+            "# TYPE harness_requests_total counter\n"
+            "harness_requests_total 42\n"
+        )
         return web.Response(text=body, content_type="text/plain", charset="utf-8")
 
     app = web.Application()

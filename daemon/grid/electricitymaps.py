@@ -141,7 +141,7 @@ class ElectricityMapsProvider:
     async def _realised(self, session: aiohttp.ClientSession, since: datetime, now: datetime,
                         warnings: list[str]) -> list[IntensityPoint]:
         points: list[IntensityPoint] = []
-        oldest_history = now - timedelta(seconds=HISTORY_S)
+        oldest_history = floor_time(now - timedelta(seconds=HISTORY_S), RESOLUTION_S)
         if since < oldest_history and self.past_range_allowed:
             start = since
             try:

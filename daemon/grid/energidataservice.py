@@ -144,6 +144,10 @@ def parse_records(body: Any, *, zone: str, kind: Kind, dataset: str) -> tuple[li
         for i, t in zip(keep, local_dk_to_utc(local)):
             starts[i] = t
 
+    if mine and all(not isinstance(r.get("Minutes5UTC"), str) and not isinstance(r.get("Minutes5DK"), str)
+                    for r in mine):
+        raise ProviderError("bad_body", f"{dataset}: records carry neither Minutes5UTC nor Minutes5DK "
+                                        "(a different dataset?)")
     points: list[IntensityPoint] = []
     skipped = 0
     for rec, start in zip(mine, starts):
@@ -170,7 +174,7 @@ class EnergiDataServiceProvider:
     has_actuals = True
 
     def __init__(self, zone: str = "", *, base_url: str = "", timeout_s: float = MAX_TIMEOUT_S,
-                 now: Callable[[], datetime] = utcnow):
+                 page_limit: int | None = None, now: Callable[[], datetime] = utcnow):
         zone = (zone or "DK1").strip().upper()
         if zone not in ZONES:
             raise ValueError(f"energidataservice zone must be DK1 or DK2, got {zone!r}")
@@ -178,13 +182,14 @@ class EnergiDataServiceProvider:
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
         self.timeout_s = min(timeout_s, MAX_TIMEOUT_S)
         self._now = now
+        self.page_limit = page_limit  # records per request; None: the whole range in one page
         self.last_warnings: tuple[str, ...] = ()
 
     async def _dataset(self, session: aiohttp.ClientSession, dataset: str, kind: Kind,
                        start: datetime, end: datetime) -> list[IntensityPoint]:
         """All records of ``dataset`` for this zone in [start, end), following pages."""
         expected = max(1, int((end - start).total_seconds() // RESOLUTION_S))
-        limit = expected + 24
+        limit = self.page_limit or expected + 24
         points: list[IntensityPoint] = []
         offset = 0
         for _ in range(_MAX_PAGES):

@@ -1,0 +1,530 @@
+"""Deliver line protocol to InfluxDB through the on-disk spool, off the tick path.
+
+``InfluxSink.submit`` (tick path) only appends to the spool (one write + fdatasync).
+A background asyncio task (``start`` / ``stop``) reads the spool in batches of
+``batch_size`` lines every ``flush_interval_s`` (back to back while a backlog remains),
+sends them, and commits them only once the server has them (at-least-once; replays
+overwrite identical points in InfluxDB).
+
+APIs:
+- ``api = "v1"``: ``POST {url}/write?db=&rp=&precision=ns`` with aiohttp. Credentials:
+  ``token`` as ``Authorization: Token …`` (also InfluxDB 2.x/3.x v1 compatibility),
+  else ``username``/``password`` as HTTP Basic auth (kept out of URLs and logs). A
+  ``404 database not found`` makes the sink try ``CREATE DATABASE`` once (failure ignored).
+- ``api = "v2"``: influxdb-client's synchronous write API (no batching, no retries of
+  its own: this module batches and retries) in a worker thread; org, bucket, token.
+
+Answers and what happens to the batch:
+- 2xx: delivered, committed.
+- 400 / 422 (malformed or partially rejected): the batch is bisected until the rejected
+  line(s) are alone; each is appended with the server's reason to the bounded
+  dead-letter file ``dead-letter.lp`` in the spool directory and counted as dropped
+  (``rejected``); the rest is delivered.
+- 413: the batch is split in halves until it fits; a single line still too large goes
+  to the dead-letter file (``too_large``).
+- 401 / 403: kept; health degraded ("auth"); retried every ``auth_retry_s``.
+- network error, timeout (``timeout_s``), 404, 429, 5xx and any other answer: kept;
+  retried after ``Retry-After`` (capped at ``retry_after_cap_s`` = 600 s) when given,
+  else after a jittered exponential backoff capped at ``backoff_cap_s`` = 60 s.
+Progress inside a batch (halves already delivered) is kept in memory across retries.
+
+Everything is counted; ``stats()`` returns the figures for /healthz and /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import gzip
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Literal, Sequence
+
+import aiohttp
+
+from wattprint.daemon.config import InfluxConfig
+from wattprint.daemon.health import HealthBoard
+
+from . import lineprotocol
+from .spool import Spool, SpoolCursor
+
+log = logging.getLogger("wattprint.influx")
+
+HEALTH_PART = "influxdb"
+DEAD_LETTER_FILE = "dead-letter.lp"
+DEFAULT_DEAD_LETTER_MAX_BYTES = 16 * 1024 * 1024
+BACKOFF_CAP_S = 60.0
+RETRY_AFTER_CAP_S = 600.0
+AUTH_RETRY_S = 60.0
+_ERROR_TEXT_MAX_CHARS = 300
+_GZIP_LEVEL = 5
+
+Action = Literal["ok", "split", "bisect", "auth", "missing_db", "retry"]
+
+
+@dataclass(frozen=True)
+class WriteAnswer:
+    """How one write request ended."""
+
+    status: int | None  # HTTP status; None when no answer came (network error, timeout)
+    message: str = ""  # the server's error text or the exception, one line
+    retry_after_s: float | None = None
+    timed_out: bool = False
+
+
+def classify(status: int | None) -> Action:
+    """What to do with a batch after an answer with this status."""
+    if status is None:
+        return "retry"
+    if 200 <= status < 300:
+        return "ok"
+    if status == 413:
+        return "split"
+    if status in (400, 422):
+        return "bisect"
+    if status in (401, 403):
+        return "auth"
+    if status == 404:
+        return "missing_db"
+    return "retry"  # 429, 5xx, and anything unexpected: keep the data
+
+
+def parse_retry_after(value: str | None, now_s: float | None = None) -> float | None:
+    """``Retry-After`` as seconds from now (delta-seconds or an HTTP date); None if absent
+    or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = when.timestamp() - (time.time() if now_s is None else now_s)
+    if seconds != seconds:  # NaN
+        return None
+    return max(0.0, seconds)
+
+
+def backoff_delay_s(attempt: int, base_s: float, cap_s: float, rng: Callable[[], float]) -> float:
+    """Exponential backoff with "equal jitter": half fixed, half random, never above cap."""
+    ceiling = min(cap_s, base_s * (2 ** min(attempt, 30)))
+    return ceiling / 2 + rng() * ceiling / 2
+
+
+def _one_line(text: str, limit: int = _ERROR_TEXT_MAX_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _error_text(body: str) -> str:
+    """The ``error`` (v1) or ``message`` (v2) of a JSON error body, else the body."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return _one_line(body)
+    if isinstance(data, dict):
+        for key in ("error", "message"):
+            if isinstance(data.get(key), str):
+                return _one_line(data[key])
+    return _one_line(body)
+
+
+class DeadLetterFile:
+    """Append-only file of rejected lines, each preceded by ``# <UTC time> <reason>``.
+
+    When it would grow past ``max_bytes`` it is renamed to ``<name>.1`` (replacing the
+    previous one) and a new file is started: at most about 2 x max_bytes on disk. The
+    lines can be fixed and replayed as they are (``#`` lines are comments).
+    """
+
+    def __init__(self, path: str, max_bytes: int = DEFAULT_DEAD_LETTER_MAX_BYTES) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.lines_total = 0
+
+    def add(self, line: str, reason: str) -> None:
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        entry = f"# {stamp} {_one_line(reason, 1000)}\n{line}\n".encode("utf-8", "replace")
+        try:
+            try:
+                size = os.path.getsize(self.path)
+            except FileNotFoundError:
+                size = 0
+            if size > 0 and size + len(entry) > self.max_bytes:
+                os.replace(self.path, self.path + ".1")
+            with open(self.path, "ab") as fh:
+                fh.write(entry)
+            self.lines_total += 1
+        except OSError as exc:
+            log.error("cannot write dead-letter file %s: %s", self.path, exc)
+
+
+class InfluxSink:
+    """Spool-backed InfluxDB writer. ``submit`` from the tick path; ``start``/``stop``
+    from the event loop that runs the delivery task."""
+
+    def __init__(
+        self,
+        cfg: InfluxConfig,
+        spool_dir: str,
+        health: HealthBoard | None = None,
+        *,
+        backoff_base_s: float = 1.0,
+        backoff_cap_s: float = BACKOFF_CAP_S,
+        retry_after_cap_s: float = RETRY_AFTER_CAP_S,
+        auth_retry_s: float = AUTH_RETRY_S,
+        dead_letter_max_bytes: int = DEFAULT_DEAD_LETTER_MAX_BYTES,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.cfg = cfg
+        self._spool = Spool(spool_dir, max_bytes=cfg.spool_max_bytes)
+        self._dead_letter = DeadLetterFile(os.path.join(spool_dir, DEAD_LETTER_FILE), dead_letter_max_bytes)
+        self._health = health
+        if health is not None:
+            health.register(HEALTH_PART)
+        self._backoff_base_s = backoff_base_s
+        self._backoff_cap_s = backoff_cap_s
+        self._retry_after_cap_s = retry_after_cap_s
+        self._auth_retry_s = auth_retry_s
+        self._rng = rng
+        base = cfg.url.rstrip("/")
+        self._write_url = base + "/write"
+        self._query_url = base + "/query"
+        self._headers = {"Content-Type": "text/plain; charset=utf-8"}
+        if cfg.token:
+            self._headers["Authorization"] = f"Token {cfg.token}"
+        elif cfg.username:
+            self._headers["Authorization"] = aiohttp.BasicAuth(cfg.username, cfg.password).encode()
+        self._params = {"db": cfg.database, "precision": "ns"}
+        if cfg.retention_policy:
+            self._params["rp"] = cfg.retention_policy
+
+        self._lock = threading.Lock()  # counters: submit() may run on another thread
+        self._submitted = 0
+        self._written = 0
+        self._retried = 0
+        self._requests = 0
+        self._splits = 0
+        self._dropped = {"rejected": 0, "too_large": 0, "spool_error": 0}
+        self._last_error = ""
+        self._last_error_at: float | None = None
+        self._last_detail = ""
+
+        self._task: asyncio.Task[None] | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._v2_client: Any = None
+        self._v2_write_api: Any = None
+        self._inflight: deque[list[str]] | None = None
+        self._inflight_cursor: SpoolCursor | None = None
+        self._attempt = 0
+        self._failing = False
+        self._db_create_tried = False
+
+    # ------------------------------------------------------------------ tick path
+
+    def submit(self, lines: Sequence[str]) -> None:
+        """Queue ``lines`` for delivery: one durable spool append, no network. Never
+        raises: a spool failure is counted (dropped, ``spool_error``) and reported."""
+        if not lines:
+            return
+        try:
+            self._spool.append(lines)
+        except (OSError, ValueError) as exc:
+            with self._lock:
+                self._dropped["spool_error"] += len(lines)
+            self._report_failure("spool write failed", f"spool write failed: {exc}")
+            return
+        with self._lock:
+            self._submitted += len(lines)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the delivery task on the running event loop (idempotent)."""
+        if self._task is not None:
+            return
+        self._stop_event = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="wattprint-influx-sink")
+
+    async def stop(self) -> None:
+        """Stop delivering: finish the request in flight, try one last flush of what is
+        spooled (at most ``timeout_s``) unless the server is failing, close the spool.
+        Whatever is not delivered stays in the spool for the next start."""
+        task = self._task
+        if task is not None and self._stop_event is not None:
+            self._stop_event.set()
+            try:
+                await asyncio.wait_for(task, timeout=3 * self.cfg.timeout_s + 5.0)
+            except asyncio.TimeoutError:
+                log.warning("influxdb sink did not stop in time; cancelled")
+            except Exception:  # the task's own failure, already logged there
+                pass
+            self._task = None
+        self._spool.close()
+
+    async def _run(self) -> None:
+        try:
+            if self.cfg.api == "v2":
+                self._v2_client, self._v2_write_api = self._make_v2_client()
+            else:
+                self._session = aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s),
+                    headers={"User-Agent": "wattprint"},
+                )
+            assert self._stop_event is not None
+            while not self._stop_event.is_set():
+                try:
+                    wait_s = await self._drain(deadline=None)
+                except (OSError, ValueError) as exc:  # the spool failed; keep trying
+                    self._failing = True
+                    self._report_failure("spool read failed", f"spool read failed: {exc}")
+                    wait_s = backoff_delay_s(self._attempt, self._backoff_base_s, self._backoff_cap_s, self._rng)
+                    self._attempt += 1
+                await self._sleep(wait_s)
+            if not self._failing:
+                await self._drain(deadline=time.monotonic() + self.cfg.timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("influxdb sink stopped by an unexpected error")
+            raise
+        finally:
+            if self._session is not None:
+                await self._session.close()
+                self._session = None
+            if self._v2_client is not None:
+                client, self._v2_client, self._v2_write_api = self._v2_client, None, None
+                await asyncio.to_thread(client.close)
+
+    async def _sleep(self, seconds: float) -> None:
+        assert self._stop_event is not None
+        if seconds <= 0:
+            return
+        try:
+            await asyncio.wait_for(self._stop_event.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    # ------------------------------------------------------------------ delivery
+
+    async def _drain(self, deadline: float | None) -> float:
+        """Send batches until the spool is empty or a send fails; returns how long to
+        wait before the next pass. With a ``deadline`` (final flush) it keeps going
+        after stop was asked, until the deadline."""
+        assert self._stop_event is not None
+        while True:
+            if self._inflight is None:
+                lines, cursor = await asyncio.to_thread(self._spool.peek, self.cfg.batch_size)
+                if not lines:
+                    await asyncio.to_thread(self._spool.commit, cursor)  # past corrupt records, if any
+                    return self.cfg.flush_interval_s
+                self._inflight = deque([lines])
+                self._inflight_cursor = cursor
+            retry_in_s = await self._send_inflight(deadline)
+            if retry_in_s is not None:
+                return retry_in_s
+            assert self._inflight_cursor is not None
+            await asyncio.to_thread(self._spool.commit, self._inflight_cursor)
+            self._inflight = None
+            self._inflight_cursor = None
+            if self._stop_event.is_set() and (deadline is None or time.monotonic() > deadline):
+                return 0.0
+
+    async def _send_inflight(self, deadline: float | None) -> float | None:
+        """Work through the in-flight batch. None when all of it is settled (delivered
+        or dead-lettered); else the seconds to wait before trying again."""
+        chunks = self._inflight
+        assert chunks is not None
+        while chunks:
+            if deadline is not None and time.monotonic() > deadline:
+                return 0.0
+            chunk = chunks[0]
+            answer = await self._write(chunk)
+            with self._lock:
+                self._requests += 1
+            action = classify(answer.status)
+            if action == "ok":
+                chunks.popleft()
+                with self._lock:
+                    self._written += len(chunk)
+                self._attempt = 0
+                self._failing = False
+                self._report_ok()
+                continue
+            if action in ("split", "bisect"):
+                chunks.popleft()
+                if len(chunk) > 1:
+                    mid = len(chunk) // 2
+                    chunks.appendleft(chunk[mid:])
+                    chunks.appendleft(chunk[:mid])
+                    with self._lock:
+                        self._retried += len(chunk)
+                        self._splits += 1
+                    continue
+                reason = "too_large" if action == "split" else "rejected"
+                self._dead_letter.add(chunk[0], f"HTTP {answer.status}: {answer.message}")
+                with self._lock:
+                    self._dropped[reason] += 1
+                    self._last_error = f"HTTP {answer.status}: {answer.message}"
+                    self._last_error_at = time.time()
+                log.warning(
+                    "influxdb refused a line (HTTP %s: %s); it is kept in %s",
+                    answer.status, answer.message, self._dead_letter.path,
+                )
+                continue
+            if action == "missing_db" and self.cfg.api == "v1" and not self._db_create_tried:
+                self._db_create_tried = True
+                await self._create_database()
+                continue
+            # Keep the data and try again later.
+            with self._lock:
+                self._retried += len(chunk)
+            self._failing = True
+            if answer.status is None:
+                detail = "timeout" if answer.timed_out else "unreachable"
+                message = answer.message
+            else:
+                detail = f"HTTP {answer.status}"
+                message = f"HTTP {answer.status}: {answer.message}"
+            if action == "auth":
+                self._report_failure(f"auth (HTTP {answer.status})", message)
+                return self._auth_retry_s
+            self._report_failure(detail, message)
+            if answer.retry_after_s is not None and answer.retry_after_s > 0:
+                self._attempt += 1
+                return min(answer.retry_after_s, self._retry_after_cap_s)
+            delay = backoff_delay_s(self._attempt, self._backoff_base_s, self._backoff_cap_s, self._rng)
+            self._attempt += 1
+            return delay
+        return None
+
+    async def _write(self, chunk: list[str]) -> WriteAnswer:
+        if self.cfg.api == "v2":
+            return await asyncio.to_thread(self._write_v2_sync, chunk)
+        return await self._write_v1(chunk)
+
+    def _encode_body(self, chunk: list[str]) -> bytes:
+        body = "\n".join(chunk).encode("utf-8", "replace")
+        return gzip.compress(body, compresslevel=_GZIP_LEVEL) if self.cfg.gzip else body
+
+    async def _write_v1(self, chunk: list[str]) -> WriteAnswer:
+        assert self._session is not None
+        body = await asyncio.to_thread(self._encode_body, chunk)
+        headers = dict(self._headers)
+        if self.cfg.gzip:
+            headers["Content-Encoding"] = "gzip"
+        try:
+            async with self._session.post(self._write_url, params=self._params, data=body, headers=headers) as resp:
+                text = (await resp.content.read(4096)).decode("utf-8", "replace")
+                return WriteAnswer(resp.status, _error_text(text), parse_retry_after(resp.headers.get("Retry-After")))
+        except asyncio.TimeoutError:
+            return WriteAnswer(None, f"no answer within {self.cfg.timeout_s:g} s", timed_out=True)
+        except (aiohttp.ClientError, OSError) as exc:
+            return WriteAnswer(None, _one_line(f"{type(exc).__name__}: {exc}"))
+
+    async def _create_database(self) -> None:
+        """``CREATE DATABASE`` on v1 (once per sink; any failure is ignored)."""
+        assert self._session is not None
+        name = self.cfg.database.replace("\\", "\\\\").replace('"', '\\"')
+        headers = {k: v for k, v in self._headers.items() if k != "Content-Type"}
+        try:
+            async with self._session.post(self._query_url, data={"q": f'CREATE DATABASE "{name}"'}, headers=headers) as resp:
+                text = (await resp.content.read(4096)).decode("utf-8", "replace")
+                log.info("influxdb: CREATE DATABASE %s -> HTTP %s %s", self.cfg.database, resp.status, _one_line(text))
+        except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.info("influxdb: CREATE DATABASE %s failed: %s", self.cfg.database, exc)
+
+    def _make_v2_client(self) -> tuple[Any, Any]:
+        from influxdb_client import InfluxDBClient
+        from influxdb_client.client.write_api import SYNCHRONOUS
+
+        client = InfluxDBClient(
+            url=self.cfg.url,
+            token=self.cfg.token,
+            org=self.cfg.org,
+            timeout=int(self.cfg.timeout_s * 1000),
+            enable_gzip=self.cfg.gzip,
+            retries=False,
+        )
+        return client, client.write_api(write_options=SYNCHRONOUS)
+
+    def _write_v2_sync(self, chunk: list[str]) -> WriteAnswer:
+        """One synchronous influxdb-client write (runs in a worker thread)."""
+        import urllib3
+        from influxdb_client.client.exceptions import InfluxDBError
+        from influxdb_client.domain.write_precision import WritePrecision
+        from influxdb_client.rest import ApiException
+
+        try:
+            self._v2_write_api.write(
+                bucket=self.cfg.bucket, org=self.cfg.org, record=chunk, write_precision=WritePrecision.NS
+            )
+            return WriteAnswer(204)
+        except ApiException as exc:
+            body = exc.body.decode("utf-8", "replace") if isinstance(exc.body, bytes) else str(exc.body or exc.reason or "")
+            return WriteAnswer(exc.status, _error_text(body), parse_retry_after(getattr(exc, "retry_after", None)))
+        except urllib3.exceptions.TimeoutError:
+            return WriteAnswer(None, f"no answer within {self.cfg.timeout_s:g} s", timed_out=True)
+        except (urllib3.exceptions.HTTPError, InfluxDBError, OSError) as exc:
+            return WriteAnswer(None, _one_line(f"{type(exc).__name__}: {exc}"))
+
+    # ------------------------------------------------------------------ health, figures
+
+    def _report_ok(self) -> None:
+        if self._health is not None:
+            self._health.ok(HEALTH_PART)
+        elif self._last_detail:
+            log.info("influxdb recovered")
+        self._last_detail = ""
+
+    def _report_failure(self, detail: str, message: str) -> None:
+        with self._lock:
+            self._last_error = message
+            self._last_error_at = time.time()
+        if self._health is not None:
+            self._health.fail(HEALTH_PART, detail)
+        elif detail != self._last_detail:
+            log.warning("influxdb degraded: %s (%s)", detail, message)
+        self._last_detail = detail
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since this sink was made, plus the spool's state."""
+        spool = self._spool.counters()
+        encoder = lineprotocol.counters.snapshot()
+        with self._lock:
+            return {
+                "points_submitted_total": self._submitted,
+                "points_written_total": self._written,
+                "points_retried_total": self._retried,
+                "points_dropped_total": {
+                    "rejected": self._dropped["rejected"],
+                    "too_large": self._dropped["too_large"],
+                    "spool_error": self._dropped["spool_error"],
+                    "spool_full": spool["dropped_lines_total"],
+                    "spool_corrupt": spool["corrupt_records_total"],
+                    "spool_oversize": spool["oversize_lines_total"],
+                    "no_fields": encoder["points_skipped_no_fields"],
+                },
+                "requests_total": self._requests,
+                "batches_split_total": self._splits,
+                "spool_bytes": self._spool.size_bytes,
+                "spool_pending_points": spool["pending_lines"],
+                "spool_oldest_age_s": self._spool.oldest_age_s,
+                "spool_torn_bytes_total": spool["torn_bytes_total"],
+                "dead_letter_path": self._dead_letter.path,
+                "last_error": self._last_error,
+                "last_error_at": self._last_error_at,
+            }
