@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from .api import BadRequest, parse_time
 from .config import Config, ConfigError, load_config, parse_listen
+from .report import printable as _printable
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
@@ -90,12 +91,6 @@ def _fmt_duration(s: float) -> str:
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     return f"{h}:{m:02d}:{sec:02d}"
-
-
-def _printable(text: str, width: int) -> str:
-    """Show untrusted text on one line: control characters made visible."""
-    shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
-    return shown if len(shown) <= width else shown[: width - 1] + "…"
 
 
 def print_jobs_table(jobs: list[dict[str, Any]], out: Any = sys.stdout) -> None:
@@ -175,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--json", action="store_true", help="print JSON")
     jobs.add_argument("--url", help="daemon base URL (default from [http] listen)")
     jobs.set_defaults(func=cmd_jobs)
+
+    from .cli_jobs import add_exec_command, add_report_command
+
+    add_report_command(sub)
+    add_exec_command(sub)
     return p
 
 

@@ -201,6 +201,8 @@ class Ledger:
                     (kind, device, bucket, e, source),
                 )
             for comp, e in unattributed_j.items():
+                if not e:
+                    continue
                 c.execute(
                     """INSERT INTO unattributed_buckets VALUES (?, ?, ?)
                        ON CONFLICT(component, bucket_start)

@@ -1,11 +1,11 @@
 """Process discovery: which live processes belong to which job, and what each used.
 
-Reads /proc directly (cheaper than psutil's per-attribute calls). A full scan of /proc
-runs at most every ``rescan_interval_s`` (or at once when a GPU shows a process we do
-not know). Between scans only job processes are re-read, plus what can join a job
-cheaply: the children of job processes (``/proc/PID/task/PID/children``) and the
-members of job cgroups (``cgroup.procs``). Per-process state is keyed by (pid, start
-time), so a reused PID is a new process.
+Reads /proc directly (cheaper than psutil's per-attribute calls). Each tick lists
+/proc (one getdents walk) and reads only processes it has not seen before, plus the
+stat of job processes; every process is re-read only every ``rescan_interval_s`` or
+when a GPU shows a process without a job. Members of job cgroups come from their
+``cgroup.procs``. Per-process state is checked against the process's start time, so
+a reused PID is a new process.
 
 A job is found, in order, by
 1. its label: the first of ``label_env`` set in the process's environment (children
@@ -91,15 +91,6 @@ def read_stat(pid: int, proc_root: str = "/proc") -> ProcStat | None:
             return parse_stat(pid, fh.read())
     except (OSError, ValueError, IndexError):
         return None
-
-
-def read_children(pid: int, proc_root: str = "/proc") -> list[int]:
-    """Children of the process's main thread (empty when unreadable)."""
-    try:
-        with open(f"{proc_root}/{pid}/task/{pid}/children", "r") as fh:
-            return [int(p) for p in fh.read().split()]
-    except (OSError, ValueError):
-        return []
 
 
 def read_label(pid: int, names: tuple[str, ...], proc_root: str = "/proc") -> tuple[str, str] | None:
@@ -254,7 +245,7 @@ class ProcessView:
     cpu_total_s: float = 0.0  # all CPUs, busy + idle seconds in the interval (capacity)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Proc:
     stat: ProcStat
     uid: int
@@ -270,13 +261,14 @@ class ProcessTracker:
     """Keeps per-process state between ticks and groups processes into jobs."""
 
     label_env: tuple[str, ...] = ("WATTPRINT_JOB", "SLURM_JOB_ID")
-    rescan_interval_s: float = 5.0
+    rescan_interval_s: float = 10.0
     proc_root: str = "/proc"
     cgroup_kinds: tuple[str, ...] = ()
     cgroup_root: str = ""  # cgroup v2 mount; "" = detect
     max_labels_per_user: int = 32
-    _procs: dict[tuple[int, int], _Proc] = field(default_factory=dict)
-    _tracked: set[int] = field(default_factory=set)  # pids re-read every tick
+    _by_pid: dict[int, _Proc] = field(default_factory=dict)  # every live process we know
+    _tracked: set[int] = field(default_factory=set)  # job processes: re-read every tick
+    _young: set[int] = field(default_factory=set)  # first seen under a second old
     _job_cgroups: set[str] = field(default_factory=set)
     _last_scan_mono: float = float("-inf")
     # (pid, start) -> (own CPU ticks, reaped-children CPU ticks, ppid, job id) at the last tick
@@ -291,33 +283,52 @@ class ProcessTracker:
 
     # -- reading ---------------------------------------------------------------
     def _load(self, pid: int, st: ProcStat) -> _Proc:
-        key = (pid, st.start_ticks)
-        known = self._procs.get(key)
-        if known is not None:
+        """Update or create the state of ``pid`` from a fresh stat reading."""
+        known = self._by_pid.get(pid)
+        if known is not None and known.stat.start_ticks == st.start_ticks:
+            if known.stat.comm != st.comm and known.job is None:
+                # It exec'd since we looked: its environment (label) may be new.
+                self._read_identity(known)
             known.stat = st
             return known
         try:
             uid = os.stat(f"{self.proc_root}/{pid}").st_uid
         except OSError:
             uid = -1
-        found = read_label(pid, self.label_env, self.proc_root)
-        source, raw = found if found is not None else (None, None)
-        cgroup = read_cgroup(pid, self.proc_root) if self.cgroup_kinds and raw is None else None
-        proc = _Proc(stat=st, uid=uid, label_raw=raw, label_source=source, cgroup=cgroup)
-        self._procs[key] = proc
+        proc = _Proc(stat=st, uid=uid, label_raw=None, label_source=None)
+        self._read_identity(proc)
+        self._by_pid[pid] = proc  # replaces a process that had this PID before
+        if self._now_ticks() - st.start_ticks < CLK_TCK:
+            self._young.add(pid)  # maybe not exec'd yet: look again next tick
         return proc
 
-    def _scan_all(self) -> dict[int, _Proc]:
-        live: dict[int, _Proc] = {}
-        for entry in os.scandir(self.proc_root):
-            if not entry.name.isdigit():
-                continue
-            pid = int(entry.name)
+    def _read_identity(self, proc: _Proc) -> None:
+        found = read_label(proc.stat.pid, self.label_env, self.proc_root)
+        proc.label_source, proc.label_raw = found if found is not None else (None, None)
+        if self.cgroup_kinds and proc.label_raw is None:
+            proc.cgroup = read_cgroup(proc.stat.pid, self.proc_root)
+
+    def _now_ticks(self) -> int:
+        try:
+            with open(f"{self.proc_root}/uptime") as fh:
+                return int(float(fh.read().split()[0]) * CLK_TCK)
+        except (OSError, ValueError):
+            return 0
+
+    def _reread(self, pids: Iterable[int]) -> None:
+        for pid in pids:
             st = read_stat(pid, self.proc_root)
             if st is None:
-                continue
-            live[pid] = self._load(pid, st)
-        return live
+                self._by_pid.pop(pid, None)
+            else:
+                self._load(pid, st)
+
+    def _discover(self) -> None:
+        """List /proc: load processes we have not seen, forget those that are gone."""
+        pids = {int(e.name) for e in os.scandir(self.proc_root) if e.name.isdigit()}
+        for pid in self._by_pid.keys() - pids:
+            del self._by_pid[pid]
+        self._reread(pids - self._by_pid.keys())
 
     def _cgroup_members(self) -> set[int]:
         pids: set[int] = set()
@@ -331,37 +342,30 @@ class ProcessTracker:
                     continue
         return pids
 
-    def _incremental(self, gpu_pids: set[int]) -> dict[int, _Proc]:
-        """Re-read job processes, their new children and job cgroup members."""
-        live: dict[int, _Proc] = {}
-        pending = set(self._tracked) | gpu_pids | self._cgroup_members()
-        seen: set[int] = set()
-        while pending:
-            pid = pending.pop()
-            if pid in seen:
-                continue
-            seen.add(pid)
-            st = read_stat(pid, self.proc_root)
-            if st is None:
-                continue
-            live[pid] = self._load(pid, st)
-            pending.update(c for c in read_children(pid, self.proc_root) if c not in seen)
-        return live
-
     # -- one tick ----------------------------------------------------------------
     def observe(self, now_mono_s: float, gpu_pids: Iterable[int]) -> ProcessView:
-        """Read the processes that matter this tick and group them into jobs."""
+        """Read the processes that matter this tick and group them into jobs.
+
+        Every tick: list /proc and read only processes not seen before, plus the
+        stat of job processes, GPU processes and young processes. Every
+        ``rescan_interval_s``, or when a GPU shows a process without a job, re-read
+        every process (process groups and cgroups may have changed).
+        """
         gpu_pids = set(gpu_pids)
-        unknown_gpu = any(p not in self._tracked for p in gpu_pids)
+        self._discover()
+        young, self._young = self._young, set()
+        unknown_gpu = any(p in self._by_pid and self._by_pid[p].job is None for p in gpu_pids)
         scanned = unknown_gpu or now_mono_s - self._last_scan_mono >= self.rescan_interval_s
         if scanned:
-            live = self._scan_all()
+            self._reread(list(self._by_pid))
             self._last_scan_mono = now_mono_s
-            keep = {(pid, p.stat.start_ticks) for pid, p in live.items()}
-            for key in [k for k in self._procs if k not in keep]:
-                del self._procs[key]
         else:
-            live = self._incremental(gpu_pids)
+            members = self._cgroup_members()
+            cg_moved = [p for p in members if p in self._by_pid and self._by_pid[p].job is None]
+            for pid in cg_moved:  # moved into a job cgroup after we first read it
+                self._by_pid[pid].cgroup = read_cgroup(pid, self.proc_root)
+            self._reread((self._tracked | gpu_pids | young | members) & self._by_pid.keys())
+        live = self._by_pid
 
         groups = self._group(live, gpu_pids)
 
@@ -398,7 +402,8 @@ class ProcessTracker:
             # member: their final time is in the parent's reaped-children time, of
             # which the part counted before must not be counted again.
             for key, (own, kids, ppid, job_id) in self._last_cpu.items():
-                if job_id == identity.job_id and key not in live_keys and ppid in member_pids and key[0] not in live:
+                gone = key[0] not in live or live[key[0]].stat.start_ticks != key[1]
+                if job_id == identity.job_id and gone and ppid in member_pids:
                     ticks -= own + kids
             usages.append(JobUsage(identity=identity, pids=frozenset(member_pids),
                                    cpu_s=max(0, ticks) / CLK_TCK, rss_bytes=rss))

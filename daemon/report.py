@@ -148,6 +148,8 @@ def format_report(job: dict[str, Any], series: list[dict[str, Any]] | None = Non
 
     add(f"Job {printable(str(job['id']), w)}")
     add(f"  label    {printable(job.get('label') or '', w) or '-'}")
+    if job.get("label_sanitised"):
+        add(f"  as set   {printable(str(job.get('label_raw', '')), w)} (sanitised for export)")
     add(f"  user     {printable(str(job.get('user', '')), w)}")
     add(f"  host     {printable(str(job.get('host', '')), w)}")
     add(f"  command  {printable(str(job.get('command', '')), w)}")
@@ -160,12 +162,12 @@ def format_report(job: dict[str, Any], series: list[dict[str, Any]] | None = Non
 
     energy_j: dict[str, float] = job["energy_j"]
     sources: dict[str, str] = job.get("energy_sources") or {}
-    add(f"Energy        {'kWh':>10}  source")
+    add(f"Energy    {'kWh':>12}  {'J':>10}  source")
     for comp in COMPONENTS:
         e_j = energy_j.get(comp, 0.0)
         src = sources.get(comp) or ("-" if e_j == 0 else "unknown")
-        add(f"  {comp.upper():<10}  {fmt_sig(e_j / J_PER_KWH):>10}  {printable(str(src), 20)}")
-    add(f"  {'total':<10}  {fmt_sig(job['energy_kwh']):>10}")
+        add(f"  {comp.upper():<6}  {fmt_sig(e_j / J_PER_KWH):>12}  {fmt_sig(e_j):>10}  {printable(str(src), 20)}")
+    add(f"  {'total':<6}  {fmt_sig(job['energy_kwh']):>12}  {fmt_sig(energy_j.get('total', 0.0)):>10}")
     add("")
 
     status = str(job.get("co2e_status", ""))

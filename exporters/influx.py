@@ -34,6 +34,7 @@ Everything is counted; ``stats()`` returns the figures for /healthz and /metrics
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import gzip
 import json
@@ -206,7 +207,8 @@ class InfluxSink:
         if cfg.token:
             self._headers["Authorization"] = f"Token {cfg.token}"
         elif cfg.username:
-            self._headers["Authorization"] = aiohttp.BasicAuth(cfg.username, cfg.password).encode()
+            basic = base64.b64encode(f"{cfg.username}:{cfg.password}".encode("utf-8")).decode("ascii")
+            self._headers["Authorization"] = f"Basic {basic}"
         self._params = {"db": cfg.database, "precision": "ns"}
         if cfg.retention_policy:
             self._params["rp"] = cfg.retention_policy

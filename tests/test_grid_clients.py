@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import pytest
 
-from grid_server import FIXTURES, GridServer, Reply, fixture_json
+from grid_server import FIXTURES, GridServer, Reply
 from wattprint.daemon.config import GridConfig
 from wattprint.daemon.grid import IntensityPoint, ProviderError, make_provider
 from wattprint.daemon.grid.base import get_json, parse_retry_after
@@ -840,7 +840,7 @@ def test_static_known_zone_hourly_actual():
 
 def test_static_fallback_is_labelled():
     p = StaticProvider("", 420.0)
-    assert (p.zone, p.g_per_kwh) == ("default", 420.0)
+    assert (p.zone, p.g_per_kwh) == ("static", 420.0)
     assert "static_g_per_kwh" in p.source and "no zone set" in p.last_warnings[0]
     q = StaticProvider("XX", 300.0)
     assert (q.zone, q.g_per_kwh) == ("XX", 300.0)
@@ -881,3 +881,20 @@ def test_make_provider_for_each_config():
         make_provider(GridConfig(provider="electricitymaps", zone="", token="t"))
     with pytest.raises(ValueError, match="unknown provider"):
         make_provider(GridConfig(provider="watttime"))
+
+
+def test_large_body_read_completely():
+    """SYNTHETIC: a ~1.5 MB body sent in many small chunks arrives whole."""
+    windows = [{"from": f"2024-01-{1 + i // 48:02d}T{(i % 48) // 2:02d}:{30 * (i % 2):02d}Z",
+                "to": "", "intensity": {"forecast": 100, "actual": 100, "index": "x" * 700}} for i in range(48 * 14)]
+    for w in windows:
+        start = datetime.fromisoformat(w["from"])
+        w["to"] = (start + timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%MZ")
+    raw = json.dumps({"data": windows}).encode()
+    assert len(raw) > 500_000
+
+    async def body(srv):
+        srv.set("uk:national", Reply(body=raw))
+        return await _fetch(_uk(srv), T("2024-01-01T00:00"), T("2024-01-15T00:00"))
+
+    assert len(with_server(body)) == 48 * 14

@@ -236,9 +236,15 @@ async def get_json(
             if declared is not None and declared > max_body_bytes:
                 raise ProviderError("bad_body", f"{where}: body of {declared} bytes is over the {max_body_bytes}-byte limit",
                                     status=status)
-            body = await resp.content.read(max_body_bytes + 1)
-            if len(body) > max_body_bytes:
-                raise ProviderError("bad_body", f"{where}: body is over the {max_body_bytes}-byte limit", status=status)
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in resp.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise ProviderError("bad_body", f"{where}: body is over the {max_body_bytes}-byte limit",
+                                        status=status)
+                chunks.append(chunk)
+            body = b"".join(chunks)
     except ProviderError:
         raise
     except asyncio.TimeoutError:

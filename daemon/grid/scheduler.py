@@ -28,7 +28,7 @@ from .base import IntensityPoint, IntensityProvider, ProviderError, as_utc, utcn
 log = logging.getLogger("wattprint.grid.scheduler")
 
 HEALTH_NAME = "grid"
-OnPoints = Callable[[list[IntensityPoint]], "Awaitable[None] | None"]
+OnPoints = Callable[[list[IntensityPoint]], Awaitable[None] | None]
 
 
 class GridFetcher:

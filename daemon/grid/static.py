@@ -5,8 +5,8 @@ Zone syntax: an ISO 3166-1 alpha-2 (``DK``) or alpha-3 (``DNK``) country code, o
 ``WORLD``, case-insensitive. Zone keys of the live providers map to their country
 (``DK1``/``DK2`` → DK, ``DK-DK2`` → DK, ``GB-region-13`` → GB, ``US-CAL-CISO`` → US).
 An empty or unknown zone uses ``[grid] static_g_per_kwh`` (the points' zone is then the
-configured zone, or ``default`` when empty) and says so in ``source`` and
-``last_warnings``: a fallback is never silently presented as a country value.
+configured zone, or ``static`` when empty, as daemon/carbon.py writes it) and says so
+in ``source`` and ``last_warnings``: a fallback is never passed off as a country value.
 Points are hourly, marked ``actual``, provider ``static``.
 """
 
@@ -103,7 +103,7 @@ class StaticProvider:
         else:
             if not (0 <= fallback_g_per_kwh < 5000):
                 raise ValueError(f"static_g_per_kwh must be in 0..5000, got {fallback_g_per_kwh!r}")
-            self.zone = (zone or "").strip() or "default"
+            self.zone = (zone or "").strip() or "static"
             self.g_per_kwh = float(fallback_g_per_kwh)
             self.source = "[grid] static_g_per_kwh from the configuration"
             self.last_warnings = ((f"zone {zone!r} is not in the static table: " if zone else "no zone set: ")

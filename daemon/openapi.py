@@ -1,0 +1,300 @@
+"""The OpenAPI 3.0.3 description of the daemon's HTTP API (``daemon/api.py``), served
+as ``GET /api/v1/openapi.json``.
+
+``openapi_spec()`` builds the document as plain data; nothing here touches the
+network or the store. Keep it in step with api.py: tests compare its paths with the
+router's and validate it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from .api import JOB_STATES, MAX_LIMIT
+
+API_VERSION = "1"
+COMPONENTS = ("gpu", "cpu", "dram")
+ENERGY_SOURCES = ["counter", "power", "estimate"]
+
+_NUMBER = {"type": "number"}
+_INT = {"type": "integer"}
+_STR = {"type": "string"}
+_EPOCH = {"type": "number", "description": "seconds since the Unix epoch (UTC)"}
+_EPOCH_NULLABLE = {"type": "number", "nullable": True, "description": "seconds since the Unix epoch (UTC); null when not set"}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(properties: dict[str, Any], required: list[str] | None = None, description: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "object", "properties": properties}
+    out["required"] = list(properties) if required is None else required
+    if description:
+        out["description"] = description
+    return out
+
+
+def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _error_response(description: str) -> dict[str, Any]:
+    return {"description": description, "content": _json_content(_ref("Error"))}
+
+
+_TIME_PARAM_SCHEMA = {
+    "oneOf": [
+        {"type": "number", "minimum": 0, "description": "seconds since the Unix epoch"},
+        {"type": "string", "format": "date-time", "description": "ISO 8601; without a zone it means UTC"},
+    ]
+}
+
+
+def _schemas() -> dict[str, Any]:
+    energy_by_component = _obj(
+        {c: {"type": "number", "minimum": 0, "description": f"{c.upper()} energy, joules"} for c in COMPONENTS},
+        description="Energy by component, joules.",
+    )
+    energy_with_total = copy.deepcopy(energy_by_component)
+    energy_with_total["properties"]["total"] = {"type": "number", "minimum": 0, "description": "sum of the components, joules"}
+    energy_with_total["required"] = [*COMPONENTS, "total"]
+    energy_with_total["description"] = "Energy by component and in total, joules."
+
+    job = _obj({
+        "id": {"type": "string", "description": "`<leader pid>-<leader start time in centiseconds>`; unique per host"},
+        "label": {"type": "string", "description": "`WATTPRINT_JOB` (or another configured variable); empty for process-group jobs. Untrusted text."},
+        "label_source": {"type": "string", "description": "the environment variable the label came from, or `pgid`"},
+        "host": _STR,
+        "user": {"type": "string", "description": "user name of the job's leader (untrusted text)"},
+        "uid": _INT,
+        "command": {"type": "string", "description": "executable name of the leader only, never the command line"},
+        "root_pid": _INT,
+        "state": {"type": "string", "enum": list(JOB_STATES)},
+        "started_at": _EPOCH,
+        "ended_at": _EPOCH_NULLABLE,
+        "last_seen": _EPOCH,
+        "duration_s": {"type": "number", "minimum": 0},
+        "energy_j": energy_with_total,
+        "energy_kwh": {"type": "number", "minimum": 0, "description": "energy_j.total in kWh (before PUE)"},
+        "energy_sources": {
+            "type": "object",
+            "description": "where each component's figure comes from",
+            "additionalProperties": {"type": "string", "enum": ENERGY_SOURCES},
+        },
+        "co2e_g": {"type": "number", "minimum": 0, "description": "sum over buckets of kWh x the bucket's intensity x PUE"},
+        "co2e_status": {"type": "string", "enum": ["provisional", "final"]},
+        "intensity_g_per_kwh_avg": {"type": "number", "nullable": True, "description": "energy-weighted average intensity (before PUE); null without energy"},
+        "zone": {"type": "string", "description": "grid zone(s) of the intensities used, comma-separated"},
+        "pue": {"type": "number", "minimum": 1},
+        "gpu_seconds": {"type": "number", "minimum": 0},
+        "peak_gpu_memory_bytes": {"type": "integer", "minimum": 0},
+        "cost": _obj({
+            "amount": {"type": "number", "minimum": 0, "description": "energy_kwh x PUE x price_per_kwh"},
+            "currency": _STR,
+            "price_per_kwh": {"type": "number", "minimum": 0},
+        }),
+    }, description="One job's totals. Fields may be added; none is removed without a changelog entry.")
+
+    bucket = _obj({
+        "start": {"type": "integer", "description": "bucket start, seconds since the Unix epoch"},
+        "energy_j": energy_with_total,
+        "g_per_kwh": {"type": "number", "nullable": True, "description": "intensity used for the bucket; null when none is known yet"},
+        "intensity_status": {"type": "string", "enum": ["provisional", "final", "missing"]},
+        "intensity_provider": {"type": "string", "nullable": True},
+        "intensity_zone": {"type": "string", "nullable": True},
+        "intensity_basis": {"type": "string", "nullable": True, "description": "actual | forecast | latest | static"},
+        "co2e_g": {"type": "number", "minimum": 0},
+    })
+
+    health_part = _obj({
+        "name": _STR,
+        "state": {"type": "string", "enum": ["ok", "degraded", "disabled"]},
+        "detail": _STR,
+        "errors_total": {"type": "integer", "minimum": 0},
+        "since": _EPOCH_NULLABLE,
+    })
+
+    return {
+        "Error": _obj({
+            "error": _obj({
+                "status": {"type": "integer", "minimum": 400, "maximum": 599},
+                "message": _STR,
+            }),
+        }, description="Every error answer."),
+        "Health": _obj({
+            "status": {"type": "string", "enum": ["ok", "degraded", "stalled", "starting"]},
+            "tick": _INT,
+            "last_tick_at": _EPOCH,
+            "last_tick_duration_s": _NUMBER,
+            "parts": {"type": "array", "items": health_part},
+        }, required=["status", "parts"], description="`starting` (before the first tick) has only status and parts."),
+        "EnergyByComponent": energy_by_component,
+        "Job": job,
+        "JobList": _obj({"jobs": {"type": "array", "items": _ref("Job")}, "count": {"type": "integer", "minimum": 0}}),
+        "JobSeries": _obj({
+            "id": _STR,
+            "bucket_s": {"type": "integer", "minimum": 1},
+            "buckets": {"type": "array", "items": bucket},
+        }),
+        "Host": _obj({
+            "host": _STR,
+            "devices": {"type": "array", "items": _obj({
+                "kind": {"type": "string", "enum": list(COMPONENTS)},
+                "device": _STR,
+                "energy_j": {"type": "number", "minimum": 0},
+                "source": {"type": "string", "enum": ENERGY_SOURCES},
+            })},
+            "device_energy_j": _ref("EnergyByComponent"),
+            "attributed_energy_j": _ref("EnergyByComponent"),
+            "unattributed_energy_j": _ref("EnergyByComponent"),
+            "power_w": {"type": "array", "description": "latest power of each device (empty before the first tick)",
+                        "items": _obj({
+                            "kind": {"type": "string", "enum": list(COMPONENTS)},
+                            "device": _STR,
+                            "name": _STR,
+                            "power_w": {"type": "number", "minimum": 0},
+                            "source": {"type": "string", "enum": ENERGY_SOURCES},
+                        })},
+        }, description="Device totals in the store; for every component, attributed + unattributed = device."),
+        "Intensity": _obj({
+            "zone": _STR,
+            "provider": _STR,
+            "points": {"type": "array", "items": _obj({
+                "start": _EPOCH,
+                "end": _EPOCH,
+                "g_per_kwh": {"type": "number", "minimum": 0},
+                "kind": {"type": "string", "description": "actual | forecast"},
+            })},
+        }, description="Grid carbon intensity series of the configured zone."),
+    }
+
+
+def _job_id_param() -> dict[str, Any]:
+    return {"name": "id", "in": "path", "required": True, "description": "job id (percent-encoded)",
+            "schema": {"type": "string", "maxLength": 128}}
+
+
+def openapi_spec() -> dict[str, Any]:
+    """The OpenAPI 3.0.3 document for the whole HTTP API."""
+    bad_request = _error_response("a query parameter is unknown, repeated or invalid")
+    unauthorized = _error_response("`[http] token` is set and the bearer token is missing or wrong")
+    not_found = _error_response("no job with this id")
+    server_error = _error_response("unexpected failure (logged; no details given)")
+    common = {"401": unauthorized, "500": server_error}
+
+    paths: dict[str, Any] = {
+        "/healthz": {"get": {
+            "operationId": "getHealth",
+            "summary": "State of each source and sink",
+            "responses": {
+                "200": {"description": "ok or degraded", "content": _json_content(_ref("Health"))},
+                "503": {"description": "starting (no tick yet) or stalled (no tick for 5 intervals)",
+                        "content": _json_content(_ref("Health"))},
+                **common,
+            },
+        }},
+        "/metrics": {"get": {
+            "operationId": "getMetrics",
+            "summary": "Prometheus exposition",
+            "responses": {
+                "200": {"description": "Prometheus text format (version 0.0.4)",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}},
+                **common,
+            },
+        }},
+        "/api/v1/jobs": {"get": {
+            "operationId": "listJobs",
+            "summary": "Per-job totals, newest first",
+            "parameters": [
+                {"name": "state", "in": "query", "schema": {"type": "string", "enum": list(JOB_STATES)}},
+                {"name": "since", "in": "query", "description": "jobs active at or after this time",
+                 "schema": _TIME_PARAM_SCHEMA},
+                {"name": "until", "in": "query", "description": "jobs started before this time",
+                 "schema": _TIME_PARAM_SCHEMA},
+                {"name": "label", "in": "query", "description": "exact label",
+                 "schema": {"type": "string", "maxLength": 1024}},
+                {"name": "user", "in": "query", "description": "exact user name",
+                 "schema": {"type": "string", "maxLength": 1024}},
+                {"name": "limit", "in": "query",
+                 "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100}},
+            ],
+            "responses": {
+                "200": {"description": "matching jobs", "content": _json_content(_ref("JobList"))},
+                "400": bad_request,
+                **common,
+            },
+        }},
+        "/api/v1/jobs/{id}": {"get": {
+            "operationId": "getJob",
+            "summary": "One job's totals",
+            "parameters": [_job_id_param()],
+            "responses": {
+                "200": {"description": "the job", "content": _json_content(_ref("Job"))},
+                "400": _error_response("job id longer than 128 characters"),
+                "404": not_found,
+                **common,
+            },
+        }},
+        "/api/v1/jobs/{id}/series": {"get": {
+            "operationId": "getJobSeries",
+            "summary": "One job's energy and CO2e per time bucket",
+            "parameters": [_job_id_param()],
+            "responses": {
+                "200": {"description": "the job's buckets, oldest first", "content": _json_content(_ref("JobSeries"))},
+                "400": _error_response("job id longer than 128 characters"),
+                "404": not_found,
+                **common,
+            },
+        }},
+        "/api/v1/host": {"get": {
+            "operationId": "getHost",
+            "summary": "Device totals, attributed and unattributed energy",
+            "responses": {"200": {"description": "host totals", "content": _json_content(_ref("Host"))}, **common},
+        }},
+        "/api/v1/intensity": {"get": {
+            "operationId": "getIntensity",
+            "summary": "Grid carbon intensity over a time range",
+            "parameters": [
+                {"name": "since", "in": "query", "schema": _TIME_PARAM_SCHEMA},
+                {"name": "until", "in": "query", "schema": _TIME_PARAM_SCHEMA},
+            ],
+            "responses": {
+                "200": {"description": "intensity points", "content": _json_content(_ref("Intensity"))},
+                "400": bad_request,
+                **common,
+            },
+        }},
+        "/api/v1/openapi.json": {"get": {
+            "operationId": "getOpenApi",
+            "summary": "This document",
+            "responses": {
+                "200": {"description": "OpenAPI 3.0.3 document",
+                        "content": {"application/json": {"schema": {"type": "object"}}}},
+                **common,
+            },
+        }},
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "wattprint",
+            "version": API_VERSION,
+            "description": ("Per-job GPU, CPU and DRAM energy and CO2e of one host. Times are seconds since the "
+                            "Unix epoch; energies are joules unless a name says kWh. Every error is JSON "
+                            "`{\"error\": {\"status\": N, \"message\": \"...\"}}`. When `[http] token` is set, "
+                            "every request needs `Authorization: Bearer <token>`."),
+        },
+        "servers": [{"url": "http://127.0.0.1:9877", "description": "default `[http] listen`"}],
+        # Auth is optional: the empty requirement {} means "no token needed" (the default).
+        "security": [{}, {"bearerAuth": []}],
+        "paths": paths,
+        "components": {
+            "schemas": _schemas(),
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer",
+                               "description": "needed only when `[http] token` is set"},
+            },
+        },
+    }
