@@ -39,6 +39,7 @@ LABEL_ENV = "WATTPRINT_JOB"
 LABEL_LOOKUP_LIMIT = 1000  # jobs fetched when a label is looked up
 PROBE_TIMEOUT_S = 2.0
 POLL_INTERVAL_S = 0.2
+IN_PROCESS_MAX_LABELS = 100_000  # the config maximum
 START_SLACK_S = 2.0  # a job's started_at comes from whole-second btime + clock ticks
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -214,7 +215,8 @@ def exit_code_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def run_child(cmd: list[str], env: dict[str, str], on_started: Callable[[subprocess.Popen[bytes]], None]) -> tuple[int, int | None]:
+def run_child(cmd: list[str], env: dict[str, str],
+              on_started: Callable[[subprocess.Popen[bytes]], None]) -> tuple[int, int | None]:
     """Run ``cmd`` with inherited stdin/stdout/stderr, forwarding SIGINT and SIGTERM to
     it; call ``on_started`` once it runs. Returns (exit code, pid or None when it could
     not be started: 127 not found, 126 not executable)."""
@@ -256,7 +258,8 @@ def run_child(cmd: list[str], env: dict[str, str], on_started: Callable[[subproc
             signal.signal(s, handler)
 
 
-def _match_job(jobs: list[dict[str, Any]], pid: int, launched_at: float, pid_only: bool = False) -> dict[str, Any] | None:
+def _match_job(jobs: list[dict[str, Any]], pid: int, launched_at: float,
+               pid_only: bool = False) -> dict[str, Any] | None:
     """The job whose leader is ``pid`` (started since the launch, against PID reuse);
     else, unless ``pid_only``, the newest one started since the launch (the leader may
     have been a descendant when the label was first seen)."""
@@ -398,9 +401,11 @@ def _exec_in_process(cfg: Config, cmd: list[str], env: dict[str, str], label: st
         local = dataclasses.replace(
             cfg,
             daemon=dataclasses.replace(cfg.daemon, state_dir=state_dir),
-            # Only our label identifies the job; scan /proc every tick so a new child
+            # Only our label identifies the job, and other labelled processes on the box
+            # never push it into the overflow label; scan /proc every tick so a new child
             # (and its children) are seen at once, not after the daemon's rescan interval.
-            jobs=dataclasses.replace(cfg.jobs, label_env=(LABEL_ENV,), rescan_interval_s=0.0),
+            jobs=dataclasses.replace(cfg.jobs, label_env=(LABEL_ENV,), rescan_interval_s=0.0,
+                                     max_labels_per_user=IN_PROCESS_MAX_LABELS),
         )
         try:
             engine = build_engine(local, HealthBoard())
@@ -493,6 +498,7 @@ def add_exec_command(sub: Any) -> None:
     p.add_argument("--label", help="job label (default exec-<command>-<random>)")
     p.add_argument("--config")
     p.add_argument("--url", help="daemon base URL (default from [http] listen)")
-    p.add_argument("--json-report", action="store_true", help="print the job object as JSON (on stderr) instead of the text report")
+    p.add_argument("--json-report", action="store_true",
+                   help="print the job object as JSON (on stderr) instead of the text report")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...", help="the command and its arguments")
     p.set_defaults(func=cmd_exec)

@@ -67,7 +67,7 @@ class MemoryConfig:
 @dataclass(frozen=True)
 class JobsConfig:
     label_env: tuple[str, ...] = ("WATTPRINT_JOB", "SLURM_JOB_ID")
-    rescan_interval_s: float = 10.0  # re-read every process at most this often
+    rescan_interval_s: float = 30.0  # re-read every process at most this often
     finished_grace_s: float = 300.0  # finished jobs stay in /metrics this long
     idle_policy: str = "unattributed"  # unattributed | share: who gets idle CPU energy
     cgroup_kinds: tuple[str, ...] = ()  # any of slurm, systemd, container, in order

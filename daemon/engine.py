@@ -270,4 +270,5 @@ class Engine:
             except Exception:
                 log.debug("closing %s failed", src.name, exc_info=True)
         self._executor.shutdown(wait=True)
+        self.tracker.close()
         self.ledger.close()

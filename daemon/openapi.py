@@ -21,7 +21,8 @@ _NUMBER = {"type": "number"}
 _INT = {"type": "integer"}
 _STR = {"type": "string"}
 _EPOCH = {"type": "number", "description": "seconds since the Unix epoch (UTC)"}
-_EPOCH_NULLABLE = {"type": "number", "nullable": True, "description": "seconds since the Unix epoch (UTC); null when not set"}
+_EPOCH_NULLABLE = {"type": "number", "nullable": True,
+                   "description": "seconds since the Unix epoch (UTC); null when not set"}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -58,14 +59,21 @@ def _schemas() -> dict[str, Any]:
         description="Energy by component, joules.",
     )
     energy_with_total = copy.deepcopy(energy_by_component)
-    energy_with_total["properties"]["total"] = {"type": "number", "minimum": 0, "description": "sum of the components, joules"}
+    energy_with_total["properties"]["total"] = {"type": "number", "minimum": 0,
+                                                "description": "sum of the components, joules"}
     energy_with_total["required"] = [*COMPONENTS, "total"]
     energy_with_total["description"] = "Energy by component and in total, joules."
 
     job = _obj({
         "id": {"type": "string", "description": "`<leader pid>-<leader start time in centiseconds>`; unique per host"},
-        "label": {"type": "string", "description": "`WATTPRINT_JOB` (or another configured variable); empty for process-group jobs. Untrusted text."},
-        "label_source": {"type": "string", "description": "the environment variable the label came from, or `pgid`"},
+        "label": {"type": "string",
+                  "description": ("the job's label, sanitised (letters, digits and `_.:/@+-`, at most 64 characters; "
+                                  "`_overflow` beyond a user's label limit); empty for process-group jobs")},
+        "label_raw": {"type": "string",
+                      "description": "the label exactly as set (untrusted text); `label` is its sanitised form"},
+        "label_sanitised": {"type": "boolean", "description": "true when `label` differs from `label_raw`"},
+        "label_source": {"type": "string",
+                         "description": "the environment variable the label came from, `cgroup:<kind>`, or `pgid`"},
         "host": _STR,
         "user": {"type": "string", "description": "user name of the job's leader (untrusted text)"},
         "uid": _INT,
@@ -83,9 +91,11 @@ def _schemas() -> dict[str, Any]:
             "description": "where each component's figure comes from",
             "additionalProperties": {"type": "string", "enum": ENERGY_SOURCES},
         },
-        "co2e_g": {"type": "number", "minimum": 0, "description": "sum over buckets of kWh x the bucket's intensity x PUE"},
+        "co2e_g": {"type": "number", "minimum": 0,
+                   "description": "sum over buckets of kWh x the bucket's intensity x PUE"},
         "co2e_status": {"type": "string", "enum": ["provisional", "final"]},
-        "intensity_g_per_kwh_avg": {"type": "number", "nullable": True, "description": "energy-weighted average intensity (before PUE); null without energy"},
+        "intensity_g_per_kwh_avg": {"type": "number", "nullable": True,
+                                    "description": "energy-weighted mean intensity (before PUE); null without energy"},
         "zone": {"type": "string", "description": "grid zone(s) of the intensities used, comma-separated"},
         "pue": {"type": "number", "minimum": 1},
         "gpu_seconds": {"type": "number", "minimum": 0},
@@ -100,7 +110,8 @@ def _schemas() -> dict[str, Any]:
     bucket = _obj({
         "start": {"type": "integer", "description": "bucket start, seconds since the Unix epoch"},
         "energy_j": energy_with_total,
-        "g_per_kwh": {"type": "number", "nullable": True, "description": "intensity used for the bucket; null when none is known yet"},
+        "g_per_kwh": {"type": "number", "nullable": True,
+                      "description": "intensity used for the bucket; null when none is known yet"},
         "intensity_status": {"type": "string", "enum": ["provisional", "final", "missing"]},
         "intensity_provider": {"type": "string", "nullable": True},
         "intensity_zone": {"type": "string", "nullable": True},

@@ -219,7 +219,7 @@ class InfluxSink:
         self._retried = 0
         self._requests = 0
         self._splits = 0
-        self._dropped = {"rejected": 0, "too_large": 0, "spool_error": 0}
+        self._dropped = {"rejected": 0, "too_large": 0, "invalid": 0, "spool_error": 0}
         self._last_error = ""
         self._last_error_at: float | None = None
         self._last_detail = ""
@@ -239,7 +239,14 @@ class InfluxSink:
 
     def submit(self, lines: Sequence[str]) -> None:
         """Queue ``lines`` for delivery: one durable spool append, no network. Never
-        raises: a spool failure is counted (dropped, ``spool_error``) and reported."""
+        raises: a spool failure is counted (dropped, ``spool_error``) and reported.
+        A line containing a newline or carriage return (not made by ``lineprotocol``)
+        would become several lines on the wire: it is dropped and counted (``invalid``)."""
+        if any("\n" in line or "\r" in line for line in lines):
+            kept = [line for line in lines if "\n" not in line and "\r" not in line]
+            with self._lock:
+                self._dropped["invalid"] += len(lines) - len(kept)
+            lines = kept
         if not lines:
             return
         try:
@@ -514,6 +521,7 @@ class InfluxSink:
                 "points_dropped_total": {
                     "rejected": self._dropped["rejected"],
                     "too_large": self._dropped["too_large"],
+                    "invalid": self._dropped["invalid"],
                     "spool_error": self._dropped["spool_error"],
                     "spool_full": spool["dropped_lines_total"],
                     "spool_corrupt": spool["corrupt_records_total"],

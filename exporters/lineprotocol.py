@@ -66,7 +66,7 @@ _CONTROL_RE = re.compile("[\x00-\x1f\x7f]")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 # Rewrite 3: a backslash before an escaped character or at the end of the text.
 _BACKSLASH_MEASUREMENT_RE = re.compile(r"\\(?=[, ]|\Z)")
-_BACKSLASH_KEY_RE = re.compile(r"\\(?=\Z)")
+_BACKSLASH_KEY_RE = re.compile(r"\\(?=[,= ]|\Z)")
 
 _ESCAPE_MEASUREMENT = str.maketrans({",": "\\,", " ": "\\ "})
 _ESCAPE_KEY = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ "})

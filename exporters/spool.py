@@ -30,8 +30,9 @@ Guarantees and limits:
   Appends after a restart always go to a new segment, so old tails are never extended.
 - Size cap: when the segment files together exceed ``max_bytes``, whole segments are
   deleted, oldest first, and their undelivered lines counted in ``dropped_lines_total``.
-  The active segment is never deleted, so the directory can exceed the cap by at most
-  one append plus one segment's worth of bytes.
+  The active segment is never deleted, so the cap is exceeded only when that segment
+  alone is larger (``segment_bytes`` plus one append at most; ``segment_bytes`` is an
+  eighth of the cap, between 4 KiB and 16 MiB, unless given).
 
 Thread-safe: one lock serialises append, peek and commit (the tick thread appends, the
 delivery task peeks and commits).
@@ -255,7 +256,8 @@ class Spool:
     def append(self, lines: Sequence[str]) -> None:
         """Store ``lines`` durably (write + fdatasync) after everything already spooled.
 
-        Raises OSError when the disk refuses (nothing of this call is kept then).
+        Raises OSError when the disk refuses (nothing of this call is kept then), and
+        ValueError after ``close``.
         """
         now = self._clock()
         frames: list[bytes] = []
@@ -268,6 +270,8 @@ class Spool:
             frames.append(frame)
         data = b"".join(frames)
         with self._lock:
+            if self._lock_fd < 0:
+                raise ValueError("spool is closed")
             self.oversize_lines_total += oversize
             if not frames:
                 return

@@ -13,6 +13,8 @@ command -v influxd >/dev/null 2>&1 || missing+=(influxdb)
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
     missing+=(prometheus)
 fi
+# systemd-analyze (verify, security --offline) checks deploy/systemd/wattprint.service.
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 if [ "${#missing[@]}" -gt 0 ]; then
     if ! apt_install "${missing[@]}"; then
         echo "wattprint: could not install ${missing[*]}: tests that need them skip (and fail under CI=true)" >&2

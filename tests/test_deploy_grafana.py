@@ -47,7 +47,7 @@ from wattprint.daemon.model import (
     TickRecord,
 )
 from wattprint.exporters.influx_points import grid_intensity_line, job_co2e_line, tick_to_lines
-from wattprint.exporters.prometheus import build_registry, render
+from wattprint.exporters.prometheus import RESERVED_NAMES, build_registry, render
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "deploy" / "grafana"
@@ -303,6 +303,17 @@ def test_dashboards_are_valid_for_provisioning() -> None:
             assert variable_query(variable), f"{where}: variable {name} has no query"
             assert not (referenced_variables(variable_query(variable)) - defined), f"{where}: variable {name}"
     assert len(uids) == len(set(uids)), "dashboard uids must be unique"
+
+
+def test_dashboards_use_real_metric_names() -> None:
+    """Every wattprint_* metric a panel queries is one the exporter emits (its fixed
+    families, or a daemon counter exported as wattprint_<key>)."""
+    counters = {"wattprint_spool_bytes", "wattprint_tick_overruns_total", "wattprint_tick_errors_total"}
+    used = {name for _, query, _ in all_queries("prometheus") for name in re.findall(r"\bwattprint_[a-z0-9_]+", query)}
+    assert used and used <= RESERVED_NAMES | counters, used - RESERVED_NAMES - counters
+    measurements = {"device_power", "job_energy", "job_co2e", "grid_intensity", "unattributed_energy"}
+    used = {m for _, query, _ in all_queries("influxdb") for m in re.findall(r'FROM "([a-z0-9_]+)"', query)}
+    assert used == measurements
 
 
 def test_per_job_totals_panels_exist() -> None:
@@ -620,7 +631,9 @@ def _poll(what: str, check: Callable[[], Any], timeout_s: float) -> Any:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(not _influx_sink_wired(), reason="InfluxDB sink not wired yet", strict=False)
+# Not run while daemon/app.py builds no InfluxDB sink (it would only time out); once it
+# does, the marker no longer applies and the test runs and must pass.
+@pytest.mark.xfail(not _influx_sink_wired(), reason="InfluxDB sink not wired yet", strict=False, run=False)
 def test_panels_return_data_end_to_end(
     tmp_path: Path,
     influxdb_server: InfluxServer,

@@ -193,6 +193,13 @@ def test_second_writer_is_refused(tmp_path: Path) -> None:
     Spool(str(tmp_path)).close()
 
 
+def test_append_after_close_is_refused(tmp_path: Path) -> None:
+    sp = Spool(str(tmp_path))
+    sp.close()
+    with pytest.raises(ValueError):
+        sp.append(lines(0, 1))
+
+
 def test_failed_append_keeps_nothing_and_the_next_append_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with Spool(str(tmp_path)) as sp:
         sp.append(lines(0, 2))
