@@ -104,7 +104,7 @@ def test_daemon_end_to_end(tmp_path, job_process, promtool):
         check = promtool_check_metrics(text.encode(), binary=promtool)
         assert check.returncode == 0, check.stdout + check.stderr
         labels = [s.labels["label"] for f in text_string_to_metric_families(text) for s in f.samples
-                  if s.name == "wattprint_job_energy_joules_total"]
+                  if s.name == "wattprint_job_energy_joules_total" and s.labels["job_id"] == job_id]
         assert labels and set(labels) == {SANE}
 
         # 5. A crash (SIGKILL) and restart: the same job continues from its stored totals.
