@@ -135,8 +135,8 @@ def test_daemon_end_to_end(tmp_path, job_process, promtool):
             time.sleep(0.3)
         assert done["state"] == "finished" and done["ended_at"] is not None
         assert done["energy_j"]["gpu"] >= after["energy_j"]["gpu"]
-        finished = daemon.get("/api/v1/jobs?state=finished")["jobs"]
-        assert [j["id"] for j in finished] == [job_id]
+        finished = daemon.get("/api/v1/jobs?state=finished&limit=10000")["jobs"]
+        assert [j["id"] for j in finished if j["label_raw"] == NASTY] == [job_id]
         assert daemon.stop() == 0
     finally:
         feeder.stop()
