@@ -1,37 +1,89 @@
-"""Which grid intensity applies to a moment: the static figure, or the provider's
-series (actual when published, else forecast or the latest value, provisional).
+"""Which grid intensity applies to a moment, and how sure we are of it.
 
-The ledger stores the chosen value per bucket; settlement later replaces provisional
-buckets with realised values.
+The book holds the provider's series (at the provider's own resolution) and answers
+``lookup(wall_s)`` for the tick thread:
+
+- a realised (``actual``) value covering that moment: ``final``;
+- a forecast covering it, or the latest earlier value standing in: ``provisional``;
+- nothing known yet (provider down since start): the configured
+  ``static_g_per_kwh``, ``provisional``, basis ``fallback``.
+
+The static provider is always ``final``. The ledger stores the chosen value per
+bucket; ``Engine.settle`` replaces provisional buckets when better data arrive.
 """
 
 from __future__ import annotations
 
 import threading
+from datetime import datetime, timedelta, timezone
+from typing import Iterable
 
 from .config import GridConfig
+from .grid.base import IntensityPoint
+from .grid.series import covers, intensity_at, lowest_window, merge
 from .ledger import Intensity
+
+KEEP_S = 4 * 86400  # points older than this are dropped from memory (the store keeps them)
+
+
+def _utc(wall_s: float) -> datetime:
+    return datetime.fromtimestamp(wall_s, tz=timezone.utc)
 
 
 class IntensityBook:
-    """Answers ``lookup(wall_s)`` from the tick thread; updated by the grid fetcher."""
+    """The intensity series in memory; updated by the grid fetcher, read by ticks."""
 
-    def __init__(self, grid: GridConfig):
-        self._grid = grid
+    def __init__(self, grid: GridConfig, provider_name: str, zone: str, static_g_per_kwh: float | None = None):
+        self.provider = provider_name
+        self.zone = zone
+        self._fallback_g_per_kwh = grid.static_g_per_kwh
+        self._static_g_per_kwh = static_g_per_kwh  # set for the static provider
         self._lock = threading.Lock()
-        self._static = Intensity(
-            g_per_kwh=grid.static_g_per_kwh, status="final", provider="static",
-            zone=grid.zone or "static", basis="static",
-        )
+        self._points: list[IntensityPoint] = []
 
     @property
-    def provider(self) -> str:
-        return self._grid.provider
+    def is_static(self) -> bool:
+        return self._static_g_per_kwh is not None
 
-    @property
-    def zone(self) -> str:
-        return self._grid.zone or "static"
-
-    def lookup(self, wall_s: float) -> Intensity | None:
+    def update(self, points: Iterable[IntensityPoint], now_s: float) -> None:
+        cutoff = _utc(now_s) - timedelta(seconds=KEEP_S)
         with self._lock:
-            return self._static
+            merged = merge(self._points, points)
+            self._points = [p for p in merged if p.end > cutoff]
+
+    def points(self) -> list[IntensityPoint]:
+        with self._lock:
+            return list(self._points)
+
+    def lookup(self, wall_s: float) -> Intensity:
+        if self._static_g_per_kwh is not None:
+            return Intensity(self._static_g_per_kwh, "final", self.provider, self.zone, "static")
+        t = _utc(wall_s)
+        with self._lock:
+            point = intensity_at(self._points, t)
+        if point is None:
+            return Intensity(self._fallback_g_per_kwh, "provisional", self.provider, self.zone, "fallback")
+        if not covers(point, t):
+            return Intensity(point.g_per_kwh, "provisional", self.provider, self.zone, "latest")
+        if point.kind == "actual":
+            return Intensity(point.g_per_kwh, "final", self.provider, self.zone, "actual")
+        return Intensity(point.g_per_kwh, "provisional", self.provider, self.zone, "forecast")
+
+    def hint(self, energy_kwh: float, duration_s: float, co2e_g: float, pue: float, now_s: float) -> dict | None:
+        """The CO2e the same job would have had in the lowest-intensity window of its
+        length in the known series (past day and forecast); None when not knowable."""
+        if self.is_static or energy_kwh <= 0 or duration_s <= 0:
+            return None
+        with self._lock:
+            points = list(self._points)
+        window = lowest_window(points, duration_s, _utc(now_s))
+        if window is None:
+            return None
+        best_g = energy_kwh * window.mean_g_per_kwh * pue
+        return {
+            "window_start": window.start.timestamp(),
+            "window_end": window.end.timestamp(),
+            "g_per_kwh": window.mean_g_per_kwh,
+            "co2e_g": best_g,
+            "saving_g": max(0.0, co2e_g - best_g),
+        }

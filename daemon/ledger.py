@@ -70,6 +70,16 @@ CREATE TABLE IF NOT EXISTS unattributed_buckets (
     energy_j REAL NOT NULL,
     PRIMARY KEY (component, bucket_start)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS intensity_points (
+    provider TEXT NOT NULL,
+    zone TEXT NOT NULL,
+    start INTEGER NOT NULL,        -- seconds since epoch, at the provider's resolution
+    end INTEGER NOT NULL,
+    g_per_kwh REAL NOT NULL,
+    kind TEXT NOT NULL,            -- actual | forecast
+    fetched_at REAL NOT NULL,
+    PRIMARY KEY (provider, zone, start)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS bucket_intensity (
     bucket_start INTEGER PRIMARY KEY,
     g_per_kwh REAL NOT NULL,
@@ -230,8 +240,45 @@ class Ledger:
                 (bucket_start, intensity.g_per_kwh, intensity.status, intensity.provider, intensity.zone, intensity.basis),
             )
 
+    def store_points(self, points: Iterable[Any], fetched_at: float) -> None:
+        """Keep a provider's series (IntensityPoint values). An actual value is never
+        replaced by a forecast for the same interval."""
+        with self.conn:
+            self.conn.executemany(
+                """INSERT INTO intensity_points VALUES (?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(provider, zone, start) DO UPDATE SET
+                       end = excluded.end, g_per_kwh = excluded.g_per_kwh, kind = excluded.kind,
+                       fetched_at = excluded.fetched_at
+                   WHERE NOT (intensity_points.kind = 'actual' AND excluded.kind = 'forecast')""",
+                [(p.provider, p.zone, int(p.start.timestamp()), int(p.end.timestamp()), p.g_per_kwh, p.kind, fetched_at)
+                 for p in points],
+            )
+
+    def load_points(self, provider: str, zone: str, since: float) -> list[tuple[int, int, float, str]]:
+        return [tuple(r) for r in self.conn.execute(
+            "SELECT start, end, g_per_kwh, kind FROM intensity_points WHERE provider=? AND zone=? AND end > ? ORDER BY start",
+            (provider, zone, since))]
+
+    def provisional_buckets(self) -> list[int]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT bucket_start FROM bucket_intensity WHERE status='provisional' ORDER BY bucket_start")]
+
+    def job_co2e_g(self, job_ids: list[str], pue: float) -> dict[str, float]:
+        """CO2e of each job from its buckets and their intensity (grams)."""
+        return {r["job_id"]: r["gj"] * pue for r in _co2e_rows(self.conn, job_ids).values()}
+
     def close(self) -> None:
         self.conn.close()
+
+
+def _co2e_rows(conn: sqlite3.Connection, job_ids: list[str]) -> dict[str, sqlite3.Row]:
+    out: dict[str, sqlite3.Row] = {}
+    for i in range(0, len(job_ids), 500):
+        chunk = job_ids[i : i + 500]
+        sql = _JOB_CO2E_SQL.format(marks=",".join("?" * len(chunk)))
+        for row in conn.execute(sql, chunk):
+            out[row["job_id"]] = row
+    return out
 
 
 _JOB_CO2E_SQL = """
@@ -262,15 +309,7 @@ class LedgerReader:
         self.conn.close()
 
     def _co2e(self, job_ids: list[str]) -> dict[str, sqlite3.Row]:
-        if not job_ids:
-            return {}
-        out: dict[str, sqlite3.Row] = {}
-        for i in range(0, len(job_ids), 500):
-            chunk = job_ids[i : i + 500]
-            sql = _JOB_CO2E_SQL.format(marks=",".join("?" * len(chunk)))
-            for row in self.conn.execute(sql, chunk):
-                out[row["job_id"]] = row
-        return out
+        return _co2e_rows(self.conn, job_ids)
 
     def _job_obj(self, r: sqlite3.Row, co2: sqlite3.Row | None, now: float) -> dict[str, Any]:
         energy = {c: r[f"{c}_j"] for c in COMPONENTS}
@@ -371,6 +410,14 @@ class LedgerReader:
             b["co2e_g"] = total / J_PER_KWH * (b["g_per_kwh"] or 0.0) * self.pue
             out.append(b)
         return out
+
+    def intensity(self, provider: str, zone: str, since: float, until: float) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self.conn.execute(
+                """SELECT start, end, g_per_kwh, kind, fetched_at FROM intensity_points
+                   WHERE provider=? AND zone=? AND end > ? AND start < ? ORDER BY start""",
+                (provider, zone, since, until)).fetchall()
+        return [dict(r) for r in rows]
 
     def host_totals(self) -> dict[str, Any]:
         with self._lock:
