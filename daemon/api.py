@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from .carbon import IntensityBook
 from .ledger import LedgerReader
 from .model import Snapshot
 
@@ -102,7 +103,10 @@ class Api:
 
     def __init__(self, get_snapshot: Callable[[], Snapshot | None], reader: LedgerReader,
                  render_metrics: Callable[[], tuple[bytes, str]], *, host: str, bucket_s: int,
-                 token: str = "", interval_s: float = 1.0):
+                 token: str = "", interval_s: float = 1.0, book: IntensityBook | None = None,
+                 pue: float = 1.0):
+        self.book = book
+        self.pue = pue
         self.host_name = host
         self.bucket_s = bucket_s
         self.get_snapshot = get_snapshot
@@ -124,6 +128,8 @@ class Api:
         app.router.add_get("/api/v1/jobs/{id}", self.job)
         app.router.add_get("/api/v1/jobs/{id}/series", self.job_series)
         app.router.add_get("/api/v1/host", self.host)
+        app.router.add_get("/api/v1/intensity", self.intensity)
+        app.router.add_get("/api/v1/openapi.json", self.openapi)
         app.on_cleanup.append(self._cleanup)
         return app
 
@@ -194,9 +200,12 @@ class Api:
 
     async def job(self, request: web.Request) -> web.Response:
         job_id = self._job_id(request)
-        job = await self._off_loop(self.reader.job, job_id, now=time.time())
+        now = time.time()
+        job = await self._off_loop(self.reader.job, job_id, now=now)
         if job is None:
             return error_response(404, f"no job with id {job_id!r}")
+        job["carbon_hint"] = self.book.hint(job["energy_kwh"], job["duration_s"], job["co2e_g"], self.pue, now) \
+            if self.book is not None else None
         return _json(job)
 
     async def job_series(self, request: web.Request) -> web.Response:
@@ -206,6 +215,33 @@ class Api:
             return error_response(404, f"no job with id {job_id!r}")
         series = await self._off_loop(self.reader.job_series, job_id)
         return _json({"id": job_id, "bucket_s": self.bucket_s, "buckets": series})
+
+    async def intensity(self, request: web.Request) -> web.Response:
+        allowed = {"since", "until"}
+        unknown = sorted(set(request.query.keys()) - allowed)
+        if unknown:
+            raise BadRequest(f"unknown parameter(s): {', '.join(unknown)} (allowed: since, until)")
+        now = time.time()
+        since = parse_time("since", request.query["since"]) if "since" in request.query else now - 86400
+        until = parse_time("until", request.query["until"]) if "until" in request.query else now + 2 * 86400
+        if since > until:
+            raise BadRequest("since is after until")
+        if self.book is None:
+            return _json({"zone": "", "provider": "", "points": [], "current": None})
+        points = await self._off_loop(self.reader.intensity, self.book.provider, self.book.zone, since, until)
+        current = self.book.lookup(now)
+        return _json({
+            "zone": self.book.zone,
+            "provider": self.book.provider,
+            "points": [{"start": p["start"], "end": p["end"], "g_per_kwh": p["g_per_kwh"], "kind": p["kind"]}
+                       for p in points],
+            "current": {"g_per_kwh": current.g_per_kwh, "status": current.status, "basis": current.basis},
+        })
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        from .openapi import openapi_spec  # openapi.py reads this module's limits
+
+        return _json(openapi_spec())
 
     async def host(self, request: web.Request) -> web.Response:
         totals = await self._off_loop(self.reader.host_totals)

@@ -13,14 +13,25 @@ import logging
 import os
 import signal
 import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
 
 from aiohttp import web
 
+from wattprint.exporters.influx import InfluxSink
+from wattprint.exporters.influx_publish import InfluxPublisher
 from wattprint.exporters.prometheus import build_registry, render
+
 from .api import Api
-from .carbon import IntensityBook
-from .config import Config, parse_listen
+from .carbon import KEEP_S, IntensityBook
+from .config import Config, ConfigError, parse_listen
 from .engine import Engine
+from .grid import make_provider
+from .grid.base import IntensityPoint, IntensityProvider
+from .grid.scheduler import GridFetcher
+from .grid.static import StaticProvider
 from .health import HealthBoard
 from .ledger import Ledger, LedgerError, LedgerReader
 from .procs import ProcessTracker
@@ -37,6 +48,65 @@ class StartupError(Exception):
 
 def store_path(cfg: Config) -> str:
     return os.path.join(cfg.daemon.state_dir, "wattprint.sqlite3")
+
+
+@dataclass
+class Daemon:
+    """Everything ``run`` assembles: the engine and the optional outputs."""
+
+    engine: Engine
+    provider: IntensityProvider
+    book: IntensityBook
+    influx: InfluxSink | None = None
+    publisher: InfluxPublisher | None = None
+
+
+def make_book(cfg: Config, ledger: Ledger) -> tuple[IntensityProvider, IntensityBook]:
+    """The grid provider and the intensity book, filled from the stored series."""
+    try:
+        provider = make_provider(cfg.grid)
+    except ValueError as exc:
+        raise ConfigError([f"{cfg.source_path or '<defaults>'}: {exc}"]) from None
+    static = provider.g_per_kwh if isinstance(provider, StaticProvider) else None
+    book = IntensityBook(cfg.grid, provider.name, provider.zone, static_g_per_kwh=static)
+    now = time.time()
+    stored = [
+        IntensityPoint(start=datetime.fromtimestamp(a, timezone.utc), end=datetime.fromtimestamp(b, timezone.utc),
+                       g_per_kwh=g, kind=kind, zone=provider.zone, provider=provider.name)  # type: ignore[arg-type]
+        for a, b, g, kind in ledger.load_points(provider.name, provider.zone, now - KEEP_S)
+    ]
+    book.update(stored, now)
+    return provider, book
+
+
+def build_daemon(cfg: Config, health: HealthBoard) -> Daemon:
+    engine = build_engine(cfg, health)
+    provider, book = make_book(cfg, engine.ledger)
+    engine.intensity = book
+    daemon = Daemon(engine=engine, provider=provider, book=book)
+    if cfg.influxdb.enabled:
+        health.register("influxdb")
+        sink = InfluxSink(cfg.influxdb, os.path.join(cfg.daemon.state_dir, "influx-spool"), health)
+        daemon.influx = sink
+        daemon.publisher = InfluxPublisher(sink, cfg.daemon.host)
+        engine.sinks.append(daemon.publisher.on_tick)
+        engine.settle_sinks.append(daemon.publisher.on_settled)
+        engine.extra_counters = lambda: influx_counters(sink.stats())
+    return daemon
+
+
+def influx_counters(stats: dict[str, Any]) -> dict[str, float]:
+    """The sink's figures as daemon self-metrics (``wattprint_<key>``)."""
+    out = {
+        "influx_points_written_total": float(stats["points_written_total"]),
+        "influx_points_retried_total": float(stats["points_retried_total"]),
+        "spool_bytes": float(stats["spool_bytes"]),
+        "spool_pending_points": float(stats["spool_pending_points"]),
+        "spool_oldest_age_seconds": float(stats["spool_oldest_age_s"] or 0.0),
+    }
+    for reason, n in stats["points_dropped_total"].items():
+        out[f"influx_points_dropped_{reason}_total"] = float(n)
+    return out
 
 
 def build_engine(cfg: Config, health: HealthBoard) -> Engine:
@@ -66,7 +136,7 @@ def build_engine(cfg: Config, health: HealthBoard) -> Engine:
             max_labels_per_user=cfg.jobs.max_labels_per_user,
         ),
         ledger=ledger,
-        intensity=IntensityBook(cfg.grid),
+        intensity=IntensityBook(cfg.grid, "static", cfg.grid.zone or "static", cfg.grid.static_g_per_kwh),
         health=health,
         interval_s=cfg.daemon.interval_s,
         pue=cfg.accounting.pue,
@@ -85,12 +155,14 @@ def build_engine(cfg: Config, health: HealthBoard) -> Engine:
     return engine
 
 
-async def serve(cfg: Config, engine: Engine, stop: asyncio.Event) -> None:
+async def serve(cfg: Config, daemon: Daemon, stop: asyncio.Event) -> None:
+    engine = daemon.engine
     registry = build_registry(lambda: engine.snapshot)
     reader = LedgerReader(store_path(cfg), pue=cfg.accounting.pue,
                           price_per_kwh=cfg.accounting.price_per_kwh, currency=cfg.accounting.currency)
     api = Api(lambda: engine.snapshot, reader, lambda: render(registry), host=cfg.daemon.host,
-              bucket_s=cfg.daemon.bucket_s, token=cfg.http.token, interval_s=cfg.daemon.interval_s)
+              bucket_s=cfg.daemon.bucket_s, token=cfg.http.token, interval_s=cfg.daemon.interval_s,
+              book=daemon.book, pue=cfg.accounting.pue)
     runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
     await runner.setup()
     host, port = parse_listen(cfg.http.listen)
@@ -101,11 +173,44 @@ async def serve(cfg: Config, engine: Engine, stop: asyncio.Event) -> None:
         await runner.cleanup()
         raise StartupError(f"[http] listen {cfg.http.listen}: {exc.strerror or exc}") from None
     log.info("HTTP API on http://%s/ (metrics at /metrics)", cfg.http.listen)
+
+    if daemon.influx is not None:
+        daemon.influx.start()
+    fetcher: GridFetcher | None = None
+    if not daemon.book.is_static:
+        fetcher = GridFetcher(daemon.provider, lambda points: on_points(daemon, points), engine.health,
+                              interval_s=cfg.grid.fetch_interval_s,
+                              last_actual_end=last_actual_end(daemon.book))
+        fetcher.start()
     try:
         await engine.run(stop)
     finally:
+        if fetcher is not None:
+            fetcher.shutdown()
+        if daemon.influx is not None:
+            await daemon.influx.stop()
         await runner.cleanup()
         reader.close()
+
+
+def last_actual_end(book: IntensityBook) -> datetime | None:
+    ends = [p.end for p in book.points() if p.kind == "actual"]
+    return max(ends) if ends else None
+
+
+async def on_points(daemon: Daemon, points: list[IntensityPoint]) -> None:
+    """New grid data: keep it, then settle provisional buckets (on the tick thread)."""
+    engine = daemon.engine
+
+    def store_and_settle() -> None:
+        now = time.time()
+        engine.ledger.store_points(points, now)
+        daemon.book.update(points, now)
+        engine.settle_blocking()
+        if daemon.publisher is not None:
+            daemon.publisher.on_points(points)
+
+    await engine.run_blocking(store_and_settle)
 
 
 def run(cfg: Config) -> int:
@@ -116,10 +221,11 @@ def run(cfg: Config) -> int:
     )
     health = HealthBoard()
     try:
-        engine = build_engine(cfg, health)
+        daemon = build_daemon(cfg, health)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return 1
+    engine = daemon.engine
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -127,7 +233,7 @@ def run(cfg: Config) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await serve(cfg, engine, stop)
+            await serve(cfg, daemon, stop)
         except StartupError as exc:
             log.error("cannot start: %s", exc)
             return 1

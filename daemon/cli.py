@@ -147,6 +147,44 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from .estimate import estimate, estimate_json
+    from .grid.static import lookup_static
+
+    if args.zone is not None and args.g_per_kwh is not None:
+        print("wattprint estimate: give --zone or --g-per-kwh, not both", file=sys.stderr)
+        return EXIT_CONFIG
+    g_per_kwh: float | None
+    if args.g_per_kwh is not None:
+        g_per_kwh, source = args.g_per_kwh, "--g-per-kwh"
+    else:
+        zone = args.zone if args.zone is not None else "WORLD"
+        entry = lookup_static(zone)
+        if entry is None:
+            print(f"wattprint estimate: zone {zone!r} is not in the shipped table of average intensities; "
+                  "give --g-per-kwh instead", file=sys.stderr)
+            return EXIT_CONFIG
+        g_per_kwh, source = entry.g_per_kwh, f"{entry.code} average: {entry.source}"
+    try:
+        result = estimate(args.device, args.hours, g_per_kwh, args.pue, intensity_source=source)
+    except ValueError as exc:
+        print(f"wattprint estimate: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    doc = estimate_json(result)
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2)
+        print()
+        return EXIT_OK
+    for d in doc["inputs"]["devices"]:
+        what = d["model"] or "given"
+        print(f"  {d['spec']:<20} {what:<16} {d['rated_w']:>7g} W x {d['count']} x {d['utilisation']:g} "
+              f"= {d['power_w']:>9g} W   ({d['rated_w_source']})")
+    print(f"power:     {doc['power_kw']:g} kW")
+    print(f"energy:    {doc['energy_kwh']:g} kWh over {args.hours:g} h")
+    print(f"CO2e:      {doc['co2e_g']:g} g at {g_per_kwh:g} gCO2e/kWh x PUE {args.pue:g} ({source})")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wattprint", description="Per-job GPU, CPU and DRAM energy and CO2e.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -170,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--json", action="store_true", help="print JSON")
     jobs.add_argument("--url", help="daemon base URL (default from [http] listen)")
     jobs.set_defaults(func=cmd_jobs)
+
+    est = sub.add_parser("estimate", help="plan before running: energy and CO2e of devices x hours")
+    est.add_argument("--device", action="append", required=True, metavar="SPEC",
+                     help="MODEL_OR_WATTS[:COUNT[:UTILISATION]], e.g. V100:10:0.8 or 200:2:0.6 (repeatable)")
+    est.add_argument("--hours", type=float, required=True)
+    est.add_argument("--zone", help="grid zone for the shipped average intensity (default WORLD)")
+    est.add_argument("--g-per-kwh", type=float, dest="g_per_kwh", help="grid intensity in gCO2e/kWh")
+    est.add_argument("--pue", type=float, default=1.0)
+    est.add_argument("--json", action="store_true")
+    est.set_defaults(func=cmd_estimate)
 
     from .cli_jobs import add_exec_command, add_report_command
 

@@ -104,7 +104,12 @@ def find_job_api(base: str, ref: str, token: str = "") -> tuple[dict[str, Any] |
                             token=token)
     if status != 200:
         raise RuntimeError(_error_text(status, body))
-    return _most_recent(body["jobs"], ref)
+    job, note = _most_recent(body["jobs"], ref)
+    if job is not None:  # the single-job view carries more (the carbon-aware hint)
+        status, full = http_get(base, _job_path(job["id"]), token=token)
+        if status == 200:
+            job = full
+    return job, note
 
 
 def job_series_api(base: str, job_id: str, token: str = "") -> list[dict[str, Any]] | None:
@@ -135,6 +140,8 @@ def find_job_store(cfg: Config, ref: str) -> tuple[dict[str, Any] | None, list[d
         if job is None:
             job, note = _most_recent(reader.jobs(label=sanitize_label(ref), limit=LABEL_LOOKUP_LIMIT, now=now), ref)
         series = reader.job_series(job["id"]) if job is not None else []
+        if job is not None:
+            job["carbon_hint"] = None  # needs the daemon's intensity series
     finally:
         reader.close()
     return job, series, note
@@ -175,7 +182,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         json.dump(job, sys.stdout, indent=2)
         print()
     else:
-        sys.stdout.write(format_report(job, series))
+        sys.stdout.write(format_report(job, series, job.get("carbon_hint")))
     return EXIT_OK
 
 

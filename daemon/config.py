@@ -170,7 +170,7 @@ _RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("jobs", "finished_grace_s"): (0.0, 30 * 86400.0),
     ("jobs", "max_labels_per_user"): (1, 100_000),
     ("grid", "static_g_per_kwh"): (0.0, 5000.0),
-    ("grid", "fetch_interval_s"): (60.0, 86400.0),
+    ("grid", "fetch_interval_s"): (1.0, 86400.0),
     ("influxdb", "batch_size"): (1, 1_000_000),
     ("influxdb", "flush_interval_s"): (0.05, 3600.0),
     ("influxdb", "timeout_s"): (0.1, 10.0),

@@ -20,13 +20,14 @@ from .attribution import attribute
 from .carbon import IntensityBook
 from .health import HealthBoard
 from .ledger import J_PER_KWH, Intensity, JobTick, Ledger
-from .model import COMPONENTS, DeviceReading, DeviceState, JobRef, JobTotals, Snapshot, TickRecord
+from .model import COMPONENTS, DeviceReading, DeviceState, JobRef, JobTotals, SettledBucket, Snapshot, TickRecord
 from .procs import JobIdentity, ProcessTracker, ProcessView
 from .sources.base import Source, SourceError
 
 log = logging.getLogger("wattprint.engine")
 
 TickSink = Callable[[TickRecord], None]
+SettleSink = Callable[[list[SettledBucket]], None]
 
 
 @dataclass
@@ -36,6 +37,8 @@ class _JobState:
     co2e_g: float
     running: bool = True
     ended_at: float | None = None
+    bucket_start: int = -1  # the ledger bucket of the last tick
+    bucket_j: float = 0.0  # energy booked in that bucket by this daemon run
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Engine:
     finished_grace_s: float = 300.0
     idle_policy: str = "unattributed"
     sinks: list[TickSink] = field(default_factory=list)
+    settle_sinks: list[SettleSink] = field(default_factory=list)
     snapshot: Snapshot | None = None
     _executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="wattprint-tick"))
     _jobs: dict[str, _JobState] = field(default_factory=dict)
@@ -71,6 +75,7 @@ class Engine:
     _restored: bool = False
     _counters: dict[str, float] = field(default_factory=lambda: {"tick_overruns_total": 0.0, "tick_errors_total": 0.0})
     extra_counters: Callable[[], dict[str, float]] | None = None
+    _bucket_intensity: tuple[int, Intensity] | None = None
 
     def __post_init__(self) -> None:
         for src in self.sources:
@@ -149,8 +154,10 @@ class Engine:
             if prev is None or rank[r.source] > rank[prev]:
                 sources_by_kind[r.kind] = r.source
 
-        intensity: Intensity | None = self.intensity.lookup(wall)
+        bucket = self.ledger.bucket_of(wall)
+        intensity = self._intensity_for(bucket, wall)
         g_per_kwh = intensity.g_per_kwh if intensity is not None else 0.0
+        bucket_co2e: dict[str, float] = {}
         job_ticks: list[JobTick] = []
         for usage in view.jobs:
             ident = usage.identity
@@ -164,6 +171,10 @@ class Engine:
                 st.energy_j[c] += energy.get(c, 0.0)
                 tick_j += energy.get(c, 0.0)
             st.co2e_g += tick_j / J_PER_KWH * g_per_kwh * self.pue
+            if st.bucket_start != bucket:  # (after a restart the bucket may hold energy already)
+                st.bucket_start, st.bucket_j = bucket, self.ledger.job_bucket_energy_j(ident.job_id, bucket)
+            st.bucket_j += tick_j
+            bucket_co2e[ident.job_id] = st.bucket_j / J_PER_KWH * g_per_kwh * self.pue
             job_ticks.append(JobTick(
                 identity=ident, energy_j=energy, gpu_seconds=att.gpu_seconds.get(ident.job_id, 0.0),
                 gpu_memory_bytes=att.gpu_memory_bytes.get(ident.job_id, 0),
@@ -196,6 +207,10 @@ class Engine:
                   for u in view.jobs},
             job_energy_j=att.job_energy_j,
             unattributed_j=att.unattributed_j,
+            bucket_start=bucket,
+            bucket_co2e_g=bucket_co2e,
+            g_per_kwh=intensity.g_per_kwh if intensity else None,
+            intensity_status=intensity.status if intensity else "",
         )
         for sink in self.sinks:
             try:
@@ -229,6 +244,51 @@ class Engine:
         )
         self.snapshot = snap
         return snap
+
+    def _intensity_for(self, bucket: int, wall: float) -> Intensity | None:
+        """One intensity per ledger bucket: the one stored for it (this run or a
+        previous one), else the book's value now. Settlement revises it later."""
+        cached = self._bucket_intensity
+        if cached is not None and cached[0] == bucket:
+            return cached[1]
+        found = self.ledger.bucket_intensity(bucket) or self.intensity.lookup(wall)
+        self._bucket_intensity = (bucket, found)
+        return found
+
+    # -- settlement ----------------------------------------------------------
+    def settle_blocking(self) -> int:
+        """Re-evaluate every provisional bucket against the intensity book (new
+        realised values or forecasts arrived). Changed buckets are rewritten in the
+        ledger, every affected job's CO2e follows, and the settle sinks get the new
+        per-job bucket figures. Runs on the tick thread; returns buckets changed."""
+        half = self.ledger.bucket_s / 2
+        changed: list[tuple[int, Intensity]] = []
+        for row in self.ledger.bucket_intensities(("provisional",)):
+            new = self.intensity.lookup(row["bucket_start"] + half)
+            if (new.g_per_kwh, new.status, new.basis) != (row["g_per_kwh"], row["status"], row["basis"]):
+                changed.append((row["bucket_start"], new))
+        if not changed:
+            return 0
+        self.ledger.set_intensities(changed)
+        self._bucket_intensity = None
+        co2e = self.ledger.job_co2e_g(list(self._jobs), self.pue)
+        for job_id, st in self._jobs.items():
+            st.co2e_g = co2e.get(job_id, st.co2e_g)
+        if self.settle_sinks:
+            settled = [
+                SettledBucket(job=JobRef(r["job_id"], r["label"], r["user"], r["uid"]), bucket_start=r["bucket_start"],
+                              co2e_g=r["energy_j"] / J_PER_KWH * r["g_per_kwh"] * self.pue,
+                              g_per_kwh=r["g_per_kwh"], status=r["status"])
+                for r in self.ledger.bucket_job_energy([b for b, _ in changed])
+            ]
+            for sink in self.settle_sinks:
+                try:
+                    sink(settled)
+                except Exception as exc:
+                    log.debug("settle sink failed", exc_info=True)
+                    self.health.fail("sinks", f"{type(exc).__name__}: {exc}")
+        log.info("settled %d bucket(s) with new grid intensity", len(changed))
+        return len(changed)
 
     # -- schedule ------------------------------------------------------------
     async def run(self, stop: asyncio.Event, on_first_tick: Callable[[], None] | None = None) -> None:

@@ -259,6 +259,44 @@ class Ledger:
             "SELECT start, end, g_per_kwh, kind FROM intensity_points WHERE provider=? AND zone=? AND end > ? ORDER BY start",
             (provider, zone, since))]
 
+    def bucket_job_energy(self, bucket_starts: list[int]) -> list[sqlite3.Row]:
+        """(job_id, label, user, uid, bucket_start, energy_j, g_per_kwh, status) for the
+        given buckets: what settlement rewrites downstream."""
+        out: list[sqlite3.Row] = []
+        for i in range(0, len(bucket_starts), 500):
+            chunk = bucket_starts[i : i + 500]
+            out.extend(self.conn.execute(
+                f"""SELECT b.job_id, j.label, j.user, j.uid, b.bucket_start, SUM(b.energy_j) AS energy_j,
+                           i.g_per_kwh, i.status
+                    FROM job_buckets b JOIN jobs j ON j.id = b.job_id
+                    JOIN bucket_intensity i ON i.bucket_start = b.bucket_start
+                    WHERE b.bucket_start IN ({",".join("?" * len(chunk))})
+                    GROUP BY b.job_id, b.bucket_start""", chunk))
+        return out
+
+    def set_intensities(self, values: list[tuple[int, Intensity]]) -> None:
+        with self.conn:
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO bucket_intensity VALUES (?, ?, ?, ?, ?, ?)",
+                [(b, i.g_per_kwh, i.status, i.provider, i.zone, i.basis) for b, i in values],
+            )
+
+    def bucket_intensities(self, statuses: tuple[str, ...] = ("provisional",)) -> list[sqlite3.Row]:
+        return self.conn.execute(
+            f"SELECT * FROM bucket_intensity WHERE status IN ({','.join('?' * len(statuses))}) ORDER BY bucket_start",
+            statuses).fetchall()
+
+    def bucket_intensity(self, bucket_start: int) -> Intensity | None:
+        r = self.conn.execute("SELECT * FROM bucket_intensity WHERE bucket_start=?", (bucket_start,)).fetchone()
+        if r is None:
+            return None
+        return Intensity(r["g_per_kwh"], r["status"], r["provider"], r["zone"], r["basis"])
+
+    def job_bucket_energy_j(self, job_id: str, bucket_start: int) -> float:
+        r = self.conn.execute("SELECT SUM(energy_j) FROM job_buckets WHERE job_id=? AND bucket_start=?",
+                              (job_id, bucket_start)).fetchone()
+        return float(r[0] or 0.0)
+
     def provisional_buckets(self) -> list[int]:
         return [r[0] for r in self.conn.execute(
             "SELECT bucket_start FROM bucket_intensity WHERE status='provisional' ORDER BY bucket_start")]

@@ -126,3 +126,19 @@ class TickRecord:
     jobs: Mapping[str, JobRef]  # job_id -> who
     job_energy_j: Mapping[str, Mapping[str, float]]  # job_id -> component -> joules this tick
     unattributed_j: Mapping[str, float]  # component -> joules this tick
+    # CO2e of the ledger bucket this tick fell in, per job (all components, so far):
+    bucket_start: int = 0
+    bucket_co2e_g: Mapping[str, float] = field(default_factory=dict)  # job_id -> grams in the bucket so far
+    g_per_kwh: float | None = None
+    intensity_status: str = ""  # provisional | final
+
+
+@dataclass(frozen=True, slots=True)
+class SettledBucket:
+    """One job's CO2e in one bucket after its intensity was revised (settlement)."""
+
+    job: JobRef
+    bucket_start: int
+    co2e_g: float
+    g_per_kwh: float
+    status: str  # provisional | final

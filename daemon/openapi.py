@@ -106,6 +106,15 @@ def _schemas() -> dict[str, Any]:
             "price_per_kwh": {"type": "number", "minimum": 0},
         }),
     }, description="One job's totals. Fields may be added; none is removed without a changelog entry.")
+    job["properties"]["carbon_hint"] = _obj({
+        "window_start": _EPOCH,
+        "window_end": _EPOCH,
+        "g_per_kwh": {"type": "number", "minimum": 0, "description": "mean intensity of that window"},
+        "co2e_g": {"type": "number", "minimum": 0, "description": "CO2e the same energy would have had then"},
+        "saving_g": {"type": "number", "minimum": 0},
+    }, description=("Only in GET /api/v1/jobs/{id}: the lowest-intensity window of the job's length in the "
+                    "known series (past day and forecast); null with a static intensity or no series."))
+    job["properties"]["carbon_hint"]["nullable"] = True
 
     bucket = _obj({
         "start": {"type": "integer", "description": "bucket start, seconds since the Unix epoch"},

@@ -25,13 +25,13 @@ from servers import free_port
 
 class DaemonProcess:
     def __init__(self, workdir: Path, *, sim_file: Path | None, powercap_root: Path | None,
-                 extra_toml: str = "", env: dict[str, str] | None = None):
+                 extra_toml: str = "", env: dict[str, str] | None = None, daemon_toml: str = ""):
         self.workdir = workdir
         self.port = free_port()
         self.config_path = workdir / "wattprint.toml"
         self.log_path = workdir / "daemon.log"
         lines = [
-            "[daemon]", f'state_dir = "{workdir / "state"}"', 'host = "testhost"', "interval_s = 1.0",
+            "[daemon]", f'state_dir = "{workdir / "state"}"', 'host = "testhost"', "interval_s = 1.0", daemon_toml,
             "[http]", f'listen = "127.0.0.1:{self.port}"',
             "[gpu]",
         ]

@@ -121,7 +121,8 @@ def test_daemon_end_to_end(tmp_path, job_process, promtool):
         downtime = restarted_at - killed_at
         assert gained <= GPU_W * (span + 0.1)  # nothing counted twice
         assert gained >= GPU_W * (span - downtime - 1.5)  # lost at most the downtime and one tick
-        assert len([j for j in daemon.get("/api/v1/jobs")["jobs"] if j["label_raw"] == NASTY]) == 1
+        dup = [j for j in daemon.get("/api/v1/jobs")["jobs"] if j["label_raw"] == NASTY]
+        assert len(dup) == 1, [(j["id"], j["root_pid"], j["command"], j["started_at"], j["state"]) for j in dup]
 
         # 6. The job ends when its process exits, totals intact.
         os.killpg(job_process.pid, signal.SIGKILL)
