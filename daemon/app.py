@@ -24,6 +24,7 @@ from wattprint.exporters.influx import InfluxSink
 from wattprint.exporters.influx_publish import InfluxPublisher
 from wattprint.exporters.prometheus import build_registry, render
 
+from . import sdnotify
 from .api import Api
 from .carbon import KEEP_S, IntensityBook
 from .config import Config, ConfigError, parse_listen
@@ -174,6 +175,12 @@ async def serve(cfg: Config, daemon: Daemon, stop: asyncio.Event) -> None:
         raise StartupError(f"[http] listen {cfg.http.listen}: {exc.strerror or exc}") from None
     log.info("HTTP API on http://%s/ (metrics at /metrics)", cfg.http.listen)
 
+    watchdog_s = sdnotify.watchdog_interval_s()
+    if watchdog_s is not None and cfg.daemon.interval_s > watchdog_s:
+        log.warning("[daemon] interval_s = %g is longer than the systemd watchdog ping period (%g s): "
+                    "raise WatchdogSec= or lower interval_s", cfg.daemon.interval_s, watchdog_s)
+    engine.sinks.append(lambda _record: sdnotify.watchdog_ping())  # WATCHDOG=1 on every tick
+
     if daemon.influx is not None:
         daemon.influx.start()
     fetcher: GridFetcher | None = None
@@ -183,7 +190,8 @@ async def serve(cfg: Config, daemon: Daemon, stop: asyncio.Event) -> None:
                               last_actual_end=last_actual_end(daemon.book))
         fetcher.start()
     try:
-        await engine.run(stop)
+        # READY=1 once the listener is up and the first tick has been published.
+        await engine.run(stop, on_first_tick=lambda: sdnotify.ready(f"API on {cfg.http.listen}"))
     finally:
         if fetcher is not None:
             fetcher.shutdown()
@@ -230,8 +238,12 @@ def run(cfg: Config) -> int:
     async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        def request_stop() -> None:
+            sdnotify.stopping()
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, request_stop)
         try:
             await serve(cfg, daemon, stop)
         except StartupError as exc:

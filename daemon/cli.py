@@ -105,8 +105,39 @@ def print_jobs_table(jobs: list[dict[str, Any]], out: Any = sys.stdout) -> None:
         )
 
 
+def cmd_fleet(args: argparse.Namespace, cfg: Config) -> int:
+    from .fleet import FleetError, fleet_totals
+
+    if args.state is not None or args.user is not None:
+        print("wattprint jobs --fleet: --state and --user do not apply (totals are per label)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        now = time.time()
+        since = parse_time("--since", args.since) if args.since is not None else now - 30 * 86400
+        until = parse_time("--until", args.until) if args.until is not None else now + 60
+    except BadRequest as exc:
+        print(f"wattprint jobs: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        rows = fleet_totals(cfg.influxdb, since, until, args.label)
+    except FleetError as exc:
+        print(f"wattprint jobs --fleet: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    if args.json:
+        json.dump({"labels": rows, "since": since, "until": until}, sys.stdout, indent=2)
+        print()
+        return EXIT_OK
+    print(f"{'LABEL':<32} {'kWh':>12} {'CO2e g':>12}  HOSTS")
+    for r in rows:
+        print(f"{_printable(r['label'] or '-', 32):<32} {r['energy_kwh']:>12.4f} {r['co2e_g']:>12.2f}  "
+              f"{_printable(','.join(r['hosts']), 60)}")
+    return EXIT_OK
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
+    if args.fleet:
+        return cmd_fleet(args, cfg)
     params: dict[str, Any] = {"state": args.state, "label": args.label, "user": args.user, "limit": args.limit}
     try:
         if args.since is not None:
@@ -207,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--limit", type=int, default=100)
     jobs.add_argument("--json", action="store_true", help="print JSON")
     jobs.add_argument("--url", help="daemon base URL (default from [http] listen)")
+    jobs.add_argument("--fleet", action="store_true",
+                      help="per-label totals across all hosts, from InfluxDB ([influxdb] in the config)")
     jobs.set_defaults(func=cmd_jobs)
 
     est = sub.add_parser("estimate", help="plan before running: energy and CO2e of devices x hours")

@@ -1,0 +1,112 @@
+"""Per-label totals across every host that writes to the same InfluxDB (``wattprint
+jobs --fleet``).
+
+Sums ``job_energy.joules`` and ``job_co2e.grams`` grouped by label and host. Every
+user-supplied value (time range, label) is a bound parameter: InfluxQL ``$name``
+placeholders with ``params=`` on the v1 ``/query`` endpoint (InfluxDB 1.x, and the
+v1-compatibility API of 2.x/3.x), Flux ``params`` through influxdb-client for v2.
+Nothing is formatted into a query string.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from base64 import b64encode
+from typing import Any
+
+from .config import InfluxConfig
+
+J_PER_KWH = 3.6e6
+
+
+class FleetError(Exception):
+    """The fleet query failed; the message says why (never a traceback)."""
+
+
+def _iso(t_s: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(t_s, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _v1_query(cfg: InfluxConfig, q: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    form = {"q": q, "db": cfg.database, "params": json.dumps(params), "epoch": "s"}
+    if cfg.retention_policy:
+        form["rp"] = cfg.retention_policy
+    req = urllib.request.Request(f"{cfg.url.rstrip('/')}/query", data=urllib.parse.urlencode(form).encode(),
+                                 method="POST", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    if cfg.token:
+        req.add_header("Authorization", f"Token {cfg.token}")
+    elif cfg.username:
+        req.add_header("Authorization", "Basic " + b64encode(f"{cfg.username}:{cfg.password}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=cfg.timeout_s) as resp:
+            body = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        raise FleetError(f"InfluxDB at {cfg.url} answered {exc.code}: {exc.read(300).decode(errors='replace')}") from None
+    except (OSError, ValueError) as exc:
+        raise FleetError(f"InfluxDB at {cfg.url} not reachable: {getattr(exc, 'reason', exc)}") from None
+    if "error" in body:
+        raise FleetError(f"InfluxDB: {body['error']}")
+    out: list[dict[str, Any]] = []
+    for result in body.get("results", []):
+        if "error" in result:
+            raise FleetError(f"InfluxDB: {result['error']}")
+        for series in result.get("series", []):
+            tags = series.get("tags", {})
+            for row in series.get("values", []):
+                out.append({**tags, **dict(zip(series["columns"], row))})
+    return out
+
+
+def _v2_query(cfg: InfluxConfig, measurement: str, field: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    from influxdb_client import InfluxDBClient  # imported only for v2
+
+    flux = (
+        'from(bucket: params.bucket) |> range(start: time(v: params.since), stop: time(v: params.until))'
+        ' |> filter(fn: (r) => r._measurement == params.measurement and r._field == params.field)'
+        + (' |> filter(fn: (r) => r.label == params.label)' if "label" in params else "")
+        + ' |> group(columns: ["label", "host"]) |> sum()'
+    )
+    bound = {"bucket": cfg.bucket, "measurement": measurement, "field": field, **params}
+    try:
+        with InfluxDBClient(url=cfg.url, token=cfg.token, org=cfg.org, timeout=int(cfg.timeout_s * 1000)) as client:
+            tables = client.query_api().query(flux, params=bound)
+    except Exception as exc:  # the client raises many types; all mean the same to the user
+        raise FleetError(f"InfluxDB v2 at {cfg.url}: {type(exc).__name__}: {exc}") from None
+    return [{"label": r.values.get("label"), "host": r.values.get("host"), "sum": r.get_value()}
+            for table in tables for r in table.records]
+
+
+def fleet_totals(cfg: InfluxConfig, since: float, until: float, label: str | None = None) -> list[dict[str, Any]]:
+    """Per label: energy (kWh), CO2e (g) and the hosts it ran on, largest first."""
+    params: dict[str, Any]
+    if cfg.api == "v2":
+        params = {"since": _iso(since), "until": _iso(until)}
+        if label is not None:
+            params["label"] = label
+        energy = _v2_query(cfg, "job_energy", "joules", params)
+        co2e = _v2_query(cfg, "job_co2e", "grams", params)
+    else:
+        where = "time >= $since AND time < $until" + (' AND "label" = $label' if label is not None else "")
+        params = {"since": _iso(since), "until": _iso(until)}
+        if label is not None:
+            params["label"] = label
+        energy = _v1_query(cfg, f'SELECT sum("joules") AS "sum" FROM "job_energy" WHERE {where} GROUP BY "label", "host"', params)
+        co2e = _v1_query(cfg, f'SELECT sum("grams") AS "sum" FROM "job_co2e" WHERE {where} GROUP BY "label", "host"', params)
+    totals: dict[str, dict[str, Any]] = {}
+    for row in energy:
+        t = totals.setdefault(row.get("label") or "", {"label": row.get("label") or "", "energy_kwh": 0.0,
+                                                        "co2e_g": 0.0, "hosts": set()})
+        t["energy_kwh"] += float(row["sum"] or 0.0) / J_PER_KWH
+        t["hosts"].add(row.get("host") or "")
+    for row in co2e:
+        t = totals.setdefault(row.get("label") or "", {"label": row.get("label") or "", "energy_kwh": 0.0,
+                                                        "co2e_g": 0.0, "hosts": set()})
+        t["co2e_g"] += float(row["sum"] or 0.0)
+        t["hosts"].add(row.get("host") or "")
+    out = [{**t, "hosts": sorted(t["hosts"])} for t in totals.values()]
+    return sorted(out, key=lambda t: -t["energy_kwh"])
