@@ -43,6 +43,7 @@ class DaemonConfig:
     host: str = field(default_factory=socket.gethostname)
     bucket_s: int = 60  # width of ledger time buckets
     log_level: str = "info"
+    retention_days: float = 400.0  # ledger buckets and finished jobs older than this are deleted
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,9 @@ class InfluxConfig:
 class HttpConfig:
     listen: str = "127.0.0.1:9877"
     token: str = ""
+    socket: str = ""  # optional Unix socket; callers see only their own jobs (root: all)
+    max_request_bytes: int = 65536
+    rate_limit_per_s: float = 50.0  # requests per second per client (0 = unlimited)
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,9 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 _RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("daemon", "interval_s"): (0.05, 3600.0),
     ("daemon", "bucket_s"): (1, 86400),
+    ("daemon", "retention_days"): (1.0, 36500.0),
+    ("http", "max_request_bytes"): (1024, 16 * 1024 * 1024),
+    ("http", "rate_limit_per_s"): (0.0, 100000.0),
     ("cpu", "tdp_w"): (0.0, 10000.0),
     ("memory", "w_per_gb"): (0.0, 100.0),
     ("jobs", "rescan_interval_s"): (0.0, 3600.0),

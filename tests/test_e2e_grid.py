@@ -103,6 +103,12 @@ def test_co2e_follows_intensity_and_settles(tmp_path, labelled, background_app):
         assert {b["intensity_status"] for b in buckets} == {"final"}
         assert job["co2e_g"] == pytest.approx(expected_co2e(buckets, 5, default_actual), rel=0.01)
         assert job["co2e_g"] < provisional  # the forecast was 55 g/kWh higher
+        # The carbon-aware hint: the lowest window of the job's length in the known series
+        # (the stand-in's values cycle 100..220 g/kWh in 5-minute steps).
+        hint = job["carbon_hint"]
+        assert hint is not None and hint["g_per_kwh"] == pytest.approx(100.0)
+        assert hint["co2e_g"] == pytest.approx(job["energy_kwh"] * 100.0, rel=1e-6)
+        assert hint["saving_g"] == pytest.approx(max(0.0, job["co2e_g"] - hint["co2e_g"]), rel=1e-6)
         assert sum(b["co2e_g"] for b in buckets) == pytest.approx(job["co2e_g"], rel=1e-6)
 
         # The gauge shows the realised value of the current interval (retry across a

@@ -1,0 +1,111 @@
+"""The engine in-process: job lifecycle in snapshots, the finished-job grace period,
+a failing source degrading alone, and a failing store not stopping the ticks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gpusim import gpu, proc, write_sim
+from wattprint.daemon.carbon import IntensityBook
+from wattprint.daemon.config import GridConfig
+from wattprint.daemon.engine import Engine
+from wattprint.daemon.health import HealthBoard
+from wattprint.daemon.ledger import Ledger
+from wattprint.daemon.procs import ProcessTracker
+from wattprint.daemon.sources.base import SourceError
+from wattprint.daemon.sources.gpu import NvmlGpuSource
+from wattprint.daemon.sources.nvml_sim import SimulatedNvml
+
+
+class Broken:
+    name = "broken"
+
+    def read(self, now_mono_s):
+        raise SourceError("sensor on fire")
+
+    def problems(self):
+        return []
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def job():
+    env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
+    env["WATTPRINT_JOB"] = "engine-test"
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], env=env, start_new_session=True)
+    time.sleep(0.3)
+    yield p
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
+def make_engine(tmp_path, sim, clock, grace_s=10.0):
+    health = HealthBoard()
+    return Engine(
+        sources=[NvmlGpuSource(SimulatedNvml(str(sim), clock=lambda: clock["mono"])), Broken()],
+        tracker=ProcessTracker(rescan_interval_s=0), ledger=Ledger(str(tmp_path / "s.sqlite3"), "h", 60),
+        intensity=IntensityBook(GridConfig(), "static", "static", 400.0), health=health,
+        finished_grace_s=grace_s,
+    )
+
+
+def tick(engine, clock, dt=1.0):
+    clock["mono"] += dt
+    clock["wall"] += dt
+    return engine.tick_blocking(clock["mono"], clock["wall"])
+
+
+def test_lifecycle_grace_and_degraded_source(tmp_path, job):
+    sim = tmp_path / "sim.json"
+    write_sim(sim, [gpu(0, power_w=100.0, processes=[proc(job.pid, sm_util=50)])])
+    clock = {"mono": 100.0, "wall": 1_795_000_000.0}
+    engine = make_engine(tmp_path, sim, clock)
+    for _ in range(4):
+        snap = tick(engine, clock)
+    mine = [j for j in snap.jobs if j.label == "engine-test"]
+    assert len(mine) == 1 and mine[0].state == "running"
+    assert mine[0].energy_j["gpu"] == pytest.approx(300.0, rel=1e-6)  # 3 intervals after the baseline
+    assert mine[0].co2e_g == pytest.approx(300.0 / 3.6e6 * 400.0, rel=1e-6)
+    health = {h.name: h for h in snap.health}
+    assert health["broken"].state == "degraded" and health["broken"].detail == "sensor on fire"
+    assert health["broken"].errors_total == 4
+    assert health["gpu"].state == "ok"
+
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    write_sim(sim, [gpu(0, power_w=100.0, processes=[])])
+    snap = tick(engine, clock)
+    [done] = [j for j in snap.jobs if j.label == "engine-test"]
+    assert done.state == "finished"
+    snap = tick(engine, clock, dt=5.0)
+    assert [j.state for j in snap.jobs if j.label == "engine-test"] == ["finished"]
+    snap = tick(engine, clock, dt=6.0)  # past the 10 s grace period: gone from the snapshot
+    assert [j for j in snap.jobs if j.label == "engine-test"] == []
+    engine.close()
+
+
+def test_store_failure_degrades_and_ticks_go_on(tmp_path, job):
+    sim = tmp_path / "sim.json"
+    write_sim(sim, [gpu(0, power_w=100.0, processes=[proc(job.pid, sm_util=50)])])
+    clock = {"mono": 100.0, "wall": 1_795_000_000.0}
+    engine = make_engine(tmp_path, sim, clock)
+    tick(engine, clock)
+    engine.ledger.conn.execute("DROP TABLE job_buckets")  # the store breaks under the daemon
+    snap = tick(engine, clock)
+    health = {h.name: h for h in snap.health}
+    assert health["store"].state == "degraded" and "job_buckets" in health["store"].detail
+    assert snap.tick == 2
+    [j] = [j for j in snap.jobs if j.label == "engine-test"]
+    assert j.energy_j["gpu"] == pytest.approx(100.0, rel=1e-6)  # the snapshot still counts
+    engine.close()
