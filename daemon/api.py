@@ -4,6 +4,19 @@ Every error is JSON ``{"error": {"status": N, "message": "..."}}`` with a 4xx st
 an unexpected failure is logged and answered with a generic 500 message, never a
 traceback. Store reads run off the event loop. An optional bearer token (``[http]
 token``) is compared in constant time.
+
+Limits, checked before anything else is done for a request: a per-client token
+bucket (``[http] rate_limit_per_s``, keyed by the peer address, or by the caller's
+uid on the Unix socket; 429 with ``Retry-After``), the request target (path and
+query, ``MAX_URL_BYTES``; 414), the body (``[http] max_request_bytes``; 413) and the
+time a request may take (``REQUEST_TIMEOUT_S``; 503). Requests that aiohttp's HTTP
+parser refuses (a request line over ``PARSER_MAX_LINE_BYTES``, a header over
+``PARSER_MAX_FIELD_BYTES``, not HTTP at all) get a JSON 400 too (``start_runner``).
+
+On the Unix socket (``[http] socket``) the kernel tells the daemon who is calling
+(``SO_PEERCRED``): a caller other than root sees only the jobs of its own uid (the
+list is filtered; another user's job id answers 404). ``/metrics`` and ``/healthz``
+are the same as over TCP, bearer token included.
 """
 
 from __future__ import annotations
@@ -13,12 +26,20 @@ import hmac
 import json
 import logging
 import math
+import re
+import socket
+import struct
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Awaitable, Callable
+from http import HTTPStatus
+from typing import Any, Awaitable, Callable, Hashable
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
 
 from .carbon import IntensityBook
 from .ledger import LedgerReader
@@ -28,6 +49,23 @@ log = logging.getLogger("wattprint.api")
 
 MAX_LIMIT = 10_000
 JOB_STATES = ("running", "finished")
+MAX_FILTER_CHARS = 1024  # label= and user= filters
+MAX_JOB_ID_CHARS = 128
+# The request target (path + query, percent-encoded, as sent). Every request the
+# OpenAPI document allows fits: two 1024-character filters of 4-byte UTF-8 characters
+# percent-encoded are 24 KiB.
+MAX_URL_BYTES = 32 * 1024
+# aiohttp's own parser limits (its defaults are 8190): a longer request line or header
+# line is refused before routing, with a JSON 400 (see start_runner).
+PARSER_MAX_LINE_BYTES = 2 * MAX_URL_BYTES
+PARSER_MAX_FIELD_BYTES = 8190
+REQUEST_TIMEOUT_S = 30.0  # a request still being handled after this answers 503
+KEEPALIVE_TIMEOUT_S = 15.0  # idle keep-alive connections are closed after this
+MAX_RATE_CLIENTS = 10_000  # token buckets kept; the least recently seen client is forgotten first
+SOCKET_TOKEN_PATHS = frozenset({"/metrics", "/healthz"})  # need the bearer token on the Unix socket too
+
+_UNSIGNED_INT = re.compile(r"[0-9]{1,18}")
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?|\.[0-9]+(?:[eE][-+]?[0-9]+)?")
 
 
 class BadRequest(Exception):
@@ -43,23 +81,42 @@ def error_response(status: int, message: str) -> web.Response:
     return _json({"error": {"status": status, "message": message}}, status=status)
 
 
+def _shown(value: str, limit: int = 80) -> str:
+    """A client's value for an error message: repr'd, and cut when long."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} characters)"
+
+
 def parse_time(name: str, value: str) -> float:
-    """Seconds since epoch, or an ISO 8601 date-time (naive means UTC)."""
+    """Seconds since epoch (decimal digits, optionally a fraction and an exponent), or
+    an ISO 8601 date-time (naive means UTC)."""
     value = value.strip()
-    try:
+    if _DECIMAL.fullmatch(value):
         t = float(value)
+        if not math.isfinite(t):
+            raise BadRequest(f"{name}: {_shown(value)} is not a valid time")
+        return t
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00")) if value.isascii() else None
     except ValueError:
-        try:
-            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise BadRequest(f"{name}: {value!r} is neither seconds since epoch nor an ISO 8601 time") from None
-        if dt.tzinfo is None:
-            from datetime import timezone
-            dt = dt.replace(tzinfo=timezone.utc)
+        dt = None
+    if dt is None:
+        raise BadRequest(f"{name}: {_shown(value)} is neither seconds since epoch nor an ISO 8601 time")
+    if dt.tzinfo is None:
+        from datetime import timezone
+        dt = dt.replace(tzinfo=timezone.utc)
+    try:
         return dt.timestamp()
-    if not math.isfinite(t) or t < 0:
-        raise BadRequest(f"{name}: {value!r} is not a valid time")
-    return t
+    except (OverflowError, OSError, ValueError):
+        raise BadRequest(f"{name}: {_shown(value)} is out of range") from None
+
+
+def _utf8_text(name: str, value: str) -> str:
+    """A query value that is valid text (no lone surrogates from undecodable bytes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{name}: not valid UTF-8") from None
+    return value
 
 
 def parse_job_filters(query: Any) -> dict[str, Any]:
@@ -83,19 +140,146 @@ def parse_job_filters(query: Any) -> dict[str, Any]:
         raise BadRequest("since is after until")
     for key in ("label", "user"):
         if key in query:
-            if len(query[key]) > 1024:
-                raise BadRequest(f"{key}: longer than 1024 characters")
-            out[key] = query[key]
+            if len(query[key]) > MAX_FILTER_CHARS:
+                raise BadRequest(f"{key}: longer than {MAX_FILTER_CHARS} characters")
+            out[key] = _utf8_text(key, query[key])
     limit = query.get("limit")
     if limit is not None:
-        try:
-            n = int(limit)
-        except ValueError:
-            raise BadRequest(f"limit: {limit!r} is not an integer") from None
+        if not _UNSIGNED_INT.fullmatch(limit.strip()):
+            raise BadRequest(f"limit: {_shown(limit)} is not an integer")
+        n = int(limit)
         if not 1 <= n <= MAX_LIMIT:
             raise BadRequest(f"limit: {n} is outside 1..{MAX_LIMIT}")
         out["limit"] = n
     return out
+
+
+class RateLimiter:
+    """Token buckets per client: ``rate_per_s`` tokens a second, up to ``burst``
+    (default: one second's worth, at least 1). ``rate_per_s`` 0 means no limit.
+    At most ``max_clients`` buckets are kept (least recently seen dropped first)."""
+
+    def __init__(self, rate_per_s: float, burst: float | None = None, *, max_clients: int = MAX_RATE_CLIENTS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.rate = float(rate_per_s)
+        self.burst = max(1.0, float(burst if burst is not None else rate_per_s))
+        self.max_clients = max_clients
+        self._clock = clock
+        self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: Hashable) -> float:
+        """Take one token for ``key``: 0.0 when allowed, else seconds until one is there."""
+        if self.rate <= 0:
+            return 0.0
+        now = self._clock()
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate
+        self._buckets[key] = (tokens, now)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+        return wait
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: over TCP (``uid`` None) or over the Unix socket."""
+
+    uid: int | None  # the peer's uid on the Unix socket (SO_PEERCRED), None over TCP
+    key: str  # rate-limit key: "ip:<address>" or "uid:<uid>"
+
+    @property
+    def on_socket(self) -> bool:
+        return self.uid is not None
+
+    @property
+    def sees_all(self) -> bool:
+        """TCP callers and root on the socket see every job."""
+        return self.uid is None or self.uid == 0
+
+
+# Where a request keeps its Caller, found once per request (the peer cannot change,
+# but the transport is gone once the client hangs up).
+_CALLER_KEY: Any = web.RequestKey("wattprint_caller", Caller) if hasattr(web, "RequestKey") else "wattprint_caller"
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_uid(request: web.BaseRequest) -> int | None:
+    """The uid of the process at the other end of a Unix-socket request (None over
+    TCP). Raises OSError when the kernel does not say."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("the client has gone")
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    _pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    return uid
+
+
+def _route(request: web.Request) -> str | None:
+    """The path template of the route the request matched (None when none did)."""
+    route = getattr(request.match_info, "route", None)
+    resource = getattr(route, "resource", None)
+    return getattr(resource, "canonical", None)
+
+
+class _JsonErrorRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering what its HTTP parser refuses (and any
+    failure outside the middlewares) with the API's JSON error instead of text."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500:
+            log.error("HTTP request failed outside the API handlers", exc_info=exc)
+        else:
+            log.debug("refused a malformed HTTP request (%s): %s", status, type(exc).__name__ if exc else message)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send the error")
+        if status >= 500:
+            text = "internal error (logged)"
+        elif isinstance(exc, LineTooLong):
+            text = (f"request line or header too long (request line at most {PARSER_MAX_LINE_BYTES} bytes, "
+                    f"header at most {PARSER_MAX_FIELD_BYTES} bytes)")
+        else:
+            try:
+                text = f"malformed HTTP request ({HTTPStatus(status).phrase})"
+            except ValueError:
+                text = "malformed HTTP request"
+        resp = error_response(status, text)
+        resp.force_close()
+        return resp
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        handler = super().__call__()
+        if type(handler) is RequestHandler:
+            handler.__class__ = _JsonErrorRequestHandler
+        return handler
+
+
+async def start_runner(app: web.Application) -> web.AppRunner:
+    """An AppRunner, set up, whose connections answer parser errors with JSON."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    server = runner.server
+    if type(server) is web.Server:
+        try:
+            server.__class__ = _JsonErrorServer
+        except TypeError:  # pragma: no cover - a future aiohttp with another layout
+            log.debug("aiohttp parser errors stay plain text: cannot wrap %r", server)
+    return runner
 
 
 class Api:
@@ -104,7 +288,8 @@ class Api:
     def __init__(self, get_snapshot: Callable[[], Snapshot | None], reader: LedgerReader,
                  render_metrics: Callable[[], tuple[bytes, str]], *, host: str, bucket_s: int,
                  token: str = "", interval_s: float = 1.0, book: IntensityBook | None = None,
-                 pue: float = 1.0):
+                 pue: float = 1.0, max_request_bytes: int = 65536, rate_limit_per_s: float = 0.0,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S):
         self.book = book
         self.pue = pue
         self.host_name = host
@@ -114,6 +299,9 @@ class Api:
         self.render_metrics = render_metrics
         self.token = token
         self.interval_s = interval_s
+        self.max_request_bytes = max_request_bytes
+        self.request_timeout_s = request_timeout_s
+        self.limiter = RateLimiter(rate_limit_per_s)
         self._executor = ThreadPoolExecutor(2, thread_name_prefix="wattprint-api")
 
     async def _off_loop(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -121,7 +309,12 @@ class Api:
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors, self._auth], client_max_size=64 * 1024)
+        app = web.Application(
+            middlewares=[self._errors, self._limits, self._auth],
+            client_max_size=self.max_request_bytes,
+            handler_args={"max_line_size": PARSER_MAX_LINE_BYTES, "max_field_size": PARSER_MAX_FIELD_BYTES,
+                          "keepalive_timeout": KEEPALIVE_TIMEOUT_S},
+        )
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/api/v1/jobs", self.jobs)
@@ -136,6 +329,17 @@ class Api:
     async def _cleanup(self, _app: web.Application) -> None:
         self._executor.shutdown(wait=False)
 
+    @staticmethod
+    def caller(request: web.Request) -> Caller:
+        """Who is calling (raises OSError when a Unix-socket peer cannot be identified)."""
+        known = request.get(_CALLER_KEY)
+        if known is not None:
+            return known
+        uid = peer_uid(request)
+        who = Caller(uid=None, key=f"ip:{request.remote or '?'}") if uid is None else Caller(uid=uid, key=f"uid:{uid}")
+        request[_CALLER_KEY] = who
+        return who
+
     @web.middleware
     async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         try:
@@ -145,8 +349,13 @@ class Api:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            message = {404: "no such endpoint", 405: "method not allowed"}.get(exc.status, exc.reason)
-            return error_response(exc.status, message)
+            message = {404: "no such endpoint", 405: "method not allowed",
+                       413: f"request body larger than {self.max_request_bytes} bytes"}.get(exc.status, exc.reason)
+            resp = error_response(exc.status, message)
+            for name in ("Allow", "Retry-After"):
+                if name in exc.headers:
+                    resp.headers[name] = exc.headers[name]
+            return resp
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -154,11 +363,52 @@ class Api:
             return error_response(500, "internal error (logged)")
 
     @web.middleware
+    async def _limits(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """Rate, request target and body limits, then the handler under a time limit."""
+        try:
+            who = self.caller(request)
+        except ConnectionResetError:
+            return error_response(400, "the client has gone")
+        except OSError as exc:
+            log.warning("cannot identify the peer of a Unix-socket request: %s", exc)
+            return error_response(403, "cannot identify the caller (SO_PEERCRED failed)")
+        wait = self.limiter.take(who.key)
+        if wait > 0:
+            resp = error_response(429, f"more than {self.limiter.rate:g} requests per second from this client")
+            resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            return resp
+        if len(request.raw_path.encode("utf-8", "surrogateescape")) > MAX_URL_BYTES:
+            return error_response(414, f"request target (path and query) longer than {MAX_URL_BYTES} bytes")
+        if request.body_exists:
+            length = request.content_length
+            if length is not None and length > self.max_request_bytes:
+                resp = error_response(413, f"request body larger than {self.max_request_bytes} bytes")
+                resp.force_close()  # do not read (or wait for) the rest of the body
+                return resp
+            try:
+                await request.read()  # aiohttp stops at client_max_size and raises 413
+            except web.HTTPRequestEntityTooLarge:
+                resp = error_response(413, f"request body larger than {self.max_request_bytes} bytes")
+                resp.force_close()
+                return resp
+        try:
+            async with asyncio.timeout(self.request_timeout_s) as deadline:
+                return await handler(request)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            log.warning("request %s %s took longer than %g s: answered 503", request.method, request.path,
+                        self.request_timeout_s)
+            return error_response(503, f"request took longer than {self.request_timeout_s:g} s")
+
+    @web.middleware
     async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        if self.token:
+        # Over TCP the token guards everything. On the Unix socket the caller's uid
+        # decides what /api/v1 shows; /metrics and /healthz (every job) need the token.
+        if self.token and (not self.caller(request).on_socket or _route(request) in SOCKET_TOKEN_PATHS):
             given = request.headers.get("Authorization", "")
             expected = f"Bearer {self.token}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
                 return error_response(401, "missing or wrong bearer token")
         return await handler(request)
 
@@ -189,30 +439,48 @@ class Api:
     async def jobs(self, request: web.Request) -> web.Response:
         filters = parse_job_filters(request.query)
         filters.setdefault("limit", 100)
-        jobs = await self._off_loop(self.reader.jobs, now=time.time(), **filters)
+        who = self.caller(request)
+        if who.sees_all:
+            jobs = await self._off_loop(self.reader.jobs, now=time.time(), **filters)
+        else:
+            jobs = await self._off_loop(self._own_jobs, who.uid, filters, time.time())
         return _json({"jobs": jobs, "count": len(jobs)})
+
+    def _own_jobs(self, uid: int, filters: dict[str, Any], now: float) -> list[dict[str, Any]]:
+        """The jobs of ``uid`` only (the store filters by uid)."""
+        return self.reader.jobs(now=now, uid=uid, **filters)
 
     def _job_id(self, request: web.Request) -> str:
         job_id = request.match_info["id"]
-        if len(job_id) > 128:
-            raise BadRequest("job id longer than 128 characters")
-        return job_id
+        if len(job_id) > MAX_JOB_ID_CHARS:
+            raise BadRequest(f"job id longer than {MAX_JOB_ID_CHARS} characters")
+        return _utf8_text("job id", job_id)
+
+    async def _visible_job(self, request: web.Request, job_id: str, now: float) -> dict[str, Any] | None:
+        """The job, or None when there is none or the caller may not see it."""
+        job = await self._off_loop(self.reader.job, job_id, now=now)
+        if job is None:
+            return None
+        who = self.caller(request)
+        if not who.sees_all and job["uid"] != who.uid:
+            return None
+        return job
 
     async def job(self, request: web.Request) -> web.Response:
         job_id = self._job_id(request)
         now = time.time()
-        job = await self._off_loop(self.reader.job, job_id, now=now)
+        job = await self._visible_job(request, job_id, now)
         if job is None:
-            return error_response(404, f"no job with id {job_id!r}")
+            return error_response(404, f"no job with id {_shown(job_id)}")
         job["carbon_hint"] = self.book.hint(job["energy_kwh"], job["duration_s"], job["co2e_g"], self.pue, now) \
             if self.book is not None else None
         return _json(job)
 
     async def job_series(self, request: web.Request) -> web.Response:
         job_id = self._job_id(request)
-        job = await self._off_loop(self.reader.job, job_id, now=time.time())
+        job = await self._visible_job(request, job_id, time.time())
         if job is None:
-            return error_response(404, f"no job with id {job_id!r}")
+            return error_response(404, f"no job with id {_shown(job_id)}")
         series = await self._off_loop(self.reader.job_series, job_id)
         return _json({"id": job_id, "bucket_s": self.bucket_s, "buckets": series})
 
@@ -221,11 +489,19 @@ class Api:
         unknown = sorted(set(request.query.keys()) - allowed)
         if unknown:
             raise BadRequest(f"unknown parameter(s): {', '.join(unknown)} (allowed: since, until)")
+        for key in request.query.keys():
+            if len(request.query.getall(key)) > 1:
+                raise BadRequest(f"{key}: given more than once")
         now = time.time()
-        since = parse_time("since", request.query["since"]) if "since" in request.query else now - 86400
-        until = parse_time("until", request.query["until"]) if "until" in request.query else now + 2 * 86400
-        if since > until:
+        since = parse_time("since", request.query["since"]) if "since" in request.query else None
+        until = parse_time("until", request.query["until"]) if "until" in request.query else None
+        if since is not None and until is not None and since > until:
             raise BadRequest("since is after until")
+        # Defaults: the day before and the two days after now (or after the bound given).
+        if since is None:
+            since = min(now, until if until is not None else now) - 86400
+        if until is None:
+            until = max(now, since) + 2 * 86400
         if self.book is None:
             return _json({"zone": "", "provider": "", "points": [], "current": None})
         points = await self._off_loop(self.reader.intensity, self.book.provider, self.book.zone, since, until)

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,9 +24,10 @@ from aiohttp import web
 from wattprint.exporters.influx import InfluxSink
 from wattprint.exporters.influx_publish import InfluxPublisher
 from wattprint.exporters.prometheus import build_registry, render
+from wattprint.exporters.spool import SpoolLockedError
 
 from . import sdnotify
-from .api import Api
+from .api import Api, start_runner
 from .carbon import KEEP_S, IntensityBook
 from .config import Config, ConfigError, parse_listen
 from .engine import Engine
@@ -87,7 +89,11 @@ def build_daemon(cfg: Config, health: HealthBoard) -> Daemon:
     daemon = Daemon(engine=engine, provider=provider, book=book)
     if cfg.influxdb.enabled:
         health.register("influxdb")
-        sink = InfluxSink(cfg.influxdb, os.path.join(cfg.daemon.state_dir, "influx-spool"), health)
+        spool_dir = os.path.join(cfg.daemon.state_dir, "influx-spool")
+        try:
+            sink = InfluxSink(cfg.influxdb, spool_dir, health)
+        except (SpoolLockedError, OSError) as exc:
+            raise StartupError(f"[influxdb] spool {spool_dir}: {exc}") from None
         daemon.influx = sink
         daemon.publisher = InfluxPublisher(sink, cfg.daemon.host)
         engine.sinks.append(daemon.publisher.on_tick)
@@ -143,6 +149,7 @@ def build_engine(cfg: Config, health: HealthBoard) -> Engine:
         pue=cfg.accounting.pue,
         finished_grace_s=cfg.jobs.finished_grace_s,
         idle_policy=cfg.jobs.idle_policy,
+        retention_days=cfg.daemon.retention_days,
     )
     running = ledger.running_jobs()
     if running:
@@ -163,9 +170,9 @@ async def serve(cfg: Config, daemon: Daemon, stop: asyncio.Event) -> None:
                           price_per_kwh=cfg.accounting.price_per_kwh, currency=cfg.accounting.currency)
     api = Api(lambda: engine.snapshot, reader, lambda: render(registry), host=cfg.daemon.host,
               bucket_s=cfg.daemon.bucket_s, token=cfg.http.token, interval_s=cfg.daemon.interval_s,
-              book=daemon.book, pue=cfg.accounting.pue)
-    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
-    await runner.setup()
+              book=daemon.book, pue=cfg.accounting.pue, max_request_bytes=cfg.http.max_request_bytes,
+              rate_limit_per_s=cfg.http.rate_limit_per_s)
+    runner = await start_runner(api.app())
     host, port = parse_listen(cfg.http.listen)
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -174,6 +181,14 @@ async def serve(cfg: Config, daemon: Daemon, stop: asyncio.Event) -> None:
         await runner.cleanup()
         raise StartupError(f"[http] listen {cfg.http.listen}: {exc.strerror or exc}") from None
     log.info("HTTP API on http://%s/ (metrics at /metrics)", cfg.http.listen)
+    unix_socket: UnixSocket | None = None
+    if cfg.http.socket:
+        try:
+            unix_socket = await UnixSocket.start(runner, cfg.http.socket)
+        except StartupError:
+            await runner.cleanup()
+            raise
+        log.info("HTTP API also on the Unix socket %s (each user sees their own jobs)", cfg.http.socket)
 
     watchdog_s = sdnotify.watchdog_interval_s()
     if watchdog_s is not None and cfg.daemon.interval_s > watchdog_s:
@@ -198,7 +213,79 @@ async def serve(cfg: Config, daemon: Daemon, stop: asyncio.Event) -> None:
         if daemon.influx is not None:
             await daemon.influx.stop()
         await runner.cleanup()
+        if unix_socket is not None:
+            unix_socket.remove()
         reader.close()
+
+
+class UnixSocket:
+    """The API's Unix socket: ``[http] socket``, mode 0666 (any local user may connect;
+    the daemon learns each caller's uid from the kernel), its parent directory made
+    (0755) when missing. A stale socket file left by a crash is replaced; one that
+    another process still listens on is not."""
+
+    def __init__(self, path: str, site: web.UnixSite, ident: tuple[int, int]):
+        self.path = path
+        self.site = site
+        self._ident = ident  # (st_dev, st_ino) of the socket file this daemon made
+
+    @classmethod
+    async def start(cls, runner: web.AppRunner, path: str) -> "UnixSocket":
+        where = f"[http] socket {path}"
+        path = os.path.abspath(path)
+        if len(os.fsencode(path)) > 107:
+            raise StartupError(f"{where}: path longer than 107 bytes (the limit of a Unix socket address)")
+        parent = os.path.dirname(path)
+        try:
+            if not os.path.isdir(parent):
+                os.makedirs(parent, exist_ok=True)
+                os.chmod(parent, 0o755)  # whatever the umask: callers must reach the socket
+        except OSError as exc:
+            raise StartupError(f"{where}: cannot create {parent}: {exc.strerror or exc}") from None
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StartupError(f"{where}: {exc.strerror or exc}") from None
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise StartupError(f"{where}: exists and is not a socket")
+            if _socket_in_use(path):
+                raise StartupError(f"{where}: another process is listening on it")
+            try:
+                os.unlink(path)  # stale, from a daemon that did not stop cleanly
+            except OSError as exc:
+                raise StartupError(f"{where}: cannot remove the stale socket: {exc.strerror or exc}") from None
+        site = web.UnixSite(runner, path)
+        try:
+            await site.start()
+            os.chmod(path, 0o666)
+            st = os.stat(path)
+        except OSError as exc:
+            raise StartupError(f"{where}: {exc.strerror or exc}") from None
+        return cls(path, site, (st.st_dev, st.st_ino))
+
+    def remove(self) -> None:
+        """Unlink the socket file, if it is still the one this daemon made."""
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._ident:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _socket_in_use(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def last_actual_end(book: IntensityBook) -> datetime | None:

@@ -38,7 +38,8 @@ def _toml_value(v: Any) -> str:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
-    print(f"# effective wattprint config (from {cfg.source_path or 'embedded defaults'} and WATTPRINT_* variables)")
+    source = (cfg.source_path or "embedded defaults").encode("utf-8", "backslashreplace").decode("utf-8")
+    print(f"# effective wattprint config (from {source} and WATTPRINT_* variables)")
     for section, values in cfg.to_dict().items():
         print(f"\n[{section}]")
         for key, value in values.items():

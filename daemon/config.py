@@ -15,7 +15,7 @@ import socket
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Mapping, get_args, get_origin, get_type_hints
 
 DEFAULT_CONFIG_PATH = Path("/etc/wattprint/wattprint.toml")
 ENV_PREFIX = "WATTPRINT_"
@@ -187,6 +187,12 @@ _RANGES: dict[tuple[str, str], tuple[float, float]] = {
 }
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for a message, cut to about ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def _coerce(value: Any, typ: Any, from_env: bool) -> Any:
     """Convert ``value`` to ``typ`` or raise ValueError with a short reason."""
     if typ is bool:
@@ -194,10 +200,10 @@ def _coerce(value: Any, typ: Any, from_env: bool) -> Any:
             return value
         if from_env and isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
-        raise ValueError(f"expected true or false, got {value!r}")
+        raise ValueError(f"expected true or false, got {_shown(value)}")
     if typ is int:
         if isinstance(value, bool):
-            raise ValueError(f"expected an integer, got {value!r}")
+            raise ValueError(f"expected an integer, got {_shown(value)}")
         if isinstance(value, int):
             return value
         if from_env and isinstance(value, str):
@@ -205,33 +211,36 @@ def _coerce(value: Any, typ: Any, from_env: bool) -> Any:
                 return int(value.strip())
             except ValueError:
                 pass
-        raise ValueError(f"expected an integer, got {value!r}")
+        raise ValueError(f"expected an integer, got {_shown(value)}")
     if typ is float:
         if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
+            raise ValueError(f"expected a number, got {_shown(value)}")
         if isinstance(value, (int, float)):
-            v = float(value)
+            try:
+                v = float(value)
+            except OverflowError:
+                raise ValueError(f"expected a finite number, got an integer of {value.bit_length()} bits") from None
         elif from_env and isinstance(value, str):
             try:
                 v = float(value.strip())
             except ValueError:
-                raise ValueError(f"expected a number, got {value!r}") from None
+                raise ValueError(f"expected a number, got {_shown(value)}") from None
         else:
-            raise ValueError(f"expected a number, got {value!r}")
+            raise ValueError(f"expected a number, got {_shown(value)}")
         if v != v or v in (float("inf"), float("-inf")):
-            raise ValueError(f"expected a finite number, got {value!r}")
+            raise ValueError(f"expected a finite number, got {_shown(value)}")
         return v
     if typ is str:
         if isinstance(value, str):
             if "\x00" in value:
                 raise ValueError("contains a NUL character")
             return value
-        raise ValueError(f"expected a string, got {type(value).__name__} {value!r}")
+        raise ValueError(f"expected a string, got {type(value).__name__} {_shown(value)}")
     if get_origin(typ) is tuple:
         if from_env and isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"expected a list of strings, got {value!r}")
+            raise ValueError(f"expected a list of strings, got {_shown(value)}")
         return tuple(value)
     raise ValueError(f"unsupported type {typ}")  # pragma: no cover - programming error
 
@@ -268,10 +277,15 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
             raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
         except UnicodeDecodeError:
             raise ConfigError([f"{source}: not valid UTF-8"]) from None
+        except (OSError, ValueError) as exc:  # a name too long, a loop of links, a NUL in the path, I/O errors
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError([f"{source}: cannot read: {reason}"]) from None
 
     sections = _sections()
     built: dict[str, Any] = {}
     where_file = source or "<defaults>"
+    # Where each value set by the user came from, for the messages: the file or the variable.
+    origin: dict[tuple[str, str], str] = {}
     for name in raw:
         if name not in sections:
             problems.append(f"{where_file}: unknown section [{name}] (known: {', '.join(sections)})")
@@ -290,10 +304,12 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
                     f"{where_file}: [{sec_name}] {key}: unknown key (known: {', '.join(hints)})"
                 )
                 continue
+            origin[(sec_name, key)] = where_file
             try:
                 values[key] = _coerce(value, hints[key], from_env=False)
             except ValueError as exc:
                 problems.append(f"{where_file}: [{sec_name}] {key}: {exc}")
+                values.pop(key, None)
         prefix = f"{ENV_PREFIX}{sec_name.upper()}_"
         for env_key, env_value in env.items():
             if not env_key.startswith(prefix):
@@ -302,56 +318,72 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
             if key not in hints:
                 problems.append(f"environment {env_key}: unknown key {sec_name}.{key} (known: {', '.join(hints)})")
                 continue
+            origin[(sec_name, key)] = f"environment {env_key}"
             try:
                 values[key] = _coerce(env_value, hints[key], from_env=True)
             except ValueError as exc:
                 problems.append(f"environment {env_key}: [{sec_name}] {key}: {exc}")
+                values.pop(key, None)
         for key, value in values.items():
-            where = f"{where_file}: [{sec_name}] {key}"
+            where = f"{origin[(sec_name, key)]}: [{sec_name}] {key}"
             choices = _CHOICES.get((sec_name, key))
             if choices and value not in choices:
-                problems.append(f"{where}: {value!r} is not one of {', '.join(choices)}")
+                problems.append(f"{where}: {_shown(value)} is not one of {', '.join(choices)}")
             bounds = _RANGES.get((sec_name, key))
             if bounds and not (bounds[0] <= value <= bounds[1]):
-                problems.append(f"{where}: {value!r} is outside {bounds[0]}..{bounds[1]}")
+                problems.append(f"{where}: {_shown(value)} is outside {bounds[0]}..{bounds[1]}")
         try:
             built[sec_name] = sec_type(**values)
         except TypeError as exc:  # pragma: no cover - guarded above
             problems.append(f"{where_file}: [{sec_name}]: {exc}")
 
     if not problems:
-        problems.extend(_cross_checks(built, where_file))
+        problems.extend(_cross_checks(built, lambda sec, key: origin.get((sec, key), where_file)))
     if problems:
         raise ConfigError(problems)
     return Config(**built, source_path=source)
 
 
-def _cross_checks(c: dict[str, Any], where: str) -> list[str]:
+def _cross_checks(c: dict[str, Any], origin: Callable[[str, str], str]) -> list[str]:
+    """Combinations that cannot work. Each problem names the key and where the value
+    that makes it a problem was set (``origin(section, key)``: the file or the variable)."""
     problems: list[str] = []
     gpu: GpuConfig = c["gpu"]
     if gpu.backend == "sim" and not gpu.sim_file:
-        problems.append(f"{where}: [gpu] sim_file: required when backend = \"sim\"")
+        problems.append(f"{origin('gpu', 'backend')}: [gpu] sim_file: required when backend = \"sim\"")
     http: HttpConfig = c["http"]
     try:
         parse_listen(http.listen)
     except ValueError as exc:
-        problems.append(f"{where}: [http] listen: {exc}")
+        problems.append(f"{origin('http', 'listen')}: [http] listen: {exc}")
+    if http.socket:
+        try:
+            too_long = len(os.fsencode(os.path.abspath(http.socket))) > 107
+        except (UnicodeError, ValueError):
+            too_long = False
+        if too_long:
+            problems.append(f"{origin('http', 'socket')}: [http] socket: path longer than 107 bytes "
+                            "(the limit of a Unix socket address)")
     grid: GridConfig = c["grid"]
     if grid.provider == "electricitymaps" and not grid.token:
-        problems.append(f"{where}: [grid] token: required for provider electricitymaps")
+        problems.append(f"{origin('grid', 'provider')}: [grid] token: required for provider electricitymaps")
     if grid.provider in ("energidataservice",) and grid.zone and grid.zone not in ("DK1", "DK2"):
-        problems.append(f"{where}: [grid] zone: {grid.zone!r} is not DK1 or DK2 for energidataservice")
+        problems.append(f"{origin('grid', 'zone')}: [grid] zone: {_shown(grid.zone)} is not DK1 or DK2 for energidataservice")
     influx: InfluxConfig = c["influxdb"]
     if influx.enabled and not influx.url.startswith(("http://", "https://")):
-        problems.append(f"{where}: [influxdb] url: must start with http:// or https://")
+        problems.append(f"{origin('influxdb', 'url')}: [influxdb] url: must start with http:// or https://")
     if influx.enabled and influx.api == "v2" and not (influx.org and influx.bucket and influx.token):
-        problems.append(f"{where}: [influxdb] api = \"v2\" needs org, bucket and token")
+        missing = [k for k in ("org", "bucket", "token") if not getattr(influx, k)]
+        problems.append(f"{origin('influxdb', 'api')}: [influxdb] {', '.join(missing)}: "
+                        f"api = \"v2\" needs org, bucket and token")
     for kind in c["jobs"].cgroup_kinds:
         if kind not in ("slurm", "systemd", "container"):
-            problems.append(f"{where}: [jobs] cgroup_kinds: {kind!r} is not one of slurm, systemd, container")
+            problems.append(f"{origin('jobs', 'cgroup_kinds')}: [jobs] cgroup_kinds: {_shown(kind)} is not one of "
+                            "slurm, systemd, container")
     for name in c["jobs"].label_env:
         if not name or not all(ch.isalnum() or ch == "_" for ch in name):
-            problems.append(f"{where}: [jobs] label_env: {name!r} is not an environment variable name")
+            problems.append(f"{origin('jobs', 'label_env')}: [jobs] label_env: {_shown(name)} is not an environment "
+                            "variable name")
     return problems
 
 

@@ -3,23 +3,54 @@ ledger, hand the tick to the sinks, and publish a new immutable snapshot.
 
 The schedule is drift-free (tick k is due at t0 + k x interval on the monotonic
 clock; a late tick skips the missed slots and counts them). All blocking work (NVML,
-/proc, sysfs, SQLite) runs on one worker thread, never on the event loop, so the
-HTTP API stays responsive and the order of NVML calls stays simple.
+/proc, sysfs, SQLite) runs off the event loop, so the HTTP API stays responsive:
+the tick runs on one worker thread, and each source's ``read`` on a thread of its
+own (all of one source's calls, NVML's included, stay on that one thread).
+
+Time: integration uses the monotonic clock only (sources get ``now_mono``); the wall
+clock only says which ledger bucket a tick lands in and stamps the outputs, so a wall
+clock step (NTP correcting a wrong clock, by hand) moves where energy is booked,
+never how much, and never the schedule.
+
+Faults (degrade, never die; log once on failure and once on recovery):
+- A source read that has not returned ``READ_DEADLINE_FRACTION`` x interval after the
+  tick started is left running: that source is skipped this tick and marked degraded
+  ("read timed out"), and no other read of it starts until the stuck one returns.
+  Whatever the late read returns is booked with the next tick (merged with that
+  tick's own read of the source), so a hang delays energy, it does not lose it.
+- A store write that fails (disk full, locked, broken) marks ``store`` degraded; the
+  tick's rows are kept in memory (up to ``STORE_BACKLOG_MAX_TICKS``, oldest dropped
+  and counted beyond that) and written, oldest first, with the next ticks once the
+  store works again. Snapshots, /metrics and the sinks go on meanwhile.
+- Retention: once an hour (and at the first tick) the ledger drops what is older
+  than ``retention_days`` (``Ledger.prune``), on the tick thread. It pauses while the
+  wall clock has stepped by more than a day against the monotonic clock since start,
+  so a clock stepped far ahead while the daemon runs cannot delete recent data (a
+  clock that is already wrong when the daemon starts cannot be told from a right one).
+
+Order within a tick: the sinks (the InfluxDB spool's durable append) get the tick
+before the store commits it, so a crash between the two leaves InfluxDB with a
+point the ledger lacks (the ledger loses at most that last tick anyway), never a
+committed tick that InfluxDB will never see.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .attribution import attribute
 from .carbon import IntensityBook
 from .health import HealthBoard
-from .ledger import J_PER_KWH, Intensity, JobTick, Ledger
+from .ledger import J_PER_KWH, Intensity, JobTick, Ledger, TickRow
 from .model import COMPONENTS, DeviceReading, DeviceState, JobRef, JobTotals, SettledBucket, Snapshot, TickRecord
 from .procs import JobIdentity, ProcessTracker, ProcessView
 from .sources.base import Source, SourceError
@@ -28,6 +59,74 @@ log = logging.getLogger("wattprint.engine")
 
 TickSink = Callable[[TickRecord], None]
 SettleSink = Callable[[list[SettledBucket]], None]
+
+READ_DEADLINE_FRACTION = 0.8  # of the interval: a source read not back by then is skipped
+STORE_BACKLOG_MAX_TICKS = 3600  # ticks kept in memory while the store cannot be written
+STORE_BACKLOG_CHUNK = 600  # at most this many kept ticks written per tick when it can again
+PRUNE_EVERY_S = 3600.0  # retention runs at most this often (monotonic seconds)
+CLOCK_STEP_PAUSES_PRUNE_S = 86400.0
+_SOURCE_RANK = {"counter": 0, "power": 1, "estimate": 2}
+
+
+class _SourceWorker:
+    """One daemon thread per source. Calls run there one at a time, so a read that
+    hangs (a stuck driver call) holds only its own thread; being a daemon thread it
+    never keeps the process from exiting."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.inflight: Future | None = None  # the read in progress (maybe from an earlier tick)
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=f"wattprint-source-{source.name}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            fut, fn, args = call
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever waits on the future
+                fut.set_exception(exc)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        fut: Future = Future()
+        self._calls.put((fut, fn, args))
+        return fut
+
+    def busy(self) -> bool:
+        return self.inflight is not None and not self.inflight.done()
+
+    def stop(self) -> None:
+        self._calls.put(None)
+
+
+def _read_source(src: Source, now_mono: float) -> tuple[list[DeviceReading], list[str]]:
+    """What runs on a source's thread: the read and its problems, together."""
+    readings = list(src.read(now_mono))
+    return readings, list(src.problems())
+
+
+def _merge_readings(earlier: Sequence[DeviceReading], later: Sequence[DeviceReading]) -> list[DeviceReading]:
+    """A late read's readings and the current read's, per device: energy and
+    interval add up; everything else (power, processes, memory) is the later one's."""
+    out = {(r.kind, r.device): r for r in earlier}
+    for r in later:
+        e = out.get((r.kind, r.device))
+        if e is None:
+            out[(r.kind, r.device)] = r
+            continue
+        interval = e.interval_s + r.interval_s
+        energy = e.energy_j + r.energy_j
+        weaker = r.source if _SOURCE_RANK[r.source] >= _SOURCE_RANK[e.source] else e.source
+        out[(r.kind, r.device)] = dataclasses.replace(
+            r, energy_j=energy, interval_s=interval, source=weaker,
+            power_w=energy / interval if interval > 0 else r.power_w)
+    return list(out.values())
 
 
 @dataclass
@@ -64,6 +163,8 @@ class Engine:
     pue: float = 1.0
     finished_grace_s: float = 300.0
     idle_policy: str = "unattributed"
+    retention_days: float = 400.0  # [daemon] retention_days; 0 or less: keep everything
+    read_timeout_s: float | None = None  # per-source read deadline; None: READ_DEADLINE_FRACTION x interval
     sinks: list[TickSink] = field(default_factory=list)
     settle_sinks: list[SettleSink] = field(default_factory=list)
     snapshot: Snapshot | None = None
@@ -73,15 +174,24 @@ class Engine:
     _unattributed_total: dict[str, float] = field(default_factory=lambda: {c: 0.0 for c in COMPONENTS})
     _tick: int = 0
     _restored: bool = False
-    _counters: dict[str, float] = field(default_factory=lambda: {"tick_overruns_total": 0.0, "tick_errors_total": 0.0})
+    _counters: dict[str, float] = field(default_factory=lambda: {
+        "tick_overruns_total": 0.0, "tick_errors_total": 0.0, "source_read_timeouts_total": 0.0,
+        "store_pending_ticks": 0.0, "store_ticks_dropped_total": 0.0, "store_pruned_rows_total": 0.0})
     extra_counters: Callable[[], dict[str, float]] | None = None
     _bucket_intensity: tuple[int, Intensity] | None = None
+    _workers: list[_SourceWorker] = field(default_factory=list)
+    _store_backlog: list[TickRow] = field(default_factory=list)
+    _last_prune_mono: float | None = None
+    _clock_offset_s: float | None = None  # wall - monotonic at the first tick
+    _prune_paused_logged: bool = False
+    _last_tick_error: str = ""
 
     def __post_init__(self) -> None:
         for src in self.sources:
             self.health.register(src.name)
         self.health.register("processes")
         self.health.register("store")
+        self._workers = [_SourceWorker(src) for src in self.sources]
 
     # -- restore -------------------------------------------------------------
     def restore(self, job_rows: dict[str, dict], co2e_g: dict[str, float]) -> None:
@@ -102,24 +212,58 @@ class Engine:
         self._restored = True
 
     # -- one tick ------------------------------------------------------------
+    def _read_budget_s(self) -> float:
+        return self.read_timeout_s if self.read_timeout_s is not None else READ_DEADLINE_FRACTION * self.interval_s
+
     def _read_sources(self, now_mono: float) -> list[DeviceReading]:
+        """Read every source in parallel, each on its own thread, and wait for them
+        until the tick's read deadline (see the module docstring)."""
+        budget = self._read_budget_s()
+        deadline = time.monotonic() + budget
+        late: dict[int, Future] = {}  # a read that missed an earlier tick and is back now
+        fresh: dict[int, Future] = {}
+        for i, w in enumerate(self._workers):
+            if w.busy():
+                continue  # still stuck: never stack a second read on it
+            if w.inflight is not None:
+                late[i] = w.inflight
+            w.inflight = fresh[i] = w.submit(_read_source, w.source, now_mono)
+        if fresh:
+            wait_futures(list(fresh.values()), timeout=max(0.0, deadline - time.monotonic()))
+
         readings: list[DeviceReading] = []
-        for src in self.sources:
+        for i, w in enumerate(self._workers):
+            src = w.source
+            got: list[DeviceReading] = []
+            if i in late:
+                try:
+                    got, _ = late[i].result()
+                except Exception:  # its error is stale; the fresh read speaks for the source now
+                    log.debug("late read of %s failed", src.name, exc_info=True)
+            fut = fresh.get(i)
+            if fut is None or not fut.done():
+                self._counters["source_read_timeouts_total"] += 1
+                self.health.fail(src.name, f"read timed out (no answer within {budget:.3g} s); "
+                                           "not read again until that read returns")
+                readings.extend(got)
+                continue
+            w.inflight = None
             try:
-                got = list(src.read(now_mono))
+                now_got, problems = fut.result()
             except SourceError as exc:
                 self.health.fail(src.name, exc.detail)
+                readings.extend(got)
                 continue
             except Exception as exc:  # a bug or an unexpected driver error: degrade, go on
-                log.debug("source %s raised", src.name, exc_info=True)
+                log.debug("source %s raised", src.name, exc_info=(type(exc), exc, exc.__traceback__))
                 self.health.fail(src.name, f"unexpected {type(exc).__name__}: {exc}")
+                readings.extend(got)
                 continue
-            problems = src.problems()
             if problems:
                 self.health.fail(src.name, "; ".join(problems))
             else:
                 self.health.ok(src.name)
-            readings.extend(got)
+            readings.extend(_merge_readings(got, now_got) if got else now_got)
         return readings
 
     def tick_blocking(self, now_mono: float, wall: float, duration_hint_s: float = 0.0) -> Snapshot:
@@ -150,8 +294,7 @@ class Engine:
         for r in readings:
             # The weakest source of a component names it: estimate < power < counter.
             prev = sources_by_kind.get(r.kind)
-            rank = {"counter": 0, "power": 1, "estimate": 2}
-            if prev is None or rank[r.source] > rank[prev]:
+            if prev is None or _SOURCE_RANK[r.source] > _SOURCE_RANK[prev]:
                 sources_by_kind[r.kind] = r.source
 
         bucket = self.ledger.bucket_of(wall)
@@ -172,7 +315,7 @@ class Engine:
                 tick_j += energy.get(c, 0.0)
             st.co2e_g += tick_j / J_PER_KWH * g_per_kwh * self.pue
             if st.bucket_start != bucket:  # (after a restart the bucket may hold energy already)
-                st.bucket_start, st.bucket_j = bucket, self.ledger.job_bucket_energy_j(ident.job_id, bucket)
+                st.bucket_start, st.bucket_j = bucket, self._stored_bucket_j(ident.job_id, bucket)
             st.bucket_j += tick_j
             bucket_co2e[ident.job_id] = st.bucket_j / J_PER_KWH * g_per_kwh * self.pue
             job_ticks.append(JobTick(
@@ -182,12 +325,6 @@ class Engine:
             ))
 
         device_rows = [(r.kind, r.device, r.energy_j, r.source) for r in readings]
-        try:
-            self.ledger.record_tick(wall, job_ticks, device_rows, att.unattributed_j, intensity, ended)
-            self.health.ok("store")
-        except Exception as exc:
-            log.debug("store write failed", exc_info=True)
-            self.health.fail("store", f"{type(exc).__name__}: {exc}")
 
         for r in readings:
             acc = self._devices.get((r.kind, r.device))
@@ -218,6 +355,8 @@ class Engine:
             except Exception as exc:
                 log.debug("sink failed", exc_info=True)
                 self.health.fail("sinks", f"{type(exc).__name__}: {exc}")
+        self._store(TickRow(wall, job_ticks, device_rows, dict(att.unattributed_j), intensity, ended))
+        self._maybe_prune(now_mono, wall)
 
         # Finished jobs leave the snapshot (and /metrics) after the grace period.
         for job_id in [j for j, st in self._jobs.items()
@@ -251,9 +390,78 @@ class Engine:
         cached = self._bucket_intensity
         if cached is not None and cached[0] == bucket:
             return cached[1]
-        found = self.ledger.bucket_intensity(bucket) or self.intensity.lookup(wall)
+        try:
+            stored = self.ledger.bucket_intensity(bucket)
+        except Exception:  # the store is failing: its write will say so
+            log.debug("reading bucket intensity failed", exc_info=True)
+            stored = None
+        found = stored or self.intensity.lookup(wall)
         self._bucket_intensity = (bucket, found)
         return found
+
+    def _stored_bucket_j(self, job_id: str, bucket: int) -> float:
+        try:
+            return self.ledger.job_bucket_energy_j(job_id, bucket)
+        except Exception:
+            log.debug("reading a job's bucket failed", exc_info=True)
+            return 0.0
+
+    # -- store ---------------------------------------------------------------
+    def _store(self, row: TickRow) -> None:
+        """Book this tick, after any ticks kept from while the store failed."""
+        backlog = self._store_backlog
+        backlog.append(row)
+        try:
+            while backlog:
+                chunk = backlog[:STORE_BACKLOG_CHUNK]
+                self.ledger.record_ticks(chunk)
+                del backlog[:len(chunk)]
+                if backlog and len(chunk) == STORE_BACKLOG_CHUNK:
+                    break  # the rest with the next ticks: keep this tick short
+        except Exception as exc:
+            log.debug("store write failed", exc_info=True)
+            if len(backlog) > STORE_BACKLOG_MAX_TICKS:
+                drop = len(backlog) - STORE_BACKLOG_MAX_TICKS
+                del backlog[:drop]
+                if self._counters["store_ticks_dropped_total"] == 0:
+                    log.error("store: %d tick(s) could not be stored for over %d ticks and were dropped from "
+                              "the ledger (counted in wattprint_store_ticks_dropped_total)",
+                              drop, STORE_BACKLOG_MAX_TICKS)
+                self._counters["store_ticks_dropped_total"] += drop
+            self.health.fail("store", f"{type(exc).__name__}: {exc} (ticks are kept in memory and written "
+                                      "when the store works again)")
+        else:
+            self.health.ok("store")
+        self._counters["store_pending_ticks"] = float(len(backlog))
+
+    def _maybe_prune(self, now_mono: float, wall: float) -> None:
+        if self.retention_days <= 0 or self._store_backlog:
+            return
+        offset = wall - now_mono
+        if self._clock_offset_s is None:
+            self._clock_offset_s = offset
+        if self._last_prune_mono is not None and now_mono - self._last_prune_mono < PRUNE_EVERY_S:
+            return
+        self._last_prune_mono = now_mono
+        step = offset - self._clock_offset_s
+        if abs(step) > CLOCK_STEP_PAUSES_PRUNE_S:
+            if not self._prune_paused_logged:
+                self._prune_paused_logged = True
+                log.warning("retention paused: the wall clock has stepped by %+.0f s since the daemon started "
+                            "(restart the daemon once the clock is right)", step)
+            return
+        cutoff = wall - self.retention_days * 86400.0
+        started = time.perf_counter()
+        try:
+            deleted = self.ledger.prune(cutoff)
+        except Exception as exc:
+            log.warning("retention: pruning the store failed: %s: %s", type(exc).__name__, exc)
+            return
+        total = sum(deleted.values())
+        self._counters["store_pruned_rows_total"] += total
+        if total:
+            log.info("retention: deleted %d row(s) older than %g days in %.2f s (%s)", total, self.retention_days,
+                     time.perf_counter() - started, ", ".join(f"{k} {v}" for k, v in deleted.items() if v))
 
     # -- settlement ----------------------------------------------------------
     def settle_blocking(self) -> int:
@@ -300,9 +508,15 @@ class Engine:
             wall = time.time()
             try:
                 await loop.run_in_executor(self._executor, self.tick_blocking, time.monotonic(), wall)
-            except Exception:
+            except Exception as exc:
                 self._counters["tick_errors_total"] += 1
-                log.exception("tick failed")
+                text = f"{type(exc).__name__}: {exc}"
+                if text != self._last_tick_error:  # once per distinct error, not once per tick
+                    self._last_tick_error = text
+                    log.exception("tick failed (counted in wattprint_tick_errors_total; logged again only "
+                                  "when the error changes)")
+                else:
+                    log.debug("tick failed again: %s", text)
             if first and on_first_tick is not None:
                 first = False
                 on_first_tick()
@@ -324,11 +538,25 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def close(self) -> None:
-        for src in self.sources:
+        self._executor.shutdown(wait=True)  # no tick runs past this point
+        closing: list[tuple[_SourceWorker, Future]] = []
+        for w in self._workers:
+            if w.busy():  # a read is stuck in the driver: leave it (its thread is a daemon)
+                log.warning("source %s: a read is still stuck; not closed", w.source.name)
+            else:
+                closing.append((w, w.submit(w.source.close)))  # on the source's own thread
+            w.stop()
+        for w, fut in closing:
             try:
-                src.close()
+                fut.result(timeout=5.0)
             except Exception:
-                log.debug("closing %s failed", src.name, exc_info=True)
-        self._executor.shutdown(wait=True)
+                log.debug("closing %s failed", w.source.name, exc_info=True)
+        if self._store_backlog:
+            try:
+                self.ledger.record_ticks(self._store_backlog)
+                self._store_backlog.clear()
+            except Exception as exc:
+                log.error("store: %d tick(s) kept in memory could not be written at stop: %s",
+                          len(self._store_backlog), exc)
         self.tracker.close()
         self.ledger.close()

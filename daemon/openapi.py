@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .api import JOB_STATES, MAX_LIMIT
+from .api import (JOB_STATES, MAX_FILTER_CHARS, MAX_JOB_ID_CHARS, MAX_LIMIT, MAX_URL_BYTES,
+                  PARSER_MAX_FIELD_BYTES, PARSER_MAX_LINE_BYTES, REQUEST_TIMEOUT_S)
 
 API_VERSION = "1"
 COMPONENTS = ("gpu", "cpu", "dram")
@@ -193,16 +194,38 @@ def _schemas() -> dict[str, Any]:
 
 def _job_id_param() -> dict[str, Any]:
     return {"name": "id", "in": "path", "required": True, "description": "job id (percent-encoded)",
-            "schema": {"type": "string", "maxLength": 128}}
+            "schema": {"type": "string", "maxLength": MAX_JOB_ID_CHARS}}
+
+
+def _common_responses() -> dict[str, Any]:
+    """Answers any operation can give: auth, identity, limits, timeouts, failures."""
+    too_many = _error_response("more than `[http] rate_limit_per_s` requests per second from this client "
+                               "(peer address over TCP, uid on the Unix socket)")
+    too_many["headers"] = {"Retry-After": {"description": "seconds to wait before the next request",
+                                           "schema": {"type": "integer", "minimum": 1}}}
+    return {
+        "401": _error_response("`[http] token` is set and the bearer token is missing or wrong (over TCP; on the "
+                               "Unix socket only for /metrics and /healthz)"),
+        "403": _error_response("Unix socket only: the kernel did not say who the caller is"),
+        "413": _error_response("the request body is larger than `[http] max_request_bytes`"),
+        "414": _error_response(f"the request target (path and query) is longer than {MAX_URL_BYTES} bytes"),
+        "429": too_many,
+        "500": _error_response("unexpected failure (logged; no details given)"),
+        "503": _error_response(f"the request took longer than {REQUEST_TIMEOUT_S:g} s"),
+    }
 
 
 def openapi_spec() -> dict[str, Any]:
     """The OpenAPI 3.0.3 document for the whole HTTP API."""
-    bad_request = _error_response("a query parameter is unknown, repeated or invalid")
-    unauthorized = _error_response("`[http] token` is set and the bearer token is missing or wrong")
-    not_found = _error_response("no job with this id")
-    server_error = _error_response("unexpected failure (logged; no details given)")
-    common = {"401": unauthorized, "500": server_error}
+    bad_request = _error_response(
+        "a query parameter is unknown, repeated or invalid, or `since` is after `until`; also a request that "
+        f"is not valid HTTP (request line over {PARSER_MAX_LINE_BYTES} bytes, a header over "
+        f"{PARSER_MAX_FIELD_BYTES} bytes)")
+    malformed = _error_response(
+        f"not valid HTTP (request line over {PARSER_MAX_LINE_BYTES} bytes, a header over "
+        f"{PARSER_MAX_FIELD_BYTES} bytes)")
+    not_found = _error_response("no job with this id (on the Unix socket: none of the caller's)")
+    common = {"400": malformed, **_common_responses()}
 
     paths: dict[str, Any] = {
         "/healthz": {"get": {
@@ -210,9 +233,10 @@ def openapi_spec() -> dict[str, Any]:
             "summary": "State of each source and sink",
             "responses": {
                 "200": {"description": "ok or degraded", "content": _json_content(_ref("Health"))},
-                "503": {"description": "starting (no tick yet) or stalled (no tick for 5 intervals)",
-                        "content": _json_content(_ref("Health"))},
                 **common,
+                "503": {"description": ("starting (no tick yet) or stalled (no tick for 5 intervals): Health; "
+                                        f"the request took longer than {REQUEST_TIMEOUT_S:g} s: Error"),
+                        "content": _json_content({"oneOf": [_ref("Health"), _ref("Error")]})},
             },
         }},
         "/metrics": {"get": {
@@ -233,17 +257,19 @@ def openapi_spec() -> dict[str, Any]:
                  "schema": _TIME_PARAM_SCHEMA},
                 {"name": "until", "in": "query", "description": "jobs started before this time",
                  "schema": _TIME_PARAM_SCHEMA},
-                {"name": "label", "in": "query", "description": "exact label",
-                 "schema": {"type": "string", "maxLength": 1024}},
-                {"name": "user", "in": "query", "description": "exact user name",
-                 "schema": {"type": "string", "maxLength": 1024}},
+                {"name": "label", "in": "query", "description": "exact (sanitised) label",
+                 "schema": {"type": "string", "maxLength": MAX_FILTER_CHARS}},
+                {"name": "user", "in": "query",
+                 "description": "exact user name (on the Unix socket another user's name gives no jobs)",
+                 "schema": {"type": "string", "maxLength": MAX_FILTER_CHARS}},
                 {"name": "limit", "in": "query",
                  "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100}},
             ],
             "responses": {
-                "200": {"description": "matching jobs", "content": _json_content(_ref("JobList"))},
-                "400": bad_request,
                 **common,
+                "200": {"description": "matching jobs (on the Unix socket, a caller other than root gets only "
+                                       "its own)", "content": _json_content(_ref("JobList"))},
+                "400": bad_request,
             },
         }},
         "/api/v1/jobs/{id}": {"get": {
@@ -251,10 +277,10 @@ def openapi_spec() -> dict[str, Any]:
             "summary": "One job's totals",
             "parameters": [_job_id_param()],
             "responses": {
-                "200": {"description": "the job", "content": _json_content(_ref("Job"))},
-                "400": _error_response("job id longer than 128 characters"),
-                "404": not_found,
                 **common,
+                "200": {"description": "the job", "content": _json_content(_ref("Job"))},
+                "400": _error_response(f"job id longer than {MAX_JOB_ID_CHARS} characters, or not valid HTTP"),
+                "404": not_found,
             },
         }},
         "/api/v1/jobs/{id}/series": {"get": {
@@ -262,10 +288,10 @@ def openapi_spec() -> dict[str, Any]:
             "summary": "One job's energy and CO2e per time bucket",
             "parameters": [_job_id_param()],
             "responses": {
-                "200": {"description": "the job's buckets, oldest first", "content": _json_content(_ref("JobSeries"))},
-                "400": _error_response("job id longer than 128 characters"),
-                "404": not_found,
                 **common,
+                "200": {"description": "the job's buckets, oldest first", "content": _json_content(_ref("JobSeries"))},
+                "400": _error_response(f"job id longer than {MAX_JOB_ID_CHARS} characters, or not valid HTTP"),
+                "404": not_found,
             },
         }},
         "/api/v1/host": {"get": {
@@ -277,13 +303,15 @@ def openapi_spec() -> dict[str, Any]:
             "operationId": "getIntensity",
             "summary": "Grid carbon intensity over a time range",
             "parameters": [
-                {"name": "since", "in": "query", "schema": _TIME_PARAM_SCHEMA},
-                {"name": "until", "in": "query", "schema": _TIME_PARAM_SCHEMA},
+                {"name": "since", "in": "query", "schema": _TIME_PARAM_SCHEMA,
+                 "description": "default: one day before now (or before `until`, when that is earlier)"},
+                {"name": "until", "in": "query", "schema": _TIME_PARAM_SCHEMA,
+                 "description": "default: two days after now (or after `since`, when that is later)"},
             ],
             "responses": {
+                **common,
                 "200": {"description": "intensity points", "content": _json_content(_ref("Intensity"))},
                 "400": bad_request,
-                **common,
             },
         }},
         "/api/v1/openapi.json": {"get": {
@@ -304,7 +332,9 @@ def openapi_spec() -> dict[str, Any]:
             "description": ("Per-job GPU, CPU and DRAM energy and CO2e of one host. Times are seconds since the "
                             "Unix epoch; energies are joules unless a name says kWh. Every error is JSON "
                             "`{\"error\": {\"status\": N, \"message\": \"...\"}}`. When `[http] token` is set, "
-                            "every request needs `Authorization: Bearer <token>`."),
+                            "every request needs `Authorization: Bearer <token>`. With `[http] socket` the API is also "
+                            "served on a Unix socket, where the caller's uid (SO_PEERCRED) decides: a user other "
+                            "than root sees only their own jobs."),
         },
         "servers": [{"url": "http://127.0.0.1:9877", "description": "default `[http] listen`"}],
         # Auth is optional: the empty requirement {} means "no token needed" (the default).

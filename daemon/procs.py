@@ -201,7 +201,8 @@ def user_name(uid: int) -> str:
     name = _user_cache.get(uid)
     if name is None:
         try:
-            name = pwd.getpwuid(uid).pw_name
+            # A passwd name need not be UTF-8: keep it printable and encodable.
+            name = pwd.getpwuid(uid).pw_name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         except KeyError:
             name = str(uid)
         _user_cache[uid] = name

@@ -23,6 +23,9 @@ Answers and what happens to the batch:
 - 413: the batch is split in halves until it fits; a single line still too large goes
   to the dead-letter file (``too_large``).
 - 401 / 403: kept; health degraded ("auth"); retried every ``auth_retry_s``.
+- the spool cannot be written (disk full): the tick's lines are dropped and counted
+  (``spool_error``); health degraded ("spool write failed") until an append works
+  again, however well delivery of what is already spooled goes meanwhile.
 - network error, timeout (``timeout_s``), 404, 429, 5xx and any other answer: kept;
   retried after ``Retry-After`` (capped at ``retry_after_cap_s`` = 600 s) when given,
   else after a jittered exponential backoff capped at ``backoff_cap_s`` = 60 s.
@@ -232,7 +235,8 @@ class InfluxSink:
         self._inflight: deque[list[str]] | None = None
         self._inflight_cursor: SpoolCursor | None = None
         self._attempt = 0
-        self._failing = False
+        self._failing = False  # delivery to the server is failing
+        self._spool_failing = False  # appending to the spool is failing (disk full): lines are dropped
         self._db_create_tried = False
 
     # ------------------------------------------------------------------ tick path
@@ -254,10 +258,15 @@ class InfluxSink:
         except (OSError, ValueError) as exc:
             with self._lock:
                 self._dropped["spool_error"] += len(lines)
+            self._spool_failing = True
             self._report_failure("spool write failed", f"spool write failed: {exc}")
             return
         with self._lock:
             self._submitted += len(lines)
+        if self._spool_failing:  # the disk takes lines again
+            self._spool_failing = False
+            if not self._failing:
+                self._report_ok()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -493,6 +502,8 @@ class InfluxSink:
     # ------------------------------------------------------------------ health, figures
 
     def _report_ok(self) -> None:
+        if self._spool_failing:  # delivering old lines is not health while new ones are dropped
+            return
         if self._health is not None:
             self._health.ok(HEALTH_PART)
         elif self._last_detail:

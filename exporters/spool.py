@@ -16,12 +16,17 @@ Each segment is a sequence of records, one per line::
 
 Guarantees and limits:
 - ``append`` writes all its lines with one ``write`` and one ``fdatasync``: once it
-  returns, the lines survive a crash or power loss. The daemon appends once per tick,
+  returns, the lines survive a crash or power loss. When the disk refuses (full), it
+  raises and keeps nothing of that call (the caller counts the lines as dropped); a
+  segment that got nothing is removed again, so a long disk-full spell leaves no
+  trail of empty files. The daemon appends once per tick,
   so a crash loses at most the tick being appended.
 - Delivery is at-least-once: ``peek`` returns lines and a cursor without removing them;
   ``commit(cursor)`` drops them. The cursor file is replaced atomically but not
   fsynced: after a power loss the last commits may be forgotten and those lines are
-  delivered again (harmless for InfluxDB, which overwrites identical points).
+  delivered again (harmless for InfluxDB, which overwrites identical points). When
+  the cursor file cannot be written (disk full) the commit still holds in memory; it
+  is counted in ``cursor_save_errors_total`` and a restart would replay those lines.
 - On open every segment is read and checked. A torn tail (a record cut short by a
   crash, or a length that cannot be right) ends that segment's readable data; its bytes
   are counted in ``torn_bytes_total``. A record whose CRC does not match is skipped
@@ -183,6 +188,7 @@ class Spool:
         self.oversize_lines_total = 0  # refused by append (longer than MAX_LINE_BYTES)
         self.corrupt_records_total = 0
         self.torn_bytes_total = 0
+        self.cursor_save_errors_total = 0  # cursor.json could not be written (replays, never loss)
         os.makedirs(directory, exist_ok=True)
         self._lock_fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -292,6 +298,9 @@ class Spool:
                 except OSError:
                     pass
                 self._close_active()  # the next append starts a fresh segment
+                if active.size == 0:  # (disk full: never leave one empty file per failed append)
+                    self._segments.remove(active)
+                    self._unlink(active.path)
                 raise
             active.size += len(data)
             active.records += len(frames)
@@ -409,7 +418,10 @@ class Spool:
             self._pending_lines -= delivered
             self.committed_lines_total += delivered
             self._oldest_appended_s = None
-            self._save_cursor()
+            try:
+                self._save_cursor()
+            except OSError:  # disk full: the position lives on in memory; at worst a
+                self.cursor_save_errors_total += 1  # restart delivers these lines again
             return delivered
 
     def _save_cursor(self) -> None:

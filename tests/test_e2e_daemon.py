@@ -28,6 +28,7 @@ from wattprint.daemon.procs import sanitize_label
 GPU_W, PKG_W, DRAM_W = 250.0, 30.0, 5.0
 NASTY = 'train "q", a=b c\\d\\\nnext}line {x="y"} é'
 SANE = sanitize_label(NASTY)
+SANE_Q = urllib.parse.quote(SANE, safe="")
 
 
 def rate(m1: dict, m2: dict, name: str, **labels: str) -> float:
@@ -121,7 +122,7 @@ def test_daemon_end_to_end(tmp_path, job_process, promtool):
         downtime = restarted_at - killed_at
         assert gained <= GPU_W * (span + 0.1)  # nothing counted twice
         assert gained >= GPU_W * (span - downtime - 1.5)  # lost at most the downtime and one tick
-        dup = [j for j in daemon.get("/api/v1/jobs")["jobs"] if j["label_raw"] == NASTY]
+        dup = [j for j in daemon.get(f"/api/v1/jobs?label={SANE_Q}&limit=10000")["jobs"] if j["label_raw"] == NASTY]
         assert len(dup) == 1, [(j["id"], j["root_pid"], j["command"], j["started_at"], j["state"]) for j in dup]
 
         # 6. The job ends when its process exits, totals intact.

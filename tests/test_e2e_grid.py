@@ -158,6 +158,7 @@ def test_co2e_over_an_hour_of_changing_intensity_accelerated(tmp_path, labelled,
     engine = Engine(
         sources=[NvmlGpuSource(SimulatedNvml(str(sim), clock=lambda: clock["mono"]))],
         tracker=ProcessTracker(), ledger=ledger, intensity=book, health=health,
+        read_timeout_s=30.0,  # simulated time: a loaded machine must not time reads out
     )
 
     def fetch() -> None:

@@ -23,6 +23,7 @@ import pytest
 
 from daemon_harness import DaemonProcess, sample
 from gpusim import gpu, proc, write_sim
+from wattprint.exporters.lineprotocol import ns_from_s
 
 DB = "wattprint"
 
@@ -136,8 +137,9 @@ def test_totals_outage_and_crash(tmp_path, labelled, influxdb_server):
 
         stamps = ts_ns(influxdb_server, 'SELECT "watts" FROM "device_power" WHERE "device" = $d', {"d": "gpu0"})
         assert len(stamps) == len(set(stamps))
-        before = [t for t in stamps if t <= before_kill * 1e9 + 1]
-        after = [t for t in stamps if t > before_kill * 1e9 + 1]
+        cut = ns_from_s(before_kill)  # timestamps are written at microsecond precision
+        before = [t for t in stamps if t <= cut]
+        after = [t for t in stamps if t > cut]
         assert_no_gaps(before)  # everything accepted before the SIGKILL arrived
         assert_no_gaps(after)
         assert before[-1] / 1e9 == pytest.approx(before_kill, abs=0.01)

@@ -56,7 +56,7 @@ def make_engine(tmp_path, sim, clock, grace_s=10.0):
         sources=[NvmlGpuSource(SimulatedNvml(str(sim), clock=lambda: clock["mono"])), Broken()],
         tracker=ProcessTracker(rescan_interval_s=0), ledger=Ledger(str(tmp_path / "s.sqlite3"), "h", 60),
         intensity=IntensityBook(GridConfig(), "static", "static", 400.0), health=health,
-        finished_grace_s=grace_s,
+        finished_grace_s=grace_s, read_timeout_s=30.0,  # a loaded machine must not time reads out here
     )
 
 

@@ -42,6 +42,10 @@ Extensions (for failure tests):
   utilisation raises ``NVMLError_NotSupported``, as on a real MIG-enabled board.
 - ``util_supported`` (bool, default true): false makes
   ``nvmlDeviceGetProcessUtilization`` raise ``NVMLError_NotSupported``.
+- ``hang_s`` (number >= 0, default 0): a hung driver. ``nvmlDeviceGetHandleByIndex``
+  for that GPU (the first call of every per-GPU read) blocks ``hang_s`` seconds before
+  it answers. The value in force when the call starts applies; the lock is not held
+  while it blocks. The energy counter keeps integrating meanwhile.
 
 When the file is read
 ---------------------
@@ -94,7 +98,7 @@ NO_INSTANCE_ID = 0xFFFFFFFF  # gpuInstanceId / computeInstanceId without MIG
 
 _GPU_KEYS = {
     "name", "uuid", "power_w", "energy_counter", "memory_total_bytes", "memory_used_bytes",
-    "processes", "counter_epoch", "lost", "mig", "util_supported",
+    "processes", "counter_epoch", "lost", "mig", "util_supported", "hang_s",
 }
 _PROCESS_KEYS = {"pid", "used_memory_bytes", "sm_util", "mem_util", "type"}
 _PROCESS_TYPES = ("compute", "graphics", "compute+graphics")
@@ -139,6 +143,7 @@ class _SimGpu:
     lost: bool
     mig: bool
     util_supported: bool
+    hang_s: float = 0.0
 
 
 @dataclass
@@ -231,6 +236,7 @@ def _parse_gpu(where: str, index: int, raw: Any) -> _SimGpu:
         lost=_boolean(f"{where}.lost", raw.get("lost", False)),
         mig=_boolean(f"{where}.mig", raw.get("mig", False)),
         util_supported=_boolean(f"{where}.util_supported", raw.get("util_supported", True)),
+        hang_s=_number(f"{where}.hang_s", raw.get("hang_s", 0), 0, 3600),
     )
 
 
@@ -317,8 +323,10 @@ class SimulatedNvml:
             self._check_init()
             if not isinstance(index, int) or not 0 <= index < len(self._gpus):
                 raise _nvml_error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-            self._state(SimHandle(index))  # raises GpuIsLost for a lost GPU
-            return SimHandle(index)
+            hang_s = self._state(SimHandle(index)).spec.hang_s  # raises GpuIsLost for a lost GPU
+        if hang_s > 0:
+            time.sleep(hang_s)  # a hung driver call (outside the lock)
+        return SimHandle(index)
 
     def nvmlDeviceGetName(self, handle: SimHandle) -> str:
         with self._lock:

@@ -26,7 +26,14 @@ and nested (``ROOT/intel-rapl:0/intel-rapl:0:1``, as under
 and one that replaces it atomically (new inode) are both seen. A gap between two
 successful reads of one zone keeps its baseline, so a zone that fails for a tick
 loses nothing, as long as the gap is shorter than one wrap period (minutes at full
-power: 262,143,328,850 µJ on Intel, 65.5e9 µJ on an AMD EPYC 7543).
+power: 262,143,328,850 µJ on Intel, 65.5e9 µJ on an AMD EPYC 7543). Two wraps
+between two reads cannot be told from one: the daemon reads every second, far more
+often than any zone wraps.
+
+A zone whose ``energy_uj`` vanishes (module unloaded, zone removed) is different: when
+it comes back its counter may have restarted, and a value below the old one would be
+taken for a wrap worth up to a whole range. Its baseline is therefore dropped when it
+vanishes, and it starts afresh (0 J for the gap, not a guess) when it is back.
 """
 
 from __future__ import annotations
@@ -258,6 +265,9 @@ class RaplSource:
             except FileNotFoundError:
                 out.vanished += 1
                 out.problems.append(f"{label}: vanished ({zone.energy_path} not found)")
+                # Its counter may restart when it comes back: never read that as a wrap.
+                st.diff = CounterDiff(max_value=zone.max_energy_range_uj)
+                st.last_ok_mono_s = None
                 continue
             except ValueError as exc:
                 out.problems.append(f"{label}: {exc}")
