@@ -17,25 +17,30 @@ simulated time, for ``--days`` simulated days (default 7: 60,480 ticks).
   6) are alive at each tick, and each is killed after a random 1..2*mean ticks.
 
 Every ``--sample-hours`` (default 6) of simulated time it records the process RSS,
-tracemalloc's traced memory (on by default; ``--no-tracemalloc`` for undisturbed
-CPU figures), the number of samples and of job samples in a ``render()`` of the
-daemon's Prometheus registry, the store's size on disk (database + WAL), its pages
-in use and its rows, and tick CPU time (process CPU per ``tick_blocking`` call:
-mean, p50, p99, max over the window).
+the native heaps tracemalloc cannot see (glibc malloc in use and free, SQLite's own
+heap), open files and threads, tracemalloc's live Python heap (on by default; it
+makes ticks about 4x slower, so ``--no-tracemalloc`` for CPU figures), the samples
+and job samples in a ``render()`` of the daemon's Prometheus registry, the store's
+size on disk (database + WAL), its pages in use and rows, and tick CPU time (process
+CPU per ``tick_blocking`` call). The soak's own bookkeeping is fixed-size (a PID
+bitmap, a histogram of tick times), so nothing it holds grows with time.
 
 Retention: the config sets ``[daemon] retention_days = --retention-days`` (default
-1). If the engine prunes by itself, that is all; else, if ``Ledger.prune`` exists, the
-soak calls it once a simulated hour with a cutoff ``retention_days`` back; else the
-store grows and the summary gives its growth per job and per day and says that
-retention is pending. What happened is measured, not assumed: the summary shows the
-age of the oldest bucket left in the store.
+1) and the engine prunes hourly, as in the daemon (where an engine without
+``retention_days`` but a ``Ledger.prune`` is found, the soak calls that hourly
+instead; with neither, the store just grows and the summary says so). What happened
+is measured, not assumed: the summary shows the age of the oldest bucket left.
 
-At the end it checks what it can: every spawned job was found (when nothing was
-pruned), device energy = power x simulated time, jobs + unattributed = devices per
-component, the final exposition parses.
+At the end it checks what it can: every spawned job found under its label (all of
+them when nothing was pruned), device energy = power x simulated time, jobs +
+unattributed = devices per component, the final exposition parses.
+
+Run it in its own PID namespace so that other processes (and other labelled jobs)
+on the machine stay out of its figures:
+    unshare --pid --fork --mount-proc .venv/bin/python benchmarks/soak.py
 
 Usage: python benchmarks/soak.py [--days 7] [--tick-s 10] [--jobs 5000] [--alive 6]
-       [--retention-days 1] [--sample-hours 6] [--seed N] [--no-tracemalloc] [--json FILE]
+       [--retention-days 1] [--sample-hours 6] [--seed N] [--no-tracemalloc] [--json FILE] [--keep]
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import logging
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,7 +78,6 @@ from wattprint.daemon.app import build_engine, store_path  # noqa: E402
 from wattprint.daemon.config import load_config  # noqa: E402
 from wattprint.daemon.engine import Engine  # noqa: E402
 from wattprint.daemon.health import HealthBoard  # noqa: E402
-from wattprint.daemon.ledger import Ledger  # noqa: E402
 from wattprint.daemon.sources.gpu import NvmlGpuSource  # noqa: E402
 from wattprint.daemon.sources.nvml_sim import SimulatedNvml  # noqa: E402
 from wattprint.exporters.prometheus import build_registry, render  # noqa: E402
@@ -275,6 +280,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--no-tracemalloc", action="store_true")
     ap.add_argument("--json", help="write the samples and the summary here")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (store, sim file)")
     args = ap.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
     rng = random.Random(seed)
@@ -452,6 +458,11 @@ def main() -> int:
     jobs_in_store = conn.execute("SELECT count(*) FROM jobs WHERE root_pid IN (SELECT pid FROM temp.spawned) "
                                  "AND started_at >= ?", (real_begin - 1,)).fetchone()[0]
     distinct_pids = len(pid_list)
+    # Every spawned job carries a label: a job found any other way (process group) means
+    # a labelled process was not recognised as such.
+    other_jobs = [tuple(r) for r in conn.execute(
+        "SELECT id, command, label_source FROM jobs WHERE label_source != 'WATTPRINT_JOB' AND started_at >= ? - 60",
+        (real_begin,))]
     sizes = dict(conn.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name").fetchall())
     oldest = conn.execute("SELECT min(bucket_start) FROM device_buckets").fetchone()[0]
     pruned = oldest is not None and oldest > START_WALL + 3600
@@ -482,6 +493,7 @@ def main() -> int:
         "store_mib_end": samples[-1].store_mib, "store_used_mib_end": samples[-1].store_used_mib,
         "store_used_mib_day1": first_day[-1].store_used_mib, "store_used_growth_mib_per_day_after_day1": per_day_mib,
         "job_rows_end": samples[-1].job_rows, "jobs_in_store": jobs_in_store, "distinct_pids": distinct_pids,
+        "jobs_not_found_by_label": [" ".join(map(str, r)) for r in other_jobs],
         "store_bytes_by_table": sizes,
         "store_bytes_per_job": (job_bytes / samples[-1].job_rows) if samples[-1].job_rows else None,
         "tick_cpu_ms_mean": all_ticks.mean(), "tick_cpu_ms_p50": all_ticks.quantile(0.5),
@@ -505,6 +517,10 @@ def main() -> int:
         elif isinstance(value, dict):
             value = ", ".join(f"{k} {v:.2e}" for k, v in value.items())
         print(f"  {key}: {value}")
+    if args.keep:
+        print(f"soak: kept {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "samples": [s.__dict__ for s in samples]}, indent=1))
     ok = abs(summary["gpu_energy_rel_error"]) < 1e-6 and all(abs(v) < 1e-9 for v in conservation.values())

@@ -129,15 +129,18 @@ def test_sanitize_and_overflow_per_user(procs):
     assert sanitize_label('a "b",c=d\\\n') == "a__b__c_d__"
     assert sanitize_label("x" * 100) == "x" * MAX_LABEL_LEN
     assert sanitize_label("") == "_"
-    # Labelled processes of other tests may be alive: they count towards the bound too.
-    others = {j.identity.label for j in ProcessTracker().observe(time.monotonic(), []).jobs
-              if j.identity.uid == os.geteuid() and j.identity.label}
-    ps = [procs(SLEEP, {"WATTPRINT_JOB": f"many-{i}"}) for i in range(4)]
+    # The bound is per user: run the jobs as a uid of their own, so that labelled
+    # processes of anything else on the machine do not count (needs root).
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start processes as another uid")
+    uid = 54321 + os.getpid() % 1000
+    ps = [procs(["sleep", "60"], {"WATTPRINT_JOB": f"many-{i}"}, preexec_fn=lambda: (os.setgid(uid), os.setuid(uid)))
+          for i in range(4)]
     time.sleep(0.4)
-    t = ProcessTracker(max_labels_per_user=len(others) + 2)
+    t = ProcessTracker(max_labels_per_user=2)
     mine = [j for j in t.observe(time.monotonic(), []).jobs if j.identity.root_pid in {p.pid for p in ps}]
     labels = sorted(j.identity.label for j in mine)
-    assert len(mine) == 4
+    assert len(mine) == 4 and {j.identity.uid for j in mine} == {uid}
     assert labels.count(OVERFLOW_LABEL) == 2
     assert {j.identity.label_raw for j in mine} == {f"many-{i}" for i in range(4)}
 
