@@ -291,7 +291,7 @@ def run_rapl_wrap(quick: bool) -> list[dict[str, Any]]:
         for d in engine.snapshot.devices:
             measured[d.kind] += d.energy_j_total
         engine.close()
-        note = (f"{seconds} s, range 250 J, {wraps_before} wraps corrected" if not stall else
+        note = (f"{seconds} s, range 250 J, {wraps_before} wraps corrected over the 4 zones" if not stall else
                 "150 W, one read 3 s after the previous (450 J > 250 J range): a whole range is lost")
         rows.append(row(case, "package energy (2 packages)", fed["cpu"], measured["cpu"], "J", note))
         if not stall:

@@ -291,9 +291,16 @@ class ProcessTracker:
         """Update or create the state of ``pid`` from a fresh stat reading."""
         known = self._by_pid.get(pid)
         if known is not None and known.stat.start_ticks == st.start_ticks:
-            if known.stat.comm != st.comm and known.job is None:
-                # It exec'd since we looked: its environment (label) may be new.
+            if known.stat.comm != st.comm and (known.job is None or known.job.label_source == "pgid"
+                                                or known.job.label_source.startswith("cgroup:")):
+                # It exec'd since we looked: its environment (label) may be new. A
+                # process first seen between fork and exec carried its parent's
+                # environment; if it now has a label of its own, the label decides.
+                before = known.label_raw
                 self._read_identity(known)
+                if known.job is not None and known.label_raw is not None and known.label_raw != before:
+                    known.job, known.job_cgroup = None, None
+                    self._fresh.add(pid)
             known.stat = st
             return known
         try:

@@ -142,6 +142,22 @@ def first_tick_seen(daemon: DaemonProcess, deadline: float) -> float | None:
     return None
 
 
+def jobs_labelled(daemon: DaemonProcess, label: str) -> list[dict]:
+    return daemon.get(f"/api/v1/jobs?label={urllib.parse.quote(label, safe='')}&limit=10000")["jobs"]
+
+
+def wait_for_job(daemon: DaemonProcess, label: str, timeout_s: float = 20.0) -> dict:
+    """The running job with this label once it has energy (found by label, not among
+    the newest 100 jobs: other labelled processes on the machine may be newer)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for job in jobs_labelled(daemon, label):
+            if job["state"] == "running" and job["energy_j"]["total"] > 0:
+                return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {label!r} not seen in {timeout_s} s:\n{daemon.log_tail()}")
+
+
 def job_metrics(daemon: DaemonProcess, job: dict) -> dict[str, float]:
     m = daemon.metrics()
     labels = {"job_id": job["id"], "label": job["label"], "user": job["user"]}
@@ -151,7 +167,7 @@ def job_metrics(daemon: DaemonProcess, job: dict) -> dict[str, float]:
 def check_api(daemon: DaemonProcess, label: str, job_id: str, floor: dict[str, float], seen: Seen, why: str) -> dict:
     """The job through the API and /metrics: same id, running, never below ``floor``
     (the store at the last kill) nor below what was shown before."""
-    jobs = daemon.get(f"/api/v1/jobs?label={urllib.parse.quote(label, safe='')}&limit=10000")["jobs"]
+    jobs = jobs_labelled(daemon, label)
     assert [j["id"] for j in jobs] == [job_id], f"{why}: job identity changed: {jobs}"
     job = jobs[0]
     assert job["state"] == "running", f"{why}: {job}"
@@ -191,14 +207,17 @@ def test_sigkill_loop_totals_never_go_backwards_and_lose_at_most_the_last_second
     zones = tree.add_package(0, max_energy_range_uj=50_000_000, dram=True)  # the package wraps every 1.25 s
     sim = tmp_path / "sim.json"
     write_sim(sim, [gpu(0, power_w=GPU_W, processes=[proc(job_p.pid, sm_util=80)])])
+    # Small buckets: crashes land in many of them, some mid-bucket. Other tests and
+    # benchmarks may run many labelled processes on this machine meanwhile: lift the
+    # per-user label bound so this job keeps its label, and look it up by label.
     daemon = DaemonProcess(tmp_path, sim_file=sim, powercap_root=tmp_path / "powercap",
-                           daemon_toml="bucket_s = 5")  # crashes land in many buckets, some mid-bucket
+                           daemon_toml="bucket_s = 5", env={"WATTPRINT_JOBS_MAX_LABELS_PER_USER": "100000"})
     store = tmp_path / "state" / "wattprint.sqlite3"
     feeder = tree.start_feeding({zones["package"]: PKG_W, zones["dram"]: DRAM_W}, period_s=0.01)
     t_start = time.monotonic()
     try:
         daemon.start()
-        job = daemon.wait_for_job(label)
+        job = wait_for_job(daemon, label)
         job_id = job["id"]
         assert job["root_pid"] == job_p.pid
         seen = Seen()
