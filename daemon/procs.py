@@ -291,16 +291,8 @@ class ProcessTracker:
         """Update or create the state of ``pid`` from a fresh stat reading."""
         known = self._by_pid.get(pid)
         if known is not None and known.stat.start_ticks == st.start_ticks:
-            if known.stat.comm != st.comm and (known.job is None or known.job.label_source == "pgid"
-                                                or known.job.label_source.startswith("cgroup:")):
-                # It exec'd since we looked: its environment (label) may be new. A
-                # process first seen between fork and exec carried its parent's
-                # environment; if it now has a label of its own, the label decides.
-                before = known.label_raw
-                self._read_identity(known)
-                if known.job is not None and known.label_raw is not None and known.label_raw != before:
-                    known.job, known.job_cgroup = None, None
-                    self._fresh.add(pid)
+            if known.stat.comm != st.comm:
+                self._relabel(known)  # it exec'd since we looked
             known.stat = st
             return known
         try:
@@ -314,6 +306,18 @@ class ProcessTracker:
         if self._now_ticks() - st.start_ticks < CLK_TCK:
             self._young.add(pid)  # maybe not exec'd yet: look again next tick
         return proc
+
+    def _relabel(self, proc: _Proc) -> None:
+        """Read the label again (the process may have exec'd with a new environment:
+        one first seen between fork and exec carried its parent's). A label of its
+        own wins over a process-group or cgroup job; a labelled job is kept for life."""
+        if proc.job is not None and not (proc.job.label_source == "pgid" or proc.job.label_source.startswith("cgroup:")):
+            return
+        before = proc.label_raw
+        self._read_identity(proc)
+        if proc.job is not None and proc.label_raw is not None and proc.label_raw != before:
+            proc.job, proc.job_cgroup = None, None
+        self._fresh.add(proc.stat.pid)
 
     def _read_identity(self, proc: _Proc) -> None:
         found = read_label(proc.stat.pid, self.label_env, self.proc_root)
@@ -411,8 +415,8 @@ class ProcessTracker:
         process (process groups, cgroups and PIDs may have changed).
         """
         gpu_pids = set(gpu_pids)
+        young, self._young = self._young, set()  # first seen on an earlier tick, under a second old
         wrapped = self._discover()
-        young, self._young = self._young, set()
         unknown_gpu = any(p in self._by_pid and self._by_pid[p].job is None for p in gpu_pids)
         scanned = wrapped or unknown_gpu or now_mono_s - self._last_scan_mono >= self.rescan_interval_s
         if scanned:
@@ -424,6 +428,9 @@ class ProcessTracker:
             for pid in cg_moved:  # moved into a job cgroup after we first read it
                 self._by_pid[pid].cgroup = read_cgroup(pid, self.proc_root)
             self._reread((self._tracked | gpu_pids | young | members) & self._by_pid.keys())
+        for pid in young:  # first seen under a second old: maybe not exec'd then
+            if pid in self._by_pid:
+                self._relabel(self._by_pid[pid])
         live = self._by_pid
         if scanned:
             candidates: Iterable[int] = live.keys()

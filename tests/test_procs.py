@@ -257,3 +257,28 @@ def test_pid_reuse_gives_two_jobs(procs):
     b = next(j for j in t.observe(time.monotonic(), []).jobs if j.identity.root_pid == second.pid)
     assert a.identity.root_pid == b.identity.root_pid
     assert a.identity.job_id != b.identity.job_id
+
+
+def test_label_set_at_exec_wins_over_the_parents_process_group(procs):
+    """A child first seen between fork and exec carries its parent's environment; when
+    it execs with a label of its own (same executable name), the label decides."""
+    code = ("import os, sys, time\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    time.sleep(1.5)\n"
+            "    os.execve(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+            "              {**os.environ, 'WATTPRINT_JOB': 'late-label'})\n"
+            "time.sleep(60)\n")
+    parent = procs([sys.executable, "-c", code])
+    time.sleep(0.5)
+    t = ProcessTracker(rescan_interval_s=1000)
+    v = t.observe(time.monotonic(), [parent.pid])  # the parent is on a GPU: its process group is a job
+    pg = next(j for j in v.jobs if j.identity.root_pid == parent.pid)
+    assert pg.identity.label_source == "pgid" and len(pg.pids) == 2  # the child, not yet exec'd, is in it
+    child = next(p for p in pg.pids if p != parent.pid)
+    time.sleep(2.0)
+    v = t.observe(time.monotonic(), [parent.pid])
+    assert not v.scanned
+    labelled = [j for j in v.jobs if j.identity.label == "late-label"]
+    assert len(labelled) == 1 and labelled[0].pids == {child}
+    assert next(j for j in v.jobs if j.identity.root_pid == parent.pid).pids == {parent.pid}
