@@ -46,6 +46,8 @@ class DaemonProcess:
             lines += ['source = "estimate"']
         self.config_path.write_text("\n".join(lines) + "\n" + extra_toml)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("WATTPRINT_")}
+        # Tests poll the API faster than a person would: no rate limit unless a test sets one.
+        self.env["WATTPRINT_HTTP_RATE_LIMIT_PER_S"] = "0"
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
