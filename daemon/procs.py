@@ -279,6 +279,7 @@ class ProcessTracker:
     # (pid, start) -> (own CPU ticks, reaped-children CPU ticks, ppid, job id) at the last tick
     _last_cpu: dict[tuple[int, int], tuple[int, int, int, str]] = field(default_factory=dict)
     _last_ticks: tuple[int, int] | None = None
+    _last_uptime_ticks: int | None = None  # clock ticks since boot at the last observe
     _boot_time: float = 0.0
 
     def __post_init__(self) -> None:
@@ -448,6 +449,7 @@ class ProcessTracker:
             total_s = max(0, total - self._last_ticks[1]) / CLK_TCK
         self._last_ticks = (busy, total)
 
+        prev_uptime, self._last_uptime_ticks = self._last_uptime_ticks, self._now_ticks()
         usages: list[JobUsage] = []
         pid_to_job: dict[int, str] = {}
         new_last: dict[tuple[int, int], tuple[int, int, int, str]] = {}
@@ -466,8 +468,12 @@ class ProcessTracker:
                 prev = self._last_cpu.get(key)
                 if prev is not None:
                     ticks += max(0, proc.stat.cpu_ticks - prev[0]) + max(0, proc.stat.child_cpu_ticks - prev[1])
-                # A process first seen now: its earlier CPU time predates this
-                # interval and is not booked.
+                elif prev_uptime is not None and proc.stat.start_ticks >= prev_uptime:
+                    # Born since the last tick: all of its CPU time is this interval's
+                    # (and is subtracted again through its parent when it exits).
+                    ticks += proc.stat.cpu_ticks + proc.stat.child_cpu_ticks
+                # Otherwise a process first seen now ran before we looked: its earlier
+                # CPU time predates this interval and is not booked.
                 new_last[key] = (proc.stat.cpu_ticks, proc.stat.child_cpu_ticks, proc.stat.ppid, identity.job_id)
                 rss += proc.stat.rss_bytes
                 pid_to_job[proc.stat.pid] = identity.job_id
