@@ -349,12 +349,7 @@ class Engine:
             g_per_kwh=intensity.g_per_kwh if intensity else None,
             intensity_status=intensity.status if intensity else "",
         )
-        for sink in self.sinks:
-            try:
-                sink(record)
-            except Exception as exc:
-                log.debug("sink failed", exc_info=True)
-                self.health.fail("sinks", f"{type(exc).__name__}: {exc}")
+        self._feed(self.sinks, record)
         self._store(TickRow(wall, job_ticks, device_rows, dict(att.unattributed_j), intensity, ended))
         self._maybe_prune(now_mono, wall)
 
@@ -463,6 +458,15 @@ class Engine:
             log.info("retention: deleted %d row(s) older than %g days in %.2f s (%s)", total, self.retention_days,
                      time.perf_counter() - started, ", ".join(f"{k} {v}" for k, v in deleted.items() if v))
 
+    def _feed(self, sinks: Sequence[Callable[[Any], None]], value: Any) -> None:
+        """Hand ``value`` to every sink; a failing sink degrades "sinks", never the tick."""
+        for sink in sinks:
+            try:
+                sink(value)
+            except Exception as exc:
+                log.debug("sink failed", exc_info=True)
+                self.health.fail("sinks", f"{type(exc).__name__}: {exc}")
+
     # -- settlement ----------------------------------------------------------
     def settle_blocking(self) -> int:
         """Re-evaluate every provisional bucket against the intensity book (new
@@ -489,12 +493,7 @@ class Engine:
                               g_per_kwh=r["g_per_kwh"], status=r["status"])
                 for r in self.ledger.bucket_job_energy([b for b, _ in changed])
             ]
-            for sink in self.settle_sinks:
-                try:
-                    sink(settled)
-                except Exception as exc:
-                    log.debug("settle sink failed", exc_info=True)
-                    self.health.fail("sinks", f"{type(exc).__name__}: {exc}")
+            self._feed(self.settle_sinks, settled)
         log.info("settled %d bucket(s) with new grid intensity", len(changed))
         return len(changed)
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pytest
 from aiohttp import web
@@ -76,3 +80,28 @@ def background_app() -> Iterator[BackgroundAppFactory]:
     finally:
         for server in started:
             server.stop()
+
+
+# ------------------------------------------------------------------------- processes
+
+
+@pytest.fixture
+def labelled_process() -> Iterator[Callable[[str], subprocess.Popen]]:
+    """Call with a label to start a real sleeping process with ``WATTPRINT_JOB`` set,
+    in its own session; every one is killed (its whole group) afterwards."""
+    started: list[subprocess.Popen] = []
+
+    def start(label: str) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
+        env["WATTPRINT_JOB"] = label
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], env=env, start_new_session=True)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()

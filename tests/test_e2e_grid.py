@@ -31,16 +31,8 @@ J_PER_KWH = 3.6e6
 
 
 @pytest.fixture
-def labelled():
-    env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
-    env["WATTPRINT_JOB"] = "carbon-job"
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], env=env, start_new_session=True)
-    yield p
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    p.wait()
+def labelled(labelled_process):
+    return labelled_process("carbon-job")
 
 
 def interval_of(t: float) -> float:

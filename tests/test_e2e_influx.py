@@ -29,23 +29,8 @@ DB = "wattprint"
 
 
 @pytest.fixture
-def labelled():
-    started = []
-
-    def start(label: str) -> subprocess.Popen:
-        env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
-        env["WATTPRINT_JOB"] = label
-        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], env=env, start_new_session=True)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait()
+def labelled(labelled_process):
+    return labelled_process
 
 
 def influx_toml(url: str) -> str:
