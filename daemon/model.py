@@ -25,6 +25,13 @@ class GpuProcessUse:
     pid: int
     used_memory_bytes: int | None = None  # None: NVML did not report it
     sm_util_pct: float | None = None  # None: no utilisation sample in the interval
+    enc_util_pct: float | None = None  # video encoder %, None: no sample / not reported
+    dec_util_pct: float | None = None  # video decoder %, None: no sample / not reported
+    # False: the PID has no /proc entry the daemon can see (another PID namespace, pid 0,
+    # exited between reads). Such a process keeps its share of the GPU; that share is
+    # booked as unattributed, never spread over the visible processes.
+    visible: bool = True
+    kind: str = "compute"  # compute | graphics | compute+graphics | mps
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +52,11 @@ class DeviceReading:
     memory_used_bytes: int | None = None  # GPU only
     memory_total_bytes: int | None = None  # GPU only
     name: str = ""  # human model name ("NVIDIA H100 80GB HBM3"), uuid or zone name
-    attributable: bool = True  # False: energy must stay unattributed (e.g. MIG)
+    attributable: bool = True  # False: energy must stay unattributed
+    # A part of a physical device (a MIG GPU instance): the board's device name
+    # ("gpu0"); "" for a whole device. The board's energy is the sum of its parts'
+    # readings and its own (the remainder not assigned to any part).
+    parent: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +110,9 @@ class Snapshot:
     grid_provider: str = ""
     grid_g_per_kwh: float | None = None
     counters: Mapping[str, float] = field(default_factory=dict)  # daemon self-metrics
+    # (source, device, reason) -> untrusted counter steps since start (e.g. a RAPL
+    # counter that stepped back): wattprint_counter_glitches_total.
+    counter_glitches: Mapping[tuple[str, str, str], float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,33 @@ from servers import (
     require_binary,
 )
 
+# ------------------------------------------------------------------------- hermetic
+PROC_PID_INIT_INO = 0xEFFFFFFC  # the initial PID namespace's inode (include/linux/proc_ns.h)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under CI=true the suite must run in a PID namespace of its own (scripts/test.sh
+    does it), so that other users' processes on a shared machine cannot change results."""
+    if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
+        return
+    own_ns = os.stat("/proc/self/ns/pid").st_ino != PROC_PID_INIT_INO
+    if os.environ.get("WATTPRINT_TEST_PIDNS") != "1" or not own_ns:
+        pytest.exit("CI=true: run the suite through ./scripts/test.sh, which gives it a PID namespace of its "
+                    "own (unshare --pid --fork --mount-proc); it is not hermetic otherwise", returncode=3)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Under CI=true a skipped test is a failed test: CI runs as root with every server
+    installed, so a skip there means something the suite relies on is missing."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true (a skip is a failure in CI): {reason}"
+
+
 # ------------------------------------------------------------------------- servers
 # influxd and prometheus start in well under a second here, so every test gets its own.
 # A missing binary skips the test, or fails it under CI=true (see require_binary).
