@@ -13,6 +13,16 @@ time a request may take (``REQUEST_TIMEOUT_S``; 503). Requests that aiohttp's HT
 parser refuses (a request line over ``PARSER_MAX_LINE_BYTES``, a header over
 ``PARSER_MAX_FIELD_BYTES``, not HTTP at all) get a JSON 400 too (``start_runner``).
 
+Connections, checked when one is accepted (``ConnectionLimiter``): at most ``[http]
+max_connections`` open at once (lowered to fit the open-files limit, which the daemon
+raises to its hard limit at start) and ``[http] max_connections_per_client`` per peer
+address (per uid on the Unix socket); a connection over a cap is answered 503 and
+closed at once. A connection that has not sent a whole request head within ``[http]
+header_timeout_s`` is closed (aiohttp has no such deadline of its own). Refusals put
+the ``api`` health part in degraded for the episode (logged once, with the count on
+recovery); an ``accept()`` that fails (out of descriptors) is counted and logged once
+per episode, not once a second with a traceback.
+
 On the Unix socket (``[http] socket``) the kernel tells the daemon who is calling
 (``SO_PEERCRED``): a caller other than root sees only the jobs of its own uid (the
 list is filtered; another user's job id answers 404). ``/metrics`` and ``/healthz``
@@ -27,6 +37,7 @@ import json
 import logging
 import math
 import re
+import resource
 import socket
 import struct
 import time
@@ -42,8 +53,11 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from .carbon import IntensityBook
+from .config import redact_text
+from .health import HealthBoard
 from .ledger import LedgerReader
 from .model import Snapshot
+from .report import label_note
 
 log = logging.getLogger("wattprint.api")
 
@@ -63,6 +77,11 @@ REQUEST_TIMEOUT_S = 30.0  # a request still being handled after this answers 503
 KEEPALIVE_TIMEOUT_S = 15.0  # idle keep-alive connections are closed after this
 MAX_RATE_CLIENTS = 10_000  # token buckets kept; the least recently seen client is forgotten first
 SOCKET_TOKEN_PATHS = frozenset({"/metrics", "/healthz"})  # need the bearer token on the Unix socket too
+# Descriptors kept free of HTTP connections for the store, the sources, /proc and threads.
+RESERVED_FDS = 256
+EPISODE_QUIET_S = 10.0  # an episode of refused connections ends after this long without one
+HEALTH_PART = "api"
+ACCEPT_ERROR_MESSAGE = "socket.accept() out of system resource"  # asyncio's context message
 
 _UNSIGNED_INT = re.compile(r"[0-9]{1,18}")
 _DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?|\.[0-9]+(?:[eE][-+]?[0-9]+)?")
@@ -232,11 +251,196 @@ def _route(request: web.Request) -> str | None:
     return getattr(resource, "canonical", None)
 
 
+def raise_nofile_limit() -> tuple[int, int, int]:
+    """Raise the soft open-files limit to the hard limit: (soft before, soft now, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft, soft, hard
+        return soft, target, hard
+    return soft, soft, hard
+
+
+def fitting_max_connections(max_connections: int, soft_nofile: int | None = None) -> int:
+    """``max_connections`` lowered so that the open connections leave ``RESERVED_FDS``
+    descriptors (and half of the rest) for everything else the daemon opens."""
+    if soft_nofile is None:
+        soft_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft_nofile == resource.RLIM_INFINITY:
+        return max_connections
+    return max(1, min(max_connections, (soft_nofile - RESERVED_FDS) // 2))
+
+
+def _peer_key(transport: asyncio.BaseTransport) -> str:
+    """The limit key of a new connection: "uid:<uid>" on a Unix socket (SO_PEERCRED),
+    else "ip:<peer address>"."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        try:
+            _pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            return f"uid:{uid}"
+        except OSError:
+            return "uid:?"
+    peer = transport.get_extra_info("peername")
+    return f"ip:{peer[0]}" if isinstance(peer, (tuple, list)) and peer else "ip:?"
+
+
+class ConnectionLimiter:
+    """Caps on open connections (total and per client), the request-head deadline,
+    and the episodes of refused connections and failed ``accept()`` calls.
+
+    Runs on the event loop only. An episode starts with the first refusal (or accept
+    error): the ``api`` health part is degraded with the reason, logged once; it ends
+    ``EPISODE_QUIET_S`` after the last one (``poll``), logged once with the count."""
+
+    def __init__(self, max_total: int, max_per_client: int, header_timeout_s: float,
+                 health: HealthBoard | None = None, clock: Callable[[], float] = time.monotonic):
+        self.max_total = max_total
+        self.max_per_client = max_per_client
+        self.header_timeout_s = header_timeout_s
+        self.health = health
+        self._clock = clock
+        self._conns: dict[Any, tuple[str, asyncio.TimerHandle | None]] = {}  # handler -> (key, deadline)
+        self._per_client: dict[str, int] = {}
+        self.rejected_total = 0
+        self.header_timeouts_total = 0
+        self.accept_errors_total = 0
+        self._episode_since: float | None = None
+        self._episode_count = 0
+        self._last_trouble = 0.0
+        if health is not None:
+            health.register(HEALTH_PART)
+
+    @property
+    def open_total(self) -> int:
+        return len(self._conns)
+
+    def admit(self, handler: Any, transport: asyncio.BaseTransport, loop: asyncio.AbstractEventLoop) -> bool:
+        """Count a new connection in, or answer 503, close it and return False."""
+        key = _peer_key(transport)
+        held = self._per_client.get(key, 0)
+        if len(self._conns) >= self.max_total:
+            reason = f"{len(self._conns)} connections open ([http] max_connections = {self.max_total})"
+        elif held >= self.max_per_client:
+            reason = (f"client {key.split(':', 1)[1]} holds {held} connections "
+                      f"([http] max_connections_per_client = {self.max_per_client})")
+        else:
+            self._per_client[key] = held + 1
+            deadline = loop.call_later(self.header_timeout_s, self._head_deadline, handler) \
+                if self.header_timeout_s > 0 else None
+            self._conns[handler] = (key, deadline)
+            return True
+        self.rejected_total += 1
+        self._trouble(f"refusing new connections: {reason}; counted in wattprint_http_connections_rejected_total")
+        body = json.dumps({"error": {"status": 503, "message": "too many connections (" + reason + ")"}}).encode()
+        try:
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"  # type: ignore[attr-defined]
+                            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        finally:
+            transport.close()
+        return False
+
+    def release(self, handler: Any) -> None:
+        known = self._conns.pop(handler, None)
+        if known is None:
+            return
+        key, deadline = known
+        if deadline is not None:
+            deadline.cancel()
+        left = self._per_client.get(key, 1) - 1
+        if left > 0:
+            self._per_client[key] = left
+        else:
+            self._per_client.pop(key, None)
+
+    def _head_deadline(self, handler: Any) -> None:
+        """``header_timeout_s`` after a connection opened: close it unless it has sent
+        a whole request head (or is gone)."""
+        known = self._conns.get(handler)
+        if known is None:
+            return
+        self._conns[handler] = (known[0], None)
+        if getattr(handler, "_request_count", 1) == 0:
+            self.header_timeouts_total += 1
+            log.debug("closed a connection from %s: no request head within %g s", known[0], self.header_timeout_s)
+            handler.force_close()
+
+    def accept_failed(self, exc: BaseException | None) -> None:
+        """``accept()`` failed for lack of a resource (asyncio retries in a second)."""
+        self.accept_errors_total += 1
+        why = getattr(exc, "strerror", None) or (type(exc).__name__ if exc else "unknown error")
+        self._trouble(f"accept() of new connections is failing: {why} (open-files limit "
+                      f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]}); counted in wattprint_http_accept_errors_total")
+
+    def _trouble(self, detail: str) -> None:
+        self._last_trouble = self._clock()
+        self._episode_count += 1
+        if self._episode_since is not None:
+            return  # one log line per episode
+        self._episode_since = self._last_trouble
+        if self.health is not None:
+            self.health.fail(HEALTH_PART, detail)
+        else:
+            log.warning("api degraded: %s", detail)
+
+    def poll(self) -> None:
+        """End the episode once nothing was refused for ``EPISODE_QUIET_S``."""
+        if self._episode_since is None or self._clock() - self._last_trouble < EPISODE_QUIET_S:
+            return
+        summary = (f"{self._episode_count} connection(s) refused or failed to accept over "
+                   f"{self._last_trouble - self._episode_since:.0f} s")
+        self._episode_since = None
+        self._episode_count = 0
+        if self.health is not None:
+            self.health.ok(HEALTH_PART, f"last episode: {summary}")
+        else:
+            log.info("api recovered: %s", summary)
+
+    def counters(self) -> dict[str, float]:
+        """Self-metrics (``wattprint_<key>``)."""
+        return {
+            "http_connections_open": float(len(self._conns)),
+            "http_max_connections": float(self.max_total),
+            "http_connections_rejected_total": float(self.rejected_total),
+            "http_header_timeouts_total": float(self.header_timeouts_total),
+            "http_accept_errors_total": float(self.accept_errors_total),
+        }
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Route asyncio's accept-error reports here (other reports go where they went)."""
+        previous = loop.get_exception_handler()
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            if context.get("message") == ACCEPT_ERROR_MESSAGE:
+                self.accept_failed(context.get("exception"))
+            elif previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handler)
+
+
 class _JsonErrorRequestHandler(RequestHandler):
     """aiohttp's connection handler, answering what its HTTP parser refuses (and any
     failure outside the middlewares) with the API's JSON error instead of text."""
 
     __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        limiter: ConnectionLimiter | None = getattr(self._manager, "wattprint_limiter", None)
+        if limiter is not None and not limiter.admit(self, transport, self._loop):
+            return  # answered 503 and closed; nothing started
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        limiter: ConnectionLimiter | None = getattr(self._manager, "wattprint_limiter", None)
+        if limiter is not None:
+            limiter.release(self)
+        super().connection_lost(exc)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -269,8 +473,9 @@ class _JsonErrorServer(web.Server):
         return handler
 
 
-async def start_runner(app: web.Application) -> web.AppRunner:
-    """An AppRunner, set up, whose connections answer parser errors with JSON."""
+async def start_runner(app: web.Application, limiter: ConnectionLimiter | None = None) -> web.AppRunner:
+    """An AppRunner, set up, whose connections answer parser errors with JSON and,
+    with a ``limiter``, are capped and must send their request head in time."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     server = runner.server
@@ -279,6 +484,11 @@ async def start_runner(app: web.Application) -> web.AppRunner:
             server.__class__ = _JsonErrorServer
         except TypeError:  # pragma: no cover - a future aiohttp with another layout
             log.debug("aiohttp parser errors stay plain text: cannot wrap %r", server)
+    if limiter is not None:
+        if type(server) is not _JsonErrorServer:  # pragma: no cover - see above
+            raise RuntimeError("cannot cap HTTP connections with this aiohttp version")
+        server.wattprint_limiter = limiter  # type: ignore[union-attr]
+        limiter.install(asyncio.get_running_loop())
     return runner
 
 
@@ -289,7 +499,8 @@ class Api:
                  render_metrics: Callable[[], tuple[bytes, str]], *, host: str, bucket_s: int,
                  token: str = "", interval_s: float = 1.0, book: IntensityBook | None = None,
                  pue: float = 1.0, max_request_bytes: int = 65536, rate_limit_per_s: float = 0.0,
-                 request_timeout_s: float = REQUEST_TIMEOUT_S):
+                 request_timeout_s: float = REQUEST_TIMEOUT_S, limiter: ConnectionLimiter | None = None,
+                 max_labels_per_user: int | None = None, secrets: tuple[str, ...] = ()):
         self.book = book
         self.pue = pue
         self.host_name = host
@@ -302,7 +513,11 @@ class Api:
         self.max_request_bytes = max_request_bytes
         self.request_timeout_s = request_timeout_s
         self.limiter = RateLimiter(rate_limit_per_s)
+        self.connections = limiter
+        self.max_labels_per_user = max_labels_per_user
+        self.secrets = secrets  # redacted from what /healthz shows
         self._executor = ThreadPoolExecutor(2, thread_name_prefix="wattprint-api")
+        self._poller: asyncio.Task[None] | None = None
 
     async def _off_loop(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -323,11 +538,28 @@ class Api:
         app.router.add_get("/api/v1/host", self.host)
         app.router.add_get("/api/v1/intensity", self.intensity)
         app.router.add_get("/api/v1/openapi.json", self.openapi)
+        app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
         return app
 
+    async def _startup(self, _app: web.Application) -> None:
+        if self.connections is not None:
+            self._poller = asyncio.create_task(self._poll_connections())
+
+    async def _poll_connections(self) -> None:
+        assert self.connections is not None
+        while True:
+            await asyncio.sleep(1.0)
+            self.connections.poll()
+
     async def _cleanup(self, _app: web.Application) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
         self._executor.shutdown(wait=False)
+
+    def _with_note(self, job: dict[str, Any]) -> dict[str, Any]:
+        job["label_note"] = label_note(job, self.max_labels_per_user)
+        return job
 
     @staticmethod
     def caller(request: web.Request) -> Caller:
@@ -425,8 +657,8 @@ class Api:
             "tick": snap.tick,
             "last_tick_at": snap.taken_at,
             "last_tick_duration_s": snap.tick_duration_s,
-            "parts": [{"name": h.name, "state": h.state, "detail": h.detail, "errors_total": h.errors_total,
-                       "since": h.since} for h in snap.health],
+            "parts": [{"name": h.name, "state": h.state, "detail": redact_text(h.detail, self.secrets),
+                       "errors_total": h.errors_total, "since": h.since} for h in snap.health],
         }
         return _json(body, status=503 if stale else 200)
 
@@ -444,7 +676,7 @@ class Api:
             jobs = await self._off_loop(self.reader.jobs, now=time.time(), **filters)
         else:
             jobs = await self._off_loop(self._own_jobs, who.uid, filters, time.time())
-        return _json({"jobs": jobs, "count": len(jobs)})
+        return _json({"jobs": [self._with_note(j) for j in jobs], "count": len(jobs)})
 
     def _own_jobs(self, uid: int, filters: dict[str, Any], now: float) -> list[dict[str, Any]]:
         """The jobs of ``uid`` only (the store filters by uid)."""
@@ -472,6 +704,7 @@ class Api:
         job = await self._visible_job(request, job_id, now)
         if job is None:
             return error_response(404, f"no job with id {_shown(job_id)}")
+        self._with_note(job)
         job["carbon_hint"] = self.book.hint(job["energy_kwh"], job["duration_s"], job["co2e_g"], self.pue, now) \
             if self.book is not None else None
         return _json(job)

@@ -9,11 +9,14 @@ message instead of on the first tick.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,15 +24,15 @@ from typing import Any
 
 from aiohttp import web
 
-from wattprint.exporters.influx import InfluxSink
+from wattprint.exporters.influx import InfluxSink, InfluxSinkCollector
 from wattprint.exporters.influx_publish import InfluxPublisher
 from wattprint.exporters.prometheus import build_registry, render
 from wattprint.exporters.spool import SpoolLockedError
 
 from . import sdnotify
-from .api import Api, start_runner
+from .api import Api, ConnectionLimiter, fitting_max_connections, raise_nofile_limit, start_runner
 from .carbon import KEEP_S, IntensityBook
-from .config import Config, ConfigError, parse_listen
+from .config import Config, ConfigError, parse_listen, redact_text
 from .engine import Engine
 from .grid import make_provider
 from .grid.base import IntensityPoint, IntensityProvider
@@ -46,7 +49,40 @@ log = logging.getLogger("wattprint")
 
 
 class StartupError(Exception):
-    """The daemon cannot start; the message says what to fix."""
+    """The daemon cannot start; the message says what to fix. ``exit_code`` is 1 (a
+    runtime failure: systemd restarts the unit) or 2 (only the configuration or the
+    host's setup can fix it: the unit's RestartPreventExitStatus=2 stops there)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# A state_dir failing with one of these cannot get better by restarting (a path under
+# a file, a read-only file system, no permission): exit 2, like a config error.
+_STATE_DIR_CONFIG_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST,
+                                      errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP})
+
+
+def prepare_state_dir(path: str) -> None:
+    """Create ``path`` (0750) when missing and check that a file can be created in it.
+    Raises StartupError with exit code 2 when that can never work (see above), 1 for
+    other errors (a full disk, an I/O error)."""
+    where = f"[daemon] state_dir {path}"
+    try:
+        os.makedirs(path, mode=0o750, exist_ok=True)
+    except OSError as exc:
+        code = 2 if exc.errno in _STATE_DIR_CONFIG_ERRNOS else 1
+        raise StartupError(f"{where}: cannot create it: {exc.strerror or exc}", code) from None
+    except ValueError as exc:  # a NUL in the path
+        raise StartupError(f"{where}: {exc}", 2) from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".wattprint-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        code = 2 if exc.errno in _STATE_DIR_CONFIG_ERRNOS else 1
+        raise StartupError(f"{where}: not writable: {exc.strerror or exc}", code) from None
 
 
 def store_path(cfg: Config) -> str:
@@ -71,6 +107,8 @@ def make_book(cfg: Config, ledger: Ledger) -> tuple[IntensityProvider, Intensity
     except ValueError as exc:
         raise ConfigError([f"{cfg.source_path or '<defaults>'}: {exc}"]) from None
     static = provider.g_per_kwh if isinstance(provider, StaticProvider) else None
+    if isinstance(provider, StaticProvider):
+        log.info("grid: %s", provider.note)  # which number, and a zone mapped to another table entry
     book = IntensityBook(cfg.grid, provider.name, provider.zone, static_g_per_kwh=static)
     now = time.time()
     stored = [
@@ -98,7 +136,9 @@ def build_daemon(cfg: Config, health: HealthBoard) -> Daemon:
         daemon.publisher = InfluxPublisher(sink, cfg.daemon.host)
         engine.sinks.append(daemon.publisher.on_tick)
         engine.settle_sinks.append(daemon.publisher.on_settled)
-        engine.extra_counters = lambda: influx_counters(sink.stats())
+        source_counters = engine.extra_counters
+        engine.extra_counters = lambda: {**(source_counters() if source_counters else {}),
+                                         **influx_counters(sink.stats())}
     return daemon
 
 
@@ -110,6 +150,7 @@ def influx_counters(stats: dict[str, Any]) -> dict[str, float]:
         "spool_bytes": float(stats["spool_bytes"]),
         "spool_pending_points": float(stats["spool_pending_points"]),
         "spool_oldest_age_seconds": float(stats["spool_oldest_age_s"] or 0.0),
+        "spool_unreadable_bytes_total": float(stats["spool_unreadable_bytes_total"]),
     }
     for reason, n in stats["points_dropped_total"].items():
         out[f"influx_points_dropped_{reason}_total"] = float(n)
@@ -117,15 +158,15 @@ def influx_counters(stats: dict[str, Any]) -> dict[str, float]:
 
 
 def build_engine(cfg: Config, health: HealthBoard) -> Engine:
-    try:
-        os.makedirs(cfg.daemon.state_dir, mode=0o750, exist_ok=True)
-    except OSError as exc:
-        raise StartupError(f"state_dir {cfg.daemon.state_dir}: cannot create: {exc.strerror}") from None
+    prepare_state_dir(cfg.daemon.state_dir)
     sources: list[Source] = []
     gpu, message = open_gpu_source(cfg.gpu)
     log.info("%s", message)
     if gpu is not None:
         sources.append(gpu)
+        waiting = getattr(gpu, "disabled_reason", "")  # no driver yet: disabled until one loads
+        if waiting:
+            health.disable("gpu", waiting)
     else:
         health.disable("gpu", message)
     sources.extend(open_cpu_sources(cfg.cpu, cfg.memory, health))
@@ -160,19 +201,34 @@ def build_engine(cfg: Config, health: HealthBoard) -> Engine:
             reader.close()
         engine.restore(running, co2e)
         log.info("continuing %d job(s) that were running at the last stop", len(running))
+    gpu_counters = getattr(gpu, "counters", None)  # NVML calls, junk samples, invisible PIDs, ...
+    if callable(gpu_counters):
+        engine.extra_counters = gpu_counters
     return engine
 
 
 async def serve(cfg: Config, daemon: Daemon, stop: asyncio.Event) -> None:
     engine = daemon.engine
     registry = build_registry(lambda: engine.snapshot)
+    if daemon.influx is not None:  # dropped lines, failed writes, cursor repairs: by reason (labels)
+        registry.register(InfluxSinkCollector(daemon.influx))
     reader = LedgerReader(store_path(cfg), pue=cfg.accounting.pue,
                           price_per_kwh=cfg.accounting.price_per_kwh, currency=cfg.accounting.currency)
+    max_connections = fitting_max_connections(cfg.http.max_connections)
+    if max_connections < cfg.http.max_connections:
+        log.warning("[http] max_connections = %d does not fit the open-files limit (%d): at most %d connections "
+                    "(raise LimitNOFILE=)", cfg.http.max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                    max_connections)
+    connections = ConnectionLimiter(max_connections, min(cfg.http.max_connections_per_client, max_connections),
+                                    cfg.http.header_timeout_s, engine.health)
     api = Api(lambda: engine.snapshot, reader, lambda: render(registry), host=cfg.daemon.host,
               bucket_s=cfg.daemon.bucket_s, token=cfg.http.token, interval_s=cfg.daemon.interval_s,
               book=daemon.book, pue=cfg.accounting.pue, max_request_bytes=cfg.http.max_request_bytes,
-              rate_limit_per_s=cfg.http.rate_limit_per_s)
-    runner = await start_runner(api.app())
+              rate_limit_per_s=cfg.http.rate_limit_per_s, limiter=connections,
+              max_labels_per_user=cfg.jobs.max_labels_per_user, secrets=tuple(cfg.secrets()))
+    sink_counters = engine.extra_counters
+    engine.extra_counters = lambda: {**connections.counters(), **(sink_counters() if sink_counters else {})}
+    runner = await start_runner(api.app(), connections)
     host, port = parse_listen(cfg.http.listen)
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -308,18 +364,49 @@ async def on_points(daemon: Daemon, points: list[IntensityPoint]) -> None:
     await engine.run_blocking(store_and_settle)
 
 
+class RedactingFilter(logging.Filter):
+    """Redacts passwords in URLs and the configured secrets from every log record."""
+
+    def __init__(self, secrets: tuple[str, ...]):
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: leave it to the handler to report
+            return True
+        clean = redact_text(message, self.secrets)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text, self.secrets)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
 def run(cfg: Config) -> int:
     """Run the daemon in the foreground; return the process exit code."""
     logging.basicConfig(
         level=getattr(logging, cfg.daemon.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    redacting = RedactingFilter(tuple(cfg.secrets()))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redacting)
+    before, soft, hard = raise_nofile_limit()
+    if soft != before:
+        log.info("open-files limit raised from %d to %d (the hard limit)", before, soft)
+    warning = cfg.listen_warning()
+    if warning:
+        log.warning("%s", warning)
     health = HealthBoard()
     try:
         daemon = build_daemon(cfg, health)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
-        return 1
+        return exc.exit_code
     engine = daemon.engine
 
     async def main() -> int:
@@ -335,7 +422,7 @@ def run(cfg: Config) -> int:
             await serve(cfg, daemon, stop)
         except StartupError as exc:
             log.error("cannot start: %s", exc)
-            return 1
+            return exc.exit_code
         return 0
 
     log.info("wattprint starting on %s (config: %s)", cfg.daemon.host or socket.gethostname(),

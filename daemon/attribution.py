@@ -1,30 +1,70 @@
 """Attribution: split each device's energy of one tick over the jobs that used it.
 
-Pure functions, no I/O. The rule that everything else relies on is conservation: for
-every component, the energy given to jobs plus the unattributed remainder equals what
-the devices reported, exactly (the remainder is computed as the difference).
+Pure functions, no I/O (``GpuIdleFloor`` keeps one number per GPU between ticks). The
+rule that everything else relies on is conservation: for every component, the energy
+given to jobs plus the unattributed remainder equals what the devices reported,
+exactly (the remainder is computed as the difference).
 
-- GPU: by SM-utilisation share of the job's processes on that GPU; by used-memory
-  share when no process has a utilisation sample above zero; equal shares when
-  neither is known; a sole process gets all of it. Processes that belong to no job
-  (filtered PIDs) keep their share unattributed, as does a GPU that reports
-  ``attributable=False`` (MIG) or has no processes.
-- CPU: each package's energy is split into active and idle parts by the machine's
-  busy share of CPU capacity in the interval (non-idle seconds / (CPUs x interval)).
-  Active energy goes to jobs by their share of busy CPU time (job CPU seconds /
-  all non-idle CPU seconds); the part used by other processes stays unattributed.
-  Idle energy stays unattributed (``idle_policy = "unattributed"``, the default) or
-  is shared among the jobs in proportion to their CPU time (``"share"``).
-- DRAM: by the job's share of used memory (resident set size / MemTotal-MemAvailable).
+GPU, per device reading (a whole GPU, or a MIG GPU instance: a reading with ``parent``
+set is attributed like any GPU, among its own processes):
+
+- A process's *activity* is ``max(sm, enc, dec)`` of its utilisation samples in the
+  interval (SM, video encoder, video decoder, each 0..100; a missing value counts 0).
+  The busiest engine it kept busy: an ffmpeg at 5 % SM and 40 % NVENC weighs 40.
+- A sole process gets all of the GPU's energy.
+- When some process has activity > 0, the energy is split in two parts. The *idle*
+  part is the GPU's idle floor x the interval (capped at the energy), the floor being
+  the lowest power this GPU drew in an interval with no process on it
+  (``GpuIdleFloor``; 0 until such an interval was seen). It goes to every process on
+  the GPU by used-memory share: holding memory keeps the board powered, busy or not.
+  The rest, the *active* part, goes by activity share; a process with no activity
+  (memory-only, no sample) gets none of it.
+- When no process has activity (all idle in the interval, or utilisation unsupported
+  as on MIG), all of it goes by used-memory share.
+- Used-memory share: when every process reports its memory and the sum is above 0;
+  otherwise equal shares.
+- Unattributed: the share of a process that belongs to no job; the share of a process
+  that is not visible in /proc (``visible=False``: another PID namespace, pid 0,
+  exited between reads), also counted in ``Attribution.gpu_invisible_j``; all of a GPU
+  with no processes, or that reports ``attributable=False``.
+- MPS clients (``kind="mps"``) are processes like any other, with their own samples
+  where NVML gives them; the MPS server's own share belongs to the server's job, if
+  it has one, else it stays unattributed.
+
+CPU: each package's energy is split into active and idle parts by the machine's busy
+share of CPU capacity in the interval (non-idle seconds / (CPUs x interval)). Active
+energy goes to jobs by their share of busy CPU time (job CPU seconds / all non-idle
+CPU seconds); the part used by other processes stays unattributed. Idle energy stays
+unattributed (``idle_policy = "unattributed"``, the default) or is shared among the
+jobs in proportion to their CPU time (``"share"``).
+
+DRAM: by the job's share of used memory (resident set size / MemTotal-MemAvailable).
+
+Provenance: ``Attribution.job_sources`` gives, per job and component, the weakest
+source (estimate < power < counter) among the devices that gave that job energy > 0
+in this tick; devices that gave it nothing do not count.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from .model import COMPONENTS, DeviceReading
+from .model import COMPONENTS, DeviceReading, GpuProcessUse
 from .procs import ProcessView
+
+# Higher is weaker: the weakest source of a set names it.
+SOURCE_RANK = {"counter": 0, "power": 1, "estimate": 2}
+# An idle-floor sample needs an interval this long: a counter that steps every ~100 ms
+# says little about power over a few milliseconds (a late read merged into a tick).
+IDLE_FLOOR_MIN_INTERVAL_S = 0.5
+
+
+def weaker_source(a: str | None, b: str) -> str:
+    """The weaker of two energy sources (``a`` None: ``b``)."""
+    if a is None or SOURCE_RANK.get(b, 2) > SOURCE_RANK.get(a, 2):
+        return b
+    return a
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,37 +76,83 @@ class Attribution:
     device_j: Mapping[str, float]  # component -> J reported by the devices
     gpu_seconds: Mapping[str, float]  # job_id -> GPU-seconds held in the interval
     gpu_memory_bytes: Mapping[str, int]  # job_id -> GPU memory in use now (all GPUs)
+    # job_id -> component -> weakest source among the devices that gave it energy > 0
+    job_sources: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # GPU energy left unattributed because its process was not visible in /proc
+    # (part of unattributed_j["gpu"]).
+    gpu_invisible_j: float = 0.0
 
 
-def _gpu_shares(reading: DeviceReading, pid_to_job: Mapping[int, str]) -> dict[str | None, float]:
-    """Share of this GPU's energy per job (None: no job), summing to 1, or {} if none."""
-    procs = reading.processes
-    if not procs or not reading.attributable:
-        return {}
-    weights: list[float]
-    sm = [p.sm_util_pct for p in procs]
+@dataclass
+class GpuIdleFloor:
+    """Per GPU device: the lowest power (W) it drew in an interval (of at least
+    ``IDLE_FLOOR_MIN_INTERVAL_S``) with no process on it. Learned while the daemon runs
+    (not stored); a GPU never seen empty has none."""
+
+    floor_w: dict[str, float] = field(default_factory=dict)
+
+    def observe(self, readings: Sequence[DeviceReading]) -> None:
+        for r in readings:
+            if (r.kind != "gpu" or r.processes or not r.attributable or r.energy_j < 0
+                    or r.interval_s < IDLE_FLOOR_MIN_INTERVAL_S):
+                continue
+            power_w = r.energy_j / r.interval_s
+            prev = self.floor_w.get(r.device)
+            if prev is None or power_w < prev:
+                self.floor_w[r.device] = power_w
+
+
+def _activity(p: GpuProcessUse) -> float:
+    """max(sm, enc, dec) in percent; missing values count 0."""
+    return max(float(p.sm_util_pct or 0.0), float(p.enc_util_pct or 0.0), float(p.dec_util_pct or 0.0))
+
+
+def _memory_weights(procs: Sequence[GpuProcessUse]) -> list[float]:
     mem = [p.used_memory_bytes for p in procs]
+    if all(m is not None and m >= 0 for m in mem) and sum(mem) > 0:  # type: ignore[arg-type]
+        return [float(m) for m in mem]  # type: ignore[arg-type]
+    return [1.0] * len(procs)
+
+
+def gpu_process_energy_j(reading: DeviceReading, idle_floor_w: float = 0.0) -> list[float]:
+    """Joules of this GPU reading per process (same order as ``reading.processes``);
+    they sum to ``reading.energy_j``, or the list is empty (nothing attributable)."""
+    procs = reading.processes
+    energy = reading.energy_j
+    if not procs or not reading.attributable:
+        return []
     if len(procs) == 1:
-        weights = [1.0]
-    elif any(v is not None and v > 0 for v in sm):
-        weights = [float(v or 0.0) for v in sm]
-    elif any(v is not None and v > 0 for v in mem):
-        weights = [float(v or 0) for v in mem]
-    else:
-        weights = [1.0] * len(procs)
-    total = sum(weights)
-    shares: dict[str | None, float] = {}
-    for proc, weight in zip(procs, weights):
-        job = pid_to_job.get(proc.pid)
-        shares[job] = shares.get(job, 0.0) + weight / total
-    return shares
+        return [energy]
+    activity = [_activity(p) for p in procs]
+    memory = _memory_weights(procs)
+    if not any(a > 0 for a in activity):
+        total = sum(memory)
+        return [energy * w / total for w in memory]
+    idle_j = min(max(idle_floor_w, 0.0) * max(reading.interval_s, 0.0), max(energy, 0.0))
+    active_j = energy - idle_j
+    mem_total, act_total = sum(memory), sum(activity)
+    return [idle_j * m / mem_total + active_j * a / act_total for m, a in zip(memory, activity)]
 
 
-def attribute(readings: Sequence[DeviceReading], view: ProcessView, idle_policy: str = "unattributed") -> Attribution:
+def attribute(
+    readings: Sequence[DeviceReading],
+    view: ProcessView,
+    idle_policy: str = "unattributed",
+    gpu_idle_floor_w: Mapping[str, float] | None = None,
+) -> Attribution:
     jobs: dict[str, dict[str, float]] = {j.identity.job_id: {c: 0.0 for c in COMPONENTS} for j in view.jobs}
+    sources: dict[str, dict[str, str]] = {}
     device_j = {c: 0.0 for c in COMPONENTS}
     gpu_seconds: dict[str, float] = {}
     gpu_mem: dict[str, int] = {}
+    invisible_j = 0.0
+    floors = gpu_idle_floor_w or {}
+
+    def book(job_id: str, component: str, joules: float, source: str) -> None:
+        jobs[job_id][component] += joules
+        if joules > 0:
+            per_job = sources.setdefault(job_id, {})
+            per_job[component] = weaker_source(per_job.get(component), source)
 
     jobs_cpu_s = sum(j.cpu_s for j in view.jobs)
     cpu_busy_s = max(view.cpu_busy_s, jobs_cpu_s)
@@ -77,13 +163,16 @@ def attribute(readings: Sequence[DeviceReading], view: ProcessView, idle_policy:
     for r in readings:
         device_j[r.kind] += r.energy_j
         if r.kind == "gpu":
-            shares = _gpu_shares(r, view.pid_to_job)
-            for job, share in shares.items():
-                if job is not None and job in jobs:
-                    jobs[job]["gpu"] += r.energy_j * share
             held: set[str] = set()
-            for proc in r.processes:
+            for proc, joules in zip(r.processes, gpu_process_energy_j(r, floors.get(r.device, 0.0))):
+                if not proc.visible:  # its PID means nothing here: never a job's, even if the number matches
+                    invisible_j += joules
+                    continue
                 job = view.pid_to_job.get(proc.pid)
+                if job is not None and job in jobs:
+                    book(job, "gpu", joules, r.source)
+            for proc in r.processes:
+                job = view.pid_to_job.get(proc.pid) if proc.visible else None
                 if job is None:
                     continue
                 held.add(job)
@@ -99,14 +188,14 @@ def attribute(readings: Sequence[DeviceReading], view: ProcessView, idle_policy:
                     share = active_j * (j.cpu_s / cpu_busy_s)
                     if idle_policy == "share" and jobs_cpu_s > 0:
                         share += idle_j * (j.cpu_s / jobs_cpu_s)
-                    jobs[j.identity.job_id]["cpu"] += share
+                    book(j.identity.job_id, "cpu", share, r.source)
         elif r.kind == "dram":
             if mem_total > 0:
                 for j in view.jobs:
-                    jobs[j.identity.job_id]["dram"] += r.energy_j * (j.rss_bytes / mem_total)
+                    book(j.identity.job_id, "dram", r.energy_j * (j.rss_bytes / mem_total), r.source)
 
     unattributed = {c: device_j[c] - sum(e[c] for e in jobs.values()) for c in COMPONENTS}
     return Attribution(
         job_energy_j=jobs, unattributed_j=unattributed, device_j=device_j,
-        gpu_seconds=gpu_seconds, gpu_memory_bytes=gpu_mem,
+        gpu_seconds=gpu_seconds, gpu_memory_bytes=gpu_mem, job_sources=sources, gpu_invisible_j=invisible_j,
     )

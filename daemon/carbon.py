@@ -8,8 +8,16 @@ The book holds the provider's series (at the provider's own resolution) and answ
 - nothing known yet (provider down since start): the configured
   ``static_g_per_kwh``, ``provisional``, basis ``fallback``.
 
-The static provider is always ``final``. The ledger stores the chosen value per
-bucket; ``Engine.settle`` replaces provisional buckets when better data arrive.
+Each value comes with the provider interval ("slot", ``Intensity.start``/``end``)
+it is for: the covering point's ``[start, end)``; for a stand-in, the interval the
+value for that moment will have (the latest point's width on its grid); with nothing
+known, the ``FALLBACK_SLOT_S`` grid (5 minutes divides every provider's resolution,
+so settlement can give each such slot its own provider value later). The static
+provider is always ``final`` and has no slot (its value holds for a whole bucket).
+
+The ledger books each tick's energy against the slot of the tick and stores the
+chosen value per slot of a bucket; ``Engine.settle_blocking`` replaces provisional
+slot values (looked up again at the slot's middle) when better data arrive.
 """
 
 from __future__ import annotations
@@ -20,10 +28,11 @@ from typing import Iterable
 
 from .config import GridConfig
 from .grid.base import IntensityPoint
-from .grid.series import covers, intensity_at, lowest_window, merge
+from .grid.series import covers, intensity_at, lowest_window, merge, slot_at
 from .ledger import Intensity
 
 KEEP_S = 4 * 86400  # points older than this are dropped from memory (the store keeps them)
+FALLBACK_SLOT_S = 300  # slot width while no value is known: divides 5, 30 and 60 minutes
 
 
 def _utc(wall_s: float) -> datetime:
@@ -61,13 +70,15 @@ class IntensityBook:
         t = _utc(wall_s)
         with self._lock:
             point = intensity_at(self._points, t)
+            slot = slot_at(self._points, t, FALLBACK_SLOT_S)
+        start, end = slot[0].timestamp(), slot[1].timestamp()
         if point is None:
-            return Intensity(self._fallback_g_per_kwh, "provisional", self.provider, self.zone, "fallback")
+            return Intensity(self._fallback_g_per_kwh, "provisional", self.provider, self.zone, "fallback", start, end)
         if not covers(point, t):
-            return Intensity(point.g_per_kwh, "provisional", self.provider, self.zone, "latest")
+            return Intensity(point.g_per_kwh, "provisional", self.provider, self.zone, "latest", start, end)
         if point.kind == "actual":
-            return Intensity(point.g_per_kwh, "final", self.provider, self.zone, "actual")
-        return Intensity(point.g_per_kwh, "provisional", self.provider, self.zone, "forecast")
+            return Intensity(point.g_per_kwh, "final", self.provider, self.zone, "actual", start, end)
+        return Intensity(point.g_per_kwh, "provisional", self.provider, self.zone, "forecast", start, end)
 
     def hint(self, energy_kwh: float, duration_s: float, co2e_g: float, pue: float, now_s: float) -> dict | None:
         """The CO2e the same job would have had in the lowest-intensity window of its

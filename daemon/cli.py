@@ -1,12 +1,17 @@
 """The ``wattprint`` command: run the daemon, list jobs, check the config.
 
-Exit codes: 0 ok, 1 runtime failure, 2 bad config or bad arguments.
+``WATTPRINT_CONFIG`` (a config path) and ``WATTPRINT_URL`` (the daemon's base URL)
+stand for ``--config`` / ``--url`` when a command has the option and it is not given.
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad config or bad arguments (for ``run`` also a
+state_dir that cannot be created or written: restarting cannot fix either).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -17,7 +22,7 @@ from typing import Any, Sequence
 
 from .api import BadRequest, parse_time
 from .config import Config, ConfigError, load_config, parse_listen
-from .report import printable as _printable
+from .report import label_note, printable as _printable
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
@@ -39,12 +44,35 @@ def _toml_value(v: Any) -> str:
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     source = (cfg.source_path or "embedded defaults").encode("utf-8", "backslashreplace").decode("utf-8")
-    print(f"# effective wattprint config (from {source} and WATTPRINT_* variables)")
+    warning = cfg.listen_warning()
+    if warning:
+        print(f"wattprint check-config: WARNING: {warning}", file=sys.stderr)
+    print(f"# effective wattprint config (from {source} and WATTPRINT_* variables; secrets redacted)")
+    if warning:
+        print(f"# WARNING: {warning}")
     for section, values in cfg.to_dict().items():
         print(f"\n[{section}]")
         for key, value in values.items():
             print(f"{key} = {_toml_value(value)}")
+    note = _static_grid_note(cfg)
+    if note:
+        print(f"\n# grid: {_printable(note, 1000)}")
     return EXIT_OK
+
+
+def _static_grid_note(cfg: Config) -> str:
+    """For provider "static": which intensity the daemon will use, and why (an explicit
+    static_g_per_kwh, or the table entry a zone maps to, e.g. DK1 -> DK)."""
+    if cfg.grid.provider != "static":
+        return ""
+    from .grid.factory import make_provider
+    from .grid.static import StaticProvider
+
+    try:
+        provider = make_provider(cfg.grid)
+    except ValueError as exc:
+        raise ConfigError([f"{cfg.source_path or '<defaults>'}: {exc}"]) from None
+    return provider.note if isinstance(provider, StaticProvider) else ""
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -79,6 +107,20 @@ def fetch_json(base: str, path: str, params: dict[str, Any], token: str = "") ->
         except Exception:
             message = exc.reason
         raise RuntimeError(f"daemon answered {exc.code}: {message}") from None
+
+
+STATE_UNKNOWN = "unknown"
+
+
+def stale_running(job: dict[str, Any]) -> dict[str, Any]:
+    """A job read from the store while the daemon is not answering: one the store says
+    is running is shown as ``unknown`` (nobody is watching it any more), its duration
+    up to the last tick that booked it (``last_seen``), not up to now."""
+    if job["state"] != "running":
+        return job
+    until = max(job.get("last_seen") or job["started_at"], job["started_at"])
+    return {**job, "state": STATE_UNKNOWN, "duration_s": until - job["started_at"],
+            "state_note": "the daemon is not answering; the job was running at its last tick"}
 
 
 def _fmt_time(t: float | None) -> str:
@@ -171,6 +213,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             jobs = reader.jobs(now=time.time(), **{k: v for k, v in params.items() if v is not None})
         finally:
             reader.close()
+        stale = [j["last_seen"] for j in jobs if j["state"] == "running"]
+        jobs = [stale_running({**j, "label_note": label_note(j, cfg.jobs.max_labels_per_user)}) for j in jobs]
+        if stale:
+            print(f"wattprint jobs: the daemon is not answering: {len(stale)} job(s) it last saw running are "
+                  f"shown as {STATE_UNKNOWN!r}, with durations up to the last tick that booked them "
+                  f"(latest {_fmt_time(max(stale))} UTC)", file=sys.stderr)
     if args.json:
         json.dump({"jobs": jobs, "count": len(jobs)}, sys.stdout, indent=2)
         print()
@@ -257,11 +305,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_report_command(sub)
     add_exec_command(sub)
+    from .slurm_summary import add_slurm_command
+
+    add_slurm_command(sub)
     return p
+
+
+CONFIG_ENV = "WATTPRINT_CONFIG"  # a config file path, for every command without --config
+URL_ENV = "WATTPRINT_URL"  # the daemon's base URL, for every command without --url
+
+
+def apply_env_defaults(args: argparse.Namespace, env: Any = None) -> None:
+    """``--config`` from WATTPRINT_CONFIG and ``--url`` from WATTPRINT_URL where the
+    command has the option and it was not given (a site sets them once, e.g. in
+    slurm.conf's environment for the epilogs). Empty values are ignored."""
+    env = os.environ if env is None else env
+    if getattr(args, "config", "unset") is None and env.get(CONFIG_ENV, "").strip():
+        args.config = env[CONFIG_ENV].strip()
+    if getattr(args, "url", "unset") is None and env.get(URL_ENV, "").strip():
+        args.url = env[URL_ENV].strip()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    apply_env_defaults(args)
     try:
         return int(args.func(args))
     except ConfigError as exc:

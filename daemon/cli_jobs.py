@@ -31,7 +31,7 @@ from typing import Any, Callable
 from .cli import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, api_base
 from .config import Config, load_config
 from .procs import MAX_RAW_LABEL_CHARS, OVERFLOW_LABEL, sanitize_label
-from .report import format_report, printable
+from .report import format_report, label_note, printable
 
 log = logging.getLogger("wattprint.cli")
 
@@ -73,6 +73,14 @@ def _error_text(status: int, body: Any) -> str:
         return f"daemon answered {status}"
 
 
+def _label_refs(ref: str) -> list[str]:
+    """What to ask for when ``ref`` is a label: as given (the daemon matches the
+    exported label and the label as set, so a job the label cap filed under
+    ``_overflow`` is found by its own label), then sanitised as the daemon does."""
+    clean = sanitize_label(ref)
+    return [ref] if clean == ref else [ref, clean]
+
+
 def _job_path(job_id: str) -> str:
     return "/api/v1/jobs/" + urllib.parse.quote(job_id, safe="")
 
@@ -100,11 +108,15 @@ def find_job_api(base: str, ref: str, token: str = "") -> tuple[dict[str, Any] |
         return body, None
     if status not in (400, 404):  # 400: too long for an id; it may still be a label
         raise RuntimeError(_error_text(status, body))
-    status, body = http_get(base, "/api/v1/jobs", {"label": sanitize_label(ref), "limit": LABEL_LOOKUP_LIMIT},
-                            token=token)
-    if status != 200:
-        raise RuntimeError(_error_text(status, body))
-    job, note = _most_recent(body["jobs"], ref)
+    jobs: list[dict[str, Any]] = []
+    for label in _label_refs(ref):
+        status, body = http_get(base, "/api/v1/jobs", {"label": label, "limit": LABEL_LOOKUP_LIMIT}, token=token)
+        if status != 200:
+            raise RuntimeError(_error_text(status, body))
+        jobs = body["jobs"]
+        if jobs:
+            break
+    job, note = _most_recent(jobs, ref)
     if job is not None:  # the single-job view carries more (the carbon-aware hint)
         status, full = http_get(base, _job_path(job["id"]), token=token)
         if status == 200:
@@ -138,10 +150,14 @@ def find_job_store(cfg: Config, ref: str) -> tuple[dict[str, Any] | None, list[d
         job = reader.job(ref, now=now)
         note = None
         if job is None:
-            job, note = _most_recent(reader.jobs(label=sanitize_label(ref), limit=LABEL_LOOKUP_LIMIT, now=now), ref)
+            for label in _label_refs(ref):
+                job, note = _most_recent(reader.jobs(label=label, limit=LABEL_LOOKUP_LIMIT, now=now), ref)
+                if job is not None:
+                    break
         series = reader.job_series(job["id"]) if job is not None else []
         if job is not None:
             job["carbon_hint"] = None  # needs the daemon's intensity series
+            job.setdefault("label_note", label_note(job, cfg.jobs.max_labels_per_user))
     finally:
         reader.close()
     return job, series, note

@@ -10,8 +10,11 @@ state directory unless running as root.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import socket
+import urllib.parse
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -50,6 +53,10 @@ class DaemonConfig:
 class GpuConfig:
     backend: str = "auto"  # auto | nvml | sim | none
     sim_file: str = ""
+    power_sample_hz: float = 10.0  # power sampling of boards without an energy counter; 0: once per tick
+    reinit_interval_s: float = 300.0  # re-initialise NVML this often to find GPUs added since; 0: never
+    retry_s: float = 30.0  # first retry of a failed NVML init or side query (then doubling)
+    retry_max_s: float = 600.0  # longest wait between retries
 
 
 @dataclass(frozen=True)
@@ -76,13 +83,26 @@ class JobsConfig:
     max_labels_per_user: int = 32  # distinct live labels per user; more become "_overflow"
 
 
+class DefaultNumber(float):
+    """A default that nobody set: it is the number, but ``is_set`` tells it apart from
+    the same number set in the file or the environment (those are plain floats)."""
+
+    __slots__ = ()
+
+
+def is_set(value: float) -> bool:
+    """Whether a number came from the file, the environment or code, not a default."""
+    return not isinstance(value, DefaultNumber)
+
+
 @dataclass(frozen=True)
 class GridConfig:
     provider: str = "static"  # energidataservice | carbonintensity_uk | electricitymaps | static
     zone: str = ""
     token: str = ""
-    # IEA Global Energy & CO2 Status Report 2019: world average 475 gCO2/kWh.
-    static_g_per_kwh: float = 475.0
+    # IEA Global Energy & CO2 Status Report 2019: world average 475 gCO2/kWh. Set
+    # explicitly, it wins over the shipped table for the static provider (grid/static.py).
+    static_g_per_kwh: float = DefaultNumber(475.0)
     base_url: str = ""  # empty: the provider's public endpoint
     fetch_interval_s: float = 3600.0
 
@@ -113,6 +133,10 @@ class HttpConfig:
     socket: str = ""  # optional Unix socket; callers see only their own jobs (root: all)
     max_request_bytes: int = 65536
     rate_limit_per_s: float = 50.0  # requests per second per client (0 = unlimited)
+    # Open connections (TCP and Unix socket together); also capped by the open-files limit.
+    max_connections: int = 256
+    max_connections_per_client: int = 32  # per peer address over TCP, per uid on the Unix socket
+    header_timeout_s: float = 10.0  # a connection that has not sent a whole request head by then is closed
 
 
 @dataclass(frozen=True)
@@ -146,12 +170,110 @@ class Config:
                 if isinstance(value, tuple):
                     section[key] = list(value)
                 if redact and key in _SECRET_KEYS and value:
-                    section[key] = "<redacted>"
+                    section[key] = REDACTED
+                elif redact and key.endswith("url") and isinstance(value, str):
+                    section[key] = redact_url(value)
             out[f.name] = section
         return out
 
+    def secrets(self) -> list[str]:
+        """Every secret value set (tokens, passwords, passwords in URLs), for redaction."""
+        found: list[str] = []
+        for f in fields(self):
+            if f.name == "source_path":
+                continue
+            for key, value in dataclasses.asdict(getattr(self, f.name)).items():
+                if not isinstance(value, str) or not value:
+                    continue
+                if key in _SECRET_KEYS:
+                    found.append(value)
+                elif key.endswith("url"):
+                    found.extend(_url_secrets(value))
+        return found
+
+    def listen_warning(self) -> str | None:
+        """A warning when the API listens beyond loopback without a bearer token."""
+        try:
+            host, _port = parse_listen(self.http.listen)
+        except ValueError:
+            return None
+        if self.http.token or is_loopback_host(host):
+            return None
+        return (f"[http] listen = {self.http.listen!r} is not a loopback address and [http] token is not set: "
+                "anyone who can reach this port reads every job's user, command and energy; set [http] token "
+                "or listen on 127.0.0.1")
+
 
 _SECRET_KEYS = {"token", "password"}
+REDACTED = "<redacted>"
+# Query parameters whose value is a credential when they appear in a URL.
+_SECRET_PARAMS = frozenset({"token", "password", "pass", "passwd", "pwd", "secret", "key", "api_key", "apikey",
+                            "access_token", "auth", "authorization", "p", "u_p"})
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The credential parts of a URL: the userinfo password and secret query values."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        found = [parts.password] if parts.password else []
+        found += [v for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=False)
+                  if k.lower() in _SECRET_PARAMS and v]
+    except ValueError:
+        return []
+    return found
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its userinfo and secret query values replaced by
+    ``<redacted>`` (``http://user:<redacted>@host:8086``). A URL that does not parse
+    is redacted whole when it has an ``@``."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None or (":" in netloc.rpartition("@")[0]):
+            userinfo, _, hostport = netloc.rpartition("@")
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:{REDACTED}@{hostport}"
+        query = parts.query
+        if query:
+            pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+            if any(k.lower() in _SECRET_PARAMS and v for k, v in pairs):
+                query = "&".join(f"{urllib.parse.quote(k)}=" + (REDACTED if k.lower() in _SECRET_PARAMS and v
+                                                                  else urllib.parse.quote(v)) for k, v in pairs)
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return REDACTED if "@" in url else url
+
+
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:]*):(?P<pw>[^\s/@]*)@")
+
+
+def redact_text(text: str, secrets: "list[str] | tuple[str, ...]" = ()) -> str:
+    """``text`` with passwords in any ``scheme://user:password@`` URL and every given
+    secret value (4 characters or longer) replaced by ``<redacted>``."""
+    text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 4 and secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for a loopback address (127.0.0.0/8, ::1) or ``localhost``."""
+    if host.lower() in ("localhost", "localhost.", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _secret_problem(value: Any, typ: Any) -> str:
+    """Why a secret's value is wrong, without showing the value."""
+    want = {str: "a string"}.get(typ, getattr(typ, "__name__", str(typ)))
+    if isinstance(value, str) and "\x00" in value:
+        return "contains a NUL character (value not shown: it is a secret)"
+    return f"expected {want}, got {type(value).__name__} (value not shown: it is a secret)"
 
 # Allowed values for enumerated keys.
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -171,7 +293,14 @@ _RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("daemon", "retention_days"): (1.0, 36500.0),
     ("http", "max_request_bytes"): (1024, 16 * 1024 * 1024),
     ("http", "rate_limit_per_s"): (0.0, 100000.0),
+    ("http", "max_connections"): (1, 1_000_000),
+    ("http", "max_connections_per_client"): (1, 1_000_000),
+    ("http", "header_timeout_s"): (0.1, 300.0),
     ("cpu", "tdp_w"): (0.0, 10000.0),
+    ("gpu", "power_sample_hz"): (0.0, 100.0),
+    ("gpu", "reinit_interval_s"): (0.0, 86400.0),
+    ("gpu", "retry_s"): (0.1, 86400.0),
+    ("gpu", "retry_max_s"): (0.1, 86400.0),
     ("memory", "w_per_gb"): (0.0, 100.0),
     ("jobs", "rescan_interval_s"): (0.0, 3600.0),
     ("jobs", "finished_grace_s"): (0.0, 30 * 86400.0),
@@ -308,7 +437,8 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
             try:
                 values[key] = _coerce(value, hints[key], from_env=False)
             except ValueError as exc:
-                problems.append(f"{where_file}: [{sec_name}] {key}: {exc}")
+                why = _secret_problem(value, hints[key]) if key in _SECRET_KEYS else exc
+                problems.append(f"{where_file}: [{sec_name}] {key}: {why}")
                 values.pop(key, None)
         prefix = f"{ENV_PREFIX}{sec_name.upper()}_"
         for env_key, env_value in env.items():
@@ -322,7 +452,8 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
             try:
                 values[key] = _coerce(env_value, hints[key], from_env=True)
             except ValueError as exc:
-                problems.append(f"environment {env_key}: [{sec_name}] {key}: {exc}")
+                why = _secret_problem(env_value, hints[key]) if key in _SECRET_KEYS else exc
+                problems.append(f"environment {env_key}: [{sec_name}] {key}: {why}")
                 values.pop(key, None)
         for key, value in values.items():
             where = f"{origin[(sec_name, key)]}: [{sec_name}] {key}"
@@ -351,6 +482,18 @@ def _cross_checks(c: dict[str, Any], origin: Callable[[str, str], str]) -> list[
     gpu: GpuConfig = c["gpu"]
     if gpu.backend == "sim" and not gpu.sim_file:
         problems.append(f"{origin('gpu', 'backend')}: [gpu] sim_file: required when backend = \"sim\"")
+    for sec_name, section in c.items():
+        for key in _SECRET_KEYS:
+            value = getattr(section, key, "")
+            if not isinstance(value, str) or not value:
+                continue
+            bad = next((i for i, ch in enumerate(value) if not ch.isprintable()), None)
+            if bad is not None:
+                problems.append(f"{origin(sec_name, key)}: [{sec_name}] {key}: contains a control or non-printable "
+                                f"character at position {bad} (value not shown: it is a secret)")
+            elif key == "token" and not value.isascii():
+                problems.append(f"{origin(sec_name, key)}: [{sec_name}] {key}: must be ASCII (it is sent in an "
+                                "HTTP header; value not shown: it is a secret)")
     http: HttpConfig = c["http"]
     try:
         parse_listen(http.listen)

@@ -47,13 +47,13 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .attribution import attribute
+from .attribution import GpuIdleFloor, attribute
 from .carbon import IntensityBook
 from .health import HealthBoard
 from .ledger import J_PER_KWH, Intensity, JobTick, Ledger, TickRow
 from .model import COMPONENTS, DeviceReading, DeviceState, JobRef, JobTotals, SettledBucket, Snapshot, TickRecord
 from .procs import JobIdentity, ProcessTracker, ProcessView
-from .sources.base import Source, SourceError
+from .sources.base import Source, SourceDisabled, SourceError
 
 log = logging.getLogger("wattprint.engine")
 
@@ -137,7 +137,8 @@ class _JobState:
     running: bool = True
     ended_at: float | None = None
     bucket_start: int = -1  # the ledger bucket of the last tick
-    bucket_j: float = 0.0  # energy booked in that bucket by this daemon run
+    # J per slot (slot_start) in that bucket, the store's from earlier runs included
+    slot_j: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -176,9 +177,12 @@ class Engine:
     _restored: bool = False
     _counters: dict[str, float] = field(default_factory=lambda: {
         "tick_overruns_total": 0.0, "tick_errors_total": 0.0, "source_read_timeouts_total": 0.0,
-        "store_pending_ticks": 0.0, "store_ticks_dropped_total": 0.0, "store_pruned_rows_total": 0.0})
+        "store_pending_ticks": 0.0, "store_ticks_dropped_total": 0.0, "store_pruned_rows_total": 0.0,
+        "gpu_invisible_process_energy_joules_total": 0.0})
+    _gpu_idle: GpuIdleFloor = field(default_factory=GpuIdleFloor)  # per GPU: lowest power with no process on it
     extra_counters: Callable[[], dict[str, float]] | None = None
-    _bucket_intensity: tuple[int, Intensity] | None = None
+    # The current bucket and the value booked for each of its slots (slot_start -> value)
+    _slot_values: tuple[int, dict[int, Intensity]] | None = None
     _workers: list[_SourceWorker] = field(default_factory=list)
     _store_backlog: list[TickRow] = field(default_factory=list)
     _last_prune_mono: float | None = None
@@ -250,6 +254,10 @@ class Engine:
             w.inflight = None
             try:
                 now_got, problems = fut.result()
+            except SourceDisabled as exc:  # nothing to measure yet (no GPU driver): no fault
+                self.health.disable(src.name, exc.detail)
+                readings.extend(got)
+                continue
             except SourceError as exc:
                 self.health.fail(src.name, exc.detail)
                 readings.extend(got)
@@ -270,15 +278,22 @@ class Engine:
         """One tick, synchronously. Runs on the worker thread (tests may call it directly)."""
         started = time.perf_counter()
         readings = self._read_sources(now_mono)
-        gpu_pids = {p.pid for r in readings if r.kind == "gpu" for p in r.processes}
+        # A PID not visible here (another PID namespace) must not pull in a process that has its number.
+        gpu_pids = {p.pid for r in readings if r.kind == "gpu" for p in r.processes if p.visible}
         try:
             view = self.tracker.observe(now_mono, gpu_pids)
-            self.health.ok("processes")
+            label_problem = self.tracker.label_problem()  # e.g. other users' environments unreadable
+            if label_problem:
+                self.health.fail("processes", label_problem)
+            else:
+                self.health.ok("processes")
         except Exception as exc:
             log.debug("process scan failed", exc_info=True)
             self.health.fail("processes", f"{type(exc).__name__}: {exc}")
             view = ProcessView(jobs=(), pid_to_job={}, cpu_busy_s=0.0, mem_used_bytes=0, scanned=False)
-        att = attribute(readings, view, self.idle_policy)
+        self._gpu_idle.observe(readings)
+        att = attribute(readings, view, self.idle_policy, self._gpu_idle.floor_w)
+        self._counters["gpu_invisible_process_energy_joules_total"] += att.gpu_invisible_j
 
         # Job lifecycle: a job ends when its last process is gone.
         live_ids = {j.identity.job_id for j in view.jobs}
@@ -290,17 +305,12 @@ class Engine:
                 ended.append((job_id, st.ended_at))
         self._restored = False
 
-        sources_by_kind: dict[str, str] = {}
-        for r in readings:
-            # The weakest source of a component names it: estimate < power < counter.
-            prev = sources_by_kind.get(r.kind)
-            if prev is None or _SOURCE_RANK[r.source] > _SOURCE_RANK[prev]:
-                sources_by_kind[r.kind] = r.source
-
         bucket = self.ledger.bucket_of(wall)
-        intensity = self._intensity_for(bucket, wall)
-        g_per_kwh = intensity.g_per_kwh if intensity is not None else 0.0
+        intensity, slot = self._intensity_for(bucket, wall)
+        g_per_kwh = intensity.g_per_kwh
         bucket_co2e: dict[str, float] = {}
+        bucket_g: dict[str, float] = {}
+        bucket_status: dict[str, str] = {}
         job_ticks: list[JobTick] = []
         for usage in view.jobs:
             ident = usage.identity
@@ -313,15 +323,23 @@ class Engine:
             for c in COMPONENTS:
                 st.energy_j[c] += energy.get(c, 0.0)
                 tick_j += energy.get(c, 0.0)
+            # CO2e: this tick's energy x the value of the provider interval (slot) holding it.
             st.co2e_g += tick_j / J_PER_KWH * g_per_kwh * self.pue
             if st.bucket_start != bucket:  # (after a restart the bucket may hold energy already)
-                st.bucket_start, st.bucket_j = bucket, self._stored_bucket_j(ident.job_id, bucket)
-            st.bucket_j += tick_j
-            bucket_co2e[ident.job_id] = st.bucket_j / J_PER_KWH * g_per_kwh * self.pue
+                st.bucket_start, st.slot_j = bucket, self._stored_slot_j(ident.job_id, bucket)
+            if tick_j:  # as the ledger books it (job_slots)
+                st.slot_j[slot] = st.slot_j.get(slot, 0.0) + tick_j
+            grams, mean_g, status = self._bucket_co2e(st.slot_j)
+            bucket_co2e[ident.job_id] = grams
+            if mean_g is not None:
+                bucket_g[ident.job_id], bucket_status[ident.job_id] = mean_g, status
             job_ticks.append(JobTick(
                 identity=ident, energy_j=energy, gpu_seconds=att.gpu_seconds.get(ident.job_id, 0.0),
                 gpu_memory_bytes=att.gpu_memory_bytes.get(ident.job_id, 0),
-                sources={c: sources_by_kind[c] for c in COMPONENTS if c in sources_by_kind and energy.get(c)},
+                # Per component, the weakest source of the devices that gave this job energy this
+                # tick (attribution); the ledger keeps the weakest over the job's life.
+                sources=dict(att.job_sources.get(ident.job_id, {})),
+                steps=usage.steps,
             ))
 
         device_rows = [(r.kind, r.device, r.energy_j, r.source) for r in readings]
@@ -346,8 +364,10 @@ class Engine:
             unattributed_j=att.unattributed_j,
             bucket_start=bucket,
             bucket_co2e_g=bucket_co2e,
-            g_per_kwh=intensity.g_per_kwh if intensity else None,
-            intensity_status=intensity.status if intensity else "",
+            g_per_kwh=intensity.g_per_kwh,
+            intensity_status=intensity.status,
+            bucket_g_per_kwh=bucket_g,
+            bucket_intensity_status=bucket_status,
         )
         self._feed(self.sinks, record)
         self._store(TickRow(wall, job_ticks, device_rows, dict(att.unattributed_j), intensity, ended))
@@ -374,32 +394,71 @@ class Engine:
             grid_zone=intensity.zone if intensity else self.intensity.zone,
             grid_provider=intensity.provider if intensity else self.intensity.provider,
             grid_g_per_kwh=intensity.g_per_kwh if intensity else None,
-            counters={**self._counters, **(self.extra_counters() if self.extra_counters else {})},
+            counters={**self._counters, **self.tracker.counters(),
+                      **(self.extra_counters() if self.extra_counters else {})},
+            counter_glitches=self._counter_glitches(),
         )
         self.snapshot = snap
         return snap
 
-    def _intensity_for(self, bucket: int, wall: float) -> Intensity | None:
-        """One intensity per ledger bucket: the one stored for it (this run or a
-        previous one), else the book's value now. Settlement revises it later."""
-        cached = self._bucket_intensity
-        if cached is not None and cached[0] == bucket:
-            return cached[1]
-        try:
-            stored = self.ledger.bucket_intensity(bucket)
-        except Exception:  # the store is failing: its write will say so
-            log.debug("reading bucket intensity failed", exc_info=True)
-            stored = None
-        found = stored or self.intensity.lookup(wall)
-        self._bucket_intensity = (bucket, found)
-        return found
+    def _counter_glitches(self) -> dict[tuple[str, str, str], float]:
+        """(source, device, reason) -> count, from every source that offers
+        ``counter_glitches()`` (optional; see sources/base.py)."""
+        out: dict[tuple[str, str, str], float] = {}
+        for src in self.sources:
+            get = getattr(src, "counter_glitches", None)
+            if get is None:
+                continue
+            try:
+                for (device, reason), n in get().items():
+                    out[(src.name, device, reason)] = float(n)
+            except Exception:  # a source bug must not fail the tick
+                log.debug("counter_glitches of %s failed", src.name, exc_info=True)
+        return out
 
-    def _stored_bucket_j(self, job_id: str, bucket: int) -> float:
+    def _intensity_for(self, bucket: int, wall: float) -> tuple[Intensity, int]:
+        """The value for the provider interval (slot) holding ``wall``, with the
+        slot's bounds cut to the bucket, and the slot's start: the value booked for
+        that slot of the bucket (this run or a previous one), else the book's value
+        now. Settlement revises it later."""
+        cached = self._slot_values
+        if cached is None or cached[0] != bucket:
+            try:
+                values = self.ledger.slot_intensities(bucket)
+            except Exception:  # the store is failing: its write will say so
+                log.debug("reading the bucket's slot intensities failed", exc_info=True)
+                values = {}
+            cached = self._slot_values = (bucket, values)
+        looked = self.intensity.lookup(wall)
+        start, end = self.ledger.slot_of(wall, looked)
+        found = cached[1].setdefault(start, looked)
+        # The bounds of this tick's slot, so the ledger books it under the same start.
+        return dataclasses.replace(found, start=float(start), end=float(end)), start
+
+    def _bucket_co2e(self, slot_j: dict[int, float]) -> tuple[float, float | None, str]:
+        """A job's bucket so far, from its J per slot and the slots' values: grams
+        (x PUE), the energy-weighted mean intensity (None: no value known) and
+        ``final`` when every slot's value is final."""
+        values = self._slot_values[1] if self._slot_values is not None else {}
+        gj = known_j = 0.0
+        final = True
+        for slot, j in slot_j.items():
+            v = values.get(slot)
+            if v is None:
+                final = False
+                continue
+            gj += j * v.g_per_kwh
+            known_j += j
+            final = final and v.status == "final"
+        mean = gj / known_j if known_j > 0 else None
+        return gj / J_PER_KWH * self.pue, mean, "final" if final else "provisional"
+
+    def _stored_slot_j(self, job_id: str, bucket: int) -> dict[int, float]:
         try:
-            return self.ledger.job_bucket_energy_j(job_id, bucket)
+            return self.ledger.job_slot_energy_j(job_id, bucket)
         except Exception:
             log.debug("reading a job's bucket failed", exc_info=True)
-            return 0.0
+            return {}
 
     # -- store ---------------------------------------------------------------
     def _store(self, row: TickRow) -> None:
@@ -469,33 +528,34 @@ class Engine:
 
     # -- settlement ----------------------------------------------------------
     def settle_blocking(self) -> int:
-        """Re-evaluate every provisional bucket against the intensity book (new
-        realised values or forecasts arrived). Changed buckets are rewritten in the
-        ledger, every affected job's CO2e follows, and the settle sinks get the new
-        per-job bucket figures. Runs on the tick thread; returns buckets changed."""
-        half = self.ledger.bucket_s / 2
-        changed: list[tuple[int, Intensity]] = []
+        """Re-evaluate every provisional slot value against the intensity book (new
+        realised values or forecasts arrived), looked up at the slot's middle.
+        Changed values are rewritten in the ledger, every affected job's CO2e follows
+        (Σ slot energy x slot value, as at write time), and the settle sinks get the
+        new per-job bucket figures. Runs on the tick thread; returns buckets changed."""
+        changed: list[tuple[int, int, Intensity]] = []
         for row in self.ledger.bucket_intensities(("provisional",)):
-            new = self.intensity.lookup(row["bucket_start"] + half)
+            new = self.intensity.lookup((row["slot_start"] + row["slot_end"]) / 2)
             if (new.g_per_kwh, new.status, new.basis) != (row["g_per_kwh"], row["status"], row["basis"]):
-                changed.append((row["bucket_start"], new))
+                changed.append((row["bucket_start"], row["slot_start"], new))
         if not changed:
             return 0
         self.ledger.set_intensities(changed)
-        self._bucket_intensity = None
+        self._slot_values = None  # the current bucket's values are read again at the next tick
         co2e = self.ledger.job_co2e_g(list(self._jobs), self.pue)
         for job_id, st in self._jobs.items():
             st.co2e_g = co2e.get(job_id, st.co2e_g)
+        buckets = sorted({b for b, _, _ in changed})
         if self.settle_sinks:
             settled = [
                 SettledBucket(job=JobRef(r["job_id"], r["label"], r["user"], r["uid"]), bucket_start=r["bucket_start"],
-                              co2e_g=r["energy_j"] / J_PER_KWH * r["g_per_kwh"] * self.pue,
-                              g_per_kwh=r["g_per_kwh"], status=r["status"])
-                for r in self.ledger.bucket_job_energy([b for b, _ in changed])
+                              co2e_g=r["gj"] * self.pue, g_per_kwh=r["g_per_kwh"], status=r["status"])
+                for r in self.ledger.bucket_job_energy(buckets) if r["g_per_kwh"] is not None
             ]
             self._feed(self.settle_sinks, settled)
-        log.info("settled %d bucket(s) with new grid intensity", len(changed))
-        return len(changed)
+        log.info("settled %d bucket(s) (%d provider interval value(s)) with new grid intensity",
+                 len(buckets), len(changed))
+        return len(buckets)
 
     # -- schedule ------------------------------------------------------------
     async def run(self, stop: asyncio.Event, on_first_tick: Callable[[], None] | None = None) -> None:

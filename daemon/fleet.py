@@ -5,7 +5,9 @@ Sums ``job_energy.joules`` and ``job_co2e.grams`` grouped by label and host. Eve
 user-supplied value (time range, label) is a bound parameter: InfluxQL ``$name``
 placeholders with ``params=`` on the v1 ``/query`` endpoint (InfluxDB 1.x, and the
 v1-compatibility API of 2.x/3.x), Flux ``params`` through influxdb-client for v2.
-Nothing is formatted into a query string.
+Nothing is formatted into a query string. Credentials in ``[influxdb] url``
+(``http://user:password@host:8086``) are sent as Basic auth, never shown: every error
+message has the URL's password and the configured secrets redacted.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import urllib.request
 from base64 import b64encode
 from typing import Any
 
-from .config import InfluxConfig
+from .config import InfluxConfig, redact_text, redact_url
 
 J_PER_KWH = 3.6e6
 
@@ -32,29 +34,61 @@ def _iso(t_s: float) -> str:
     return datetime.fromtimestamp(t_s, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _secrets(cfg: InfluxConfig) -> list[str]:
+    found = [v for v in (cfg.password, cfg.token) if v]
+    try:
+        password = urllib.parse.urlsplit(cfg.url).password
+    except ValueError:
+        password = None
+    return found + ([password] if password else [])
+
+
+def _clean(cfg: InfluxConfig, text: str) -> str:
+    """An error text with every credential of ``cfg`` redacted."""
+    return redact_text(text, _secrets(cfg))
+
+
+def _split_userinfo(url: str) -> tuple[str, str | None, str | None]:
+    """(url without userinfo, user, password): credentials in the URL become Basic auth."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        user, password = parts.username, parts.password
+    except ValueError:
+        return url, None, None
+    if user is None and password is None:
+        return url, None, None
+    hostport = parts.netloc.rpartition("@")[2]
+    bare = urllib.parse.urlunsplit((parts.scheme, hostport, parts.path, parts.query, parts.fragment))
+    return (bare, urllib.parse.unquote(user or ""), urllib.parse.unquote(password or ""))
+
+
 def _v1_query(cfg: InfluxConfig, q: str, params: dict[str, Any]) -> list[dict[str, Any]]:
     form = {"q": q, "db": cfg.database, "params": json.dumps(params), "epoch": "s"}
     if cfg.retention_policy:
         form["rp"] = cfg.retention_policy
-    req = urllib.request.Request(f"{cfg.url.rstrip('/')}/query", data=urllib.parse.urlencode(form).encode(),
+    url, url_user, url_password = _split_userinfo(cfg.url)
+    shown = redact_url(cfg.url)
+    req = urllib.request.Request(f"{url.rstrip('/')}/query", data=urllib.parse.urlencode(form).encode(),
                                  method="POST", headers={"Content-Type": "application/x-www-form-urlencoded"})
     if cfg.token:
         req.add_header("Authorization", f"Token {cfg.token}")
-    elif cfg.username:
-        req.add_header("Authorization", "Basic " + b64encode(f"{cfg.username}:{cfg.password}".encode()).decode())
+    elif cfg.username or url_user:
+        user, password = (cfg.username, cfg.password) if cfg.username else (url_user, url_password)
+        req.add_header("Authorization", "Basic " + b64encode(f"{user}:{password}".encode()).decode())
     try:
         with urllib.request.urlopen(req, timeout=cfg.timeout_s) as resp:
             body = json.load(resp)
     except urllib.error.HTTPError as exc:
-        raise FleetError(f"InfluxDB at {cfg.url} answered {exc.code}: {exc.read(300).decode(errors='replace')}") from None
+        text = exc.read(300).decode(errors="replace")
+        raise FleetError(_clean(cfg, f"InfluxDB at {shown} answered {exc.code}: {text}")) from None
     except (OSError, ValueError) as exc:
-        raise FleetError(f"InfluxDB at {cfg.url} not reachable: {getattr(exc, 'reason', exc)}") from None
+        raise FleetError(_clean(cfg, f"InfluxDB at {shown} not reachable: {getattr(exc, 'reason', exc)}")) from None
     if "error" in body:
-        raise FleetError(f"InfluxDB: {body['error']}")
+        raise FleetError(_clean(cfg, f"InfluxDB: {body['error']}"))
     out: list[dict[str, Any]] = []
     for result in body.get("results", []):
         if "error" in result:
-            raise FleetError(f"InfluxDB: {result['error']}")
+            raise FleetError(_clean(cfg, f"InfluxDB: {result['error']}"))
         for series in result.get("series", []):
             tags = series.get("tags", {})
             for row in series.get("values", []):
@@ -72,11 +106,12 @@ def _v2_query(cfg: InfluxConfig, measurement: str, field: str, params: dict[str,
         + ' |> group(columns: ["label", "host"]) |> sum()'
     )
     bound = {"bucket": cfg.bucket, "measurement": measurement, "field": field, **params}
+    url, _user, _password = _split_userinfo(cfg.url)
     try:
-        with InfluxDBClient(url=cfg.url, token=cfg.token, org=cfg.org, timeout=int(cfg.timeout_s * 1000)) as client:
+        with InfluxDBClient(url=url, token=cfg.token, org=cfg.org, timeout=int(cfg.timeout_s * 1000)) as client:
             tables = client.query_api().query(flux, params=bound)
     except Exception as exc:  # the client raises many types; all mean the same to the user
-        raise FleetError(f"InfluxDB v2 at {cfg.url}: {type(exc).__name__}: {exc}") from None
+        raise FleetError(_clean(cfg, f"InfluxDB v2 at {redact_url(cfg.url)}: {type(exc).__name__}: {exc}")) from None
     return [{"label": r.values.get("label"), "host": r.values.get("host"), "sum": r.get_value()}
             for table in tables for r in table.records]
 

@@ -12,9 +12,19 @@ intensity) that end at or before the bucket boundary at ``before``, the grid ser
 that ended by then, and the finished jobs that ended before that boundary. A job
 that outlives the cut keeps its totals: the CO2e of its deleted buckets is folded
 into ``jobs.pruned_co2e_g`` first, and its energy totals live in the jobs row. Readers (HTTP API, CLI) open their own connections; WAL lets them read while the
-writer writes. CO2e is never stored as a number that could go stale: it is computed
-from bucket energy x the bucket's intensity x PUE, so settling an intensity value
-(provisional -> final) revises every affected job at once.
+writer writes.
+
+CO2e is never stored as a number that could go stale: it is computed as
+Σ energy x intensity x PUE over the provider intervals ("slots") each bucket's energy
+fell in. Each tick's energy is booked twice in the same transaction: per component
+in ``job_buckets`` and, all components together, per slot in ``job_slots``; the
+intensity used for a slot of a bucket is one ``bucket_intensity`` row (a slot is the
+provider's interval cut to the bucket, so a bucket holds at most
+bucket_s / resolution of them, and exactly one when the provider's resolution is at
+least the bucket). Settling a slot's value (provisional -> final) revises every
+affected job at once, with the same arithmetic as at write time. Stores of schema 2
+(one intensity per bucket) are migrated in place: each old bucket becomes one slot
+spanning the bucket, so their CO2e is unchanged.
 
 All query values are bound parameters; nothing from users is ever formatted into SQL.
 """
@@ -23,16 +33,18 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import sqlite3
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .model import COMPONENTS
 from .procs import JobIdentity
 
-SCHEMA_VERSION = 2  # 2: jobs.pruned_co2e_g (retention)
+SCHEMA_VERSION = 3  # 2: jobs.pruned_co2e_g (retention); 3: job_slots, bucket_intensity per slot
 J_PER_KWH = 3.6e6
 
 _SCHEMA = """
@@ -97,14 +109,42 @@ CREATE TABLE IF NOT EXISTS intensity_points (
     PRIMARY KEY (provider, zone, start)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS bucket_intensity (
-    bucket_start INTEGER PRIMARY KEY,
+    bucket_start INTEGER NOT NULL,
+    slot_start INTEGER NOT NULL,   -- the provider interval [slot_start, slot_end), cut to the bucket
+    slot_end INTEGER NOT NULL,
     g_per_kwh REAL NOT NULL,
     status TEXT NOT NULL,          -- provisional | final
     provider TEXT NOT NULL,
     zone TEXT NOT NULL,
-    basis TEXT NOT NULL            -- actual | forecast | latest | static
-);
+    basis TEXT NOT NULL,           -- actual | forecast | latest | fallback | static
+    PRIMARY KEY (bucket_start, slot_start)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS job_slots (
+    job_id TEXT NOT NULL,
+    bucket_start INTEGER NOT NULL,
+    slot_start INTEGER NOT NULL,   -- a bucket_intensity slot of this bucket
+    energy_j REAL NOT NULL,        -- all components
+    PRIMARY KEY (job_id, bucket_start, slot_start)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS job_slots_start ON job_slots (bucket_start);
+-- Slurm jobs (daemon/slurm.py): what Slurm says about the job, and the steps seen.
+CREATE TABLE IF NOT EXISTS slurm_jobs (
+    job_id TEXT PRIMARY KEY,
+    slurm_job_id TEXT NOT NULL,
+    name TEXT NOT NULL,            -- <job id> or <array job id>_<task id>
+    array_job_id TEXT NOT NULL,
+    array_task_id TEXT NOT NULL,
+    partition TEXT NOT NULL,
+    user TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS slurm_steps (
+    job_id TEXT NOT NULL,
+    step TEXT NOT NULL,            -- batch | extern | interactive | <n>
+    PRIMARY KEY (job_id, step)
+) WITHOUT ROWID;
 """
+_BUCKET_INTENSITY_V3 = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS bucket_intensity"):
+                               _SCHEMA.index("CREATE TABLE IF NOT EXISTS job_slots")]
 
 
 class LedgerError(Exception):
@@ -113,7 +153,8 @@ class LedgerError(Exception):
 
 OPEN_BUSY_TIMEOUT_S = 5.0  # at start: wait this long for another writer's lock
 TICK_BUSY_TIMEOUT_MS = 200  # per tick: a locked store fails the write, not the tick
-PRUNE_TABLES = ("job_buckets", "device_buckets", "unattributed_buckets", "bucket_intensity")
+PRUNE_TABLES = ("job_buckets", "job_slots", "device_buckets", "unattributed_buckets", "bucket_intensity")
+BASIS_RANK = {"fallback": 0, "latest": 1, "forecast": 2, "actual": 3, "static": 3}  # how sure a value is
 
 
 def _is_locked(exc: sqlite3.Error) -> bool:
@@ -134,7 +175,11 @@ class Intensity:
     status: str  # provisional | final
     provider: str
     zone: str
-    basis: str  # actual | forecast | latest | static
+    basis: str  # actual | forecast | latest | fallback | static
+    # The provider interval ("slot") the value is for, seconds since the epoch;
+    # None: not tied to one (static values): it holds for the whole bucket.
+    start: float | None = None
+    end: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +203,27 @@ class JobTick:
     gpu_seconds: float
     gpu_memory_bytes: int
     sources: Mapping[str, str]  # component -> counter | power | estimate
+    steps: frozenset[str] = frozenset()  # Slurm steps of its processes in this tick
+
+
+def _sources_merge(tick_sources: Mapping[str, str]) -> tuple[str, list[str]]:
+    """SQL (and its parameters) for ``jobs.sources`` after a tick: per component in
+    ``tick_sources``, the weaker of the stored source and the tick's (estimate < power
+    < counter), so the column describes the job's whole life, across restarts too.
+    Only component names from COMPONENTS are formatted into the SQL; values are bound."""
+    parts: list[str] = []
+    params: list[str] = []
+    for comp in COMPONENTS:
+        new = tick_sources.get(comp)
+        if new is None:
+            continue
+        old = f"json_extract(sources, '$.{comp}')"
+        parts.append(f"'$.{comp}', CASE WHEN {old} = 'estimate' OR ? = 'estimate' THEN 'estimate' "
+                     f"WHEN {old} = 'power' OR ? = 'power' THEN 'power' ELSE ? END")
+        params += [new, new, new]
+    if not parts:
+        return "sources", []
+    return f"json_set(sources, {', '.join(parts)})", params
 
 
 def _connect(path: str, readonly: bool) -> sqlite3.Connection:
@@ -217,6 +283,8 @@ class Ledger:
                 raise LedgerError(f"{path}: store schema {row['value']} is newer than this wattprint ({SCHEMA_VERSION})")
             if not _has_column(self.conn, "jobs", "pruned_co2e_g"):  # schema 1 -> 2
                 self.conn.execute("ALTER TABLE jobs ADD COLUMN pruned_co2e_g REAL NOT NULL DEFAULT 0")
+            if not _has_column(self.conn, "bucket_intensity", "slot_start"):  # schema 2 -> 3
+                self._migrate_to_slots()
             self.conn.execute("UPDATE meta SET value=? WHERE key='schema_version' AND CAST(value AS INTEGER) < ?",
                               (str(SCHEMA_VERSION), SCHEMA_VERSION))
             self.conn.commit()
@@ -233,6 +301,23 @@ class Ledger:
         # From now on a lock held by someone else fails one tick's write (the engine
         # keeps the tick and retries), instead of blocking the tick for seconds.
         self.conn.execute(f"PRAGMA busy_timeout={TICK_BUSY_TIMEOUT_MS}")
+
+    def _migrate_to_slots(self) -> None:
+        """Schema 2 -> 3, inside the opening transaction (all or nothing): each old
+        bucket's one intensity becomes one slot spanning the bucket, and each job's
+        bucket energy its one slot row, so the CO2e of old buckets stays as it was."""
+        c = self.conn
+        if not c.in_transaction:
+            c.execute("BEGIN")
+        c.execute("ALTER TABLE bucket_intensity RENAME TO bucket_intensity_v2")
+        c.execute(_BUCKET_INTENSITY_V3)
+        c.execute("""INSERT INTO bucket_intensity
+                     SELECT bucket_start, bucket_start, bucket_start + ?, g_per_kwh, status, provider, zone, basis
+                     FROM bucket_intensity_v2""", (self.bucket_s,))
+        c.execute("DROP TABLE bucket_intensity_v2")
+        c.execute("""INSERT OR IGNORE INTO job_slots
+                     SELECT job_id, bucket_start, bucket_start, SUM(energy_j) FROM job_buckets
+                     GROUP BY job_id, bucket_start""")
 
     @staticmethod
     def _take_lock(path: str) -> int:
@@ -262,6 +347,21 @@ class Ledger:
 
     def bucket_of(self, wall_s: float) -> int:
         return int(wall_s // self.bucket_s) * self.bucket_s
+
+    def slot_of(self, wall_s: float, intensity: Intensity | None) -> tuple[int, int]:
+        """``[start, end)`` of the slot a tick at ``wall_s`` booked with ``intensity``
+        falls in: the value's provider interval cut to the tick's bucket; the whole
+        bucket when the value is not tied to an interval (static) or does not hold
+        ``wall_s``."""
+        bucket = self.bucket_of(wall_s)
+        bucket_end = bucket + self.bucket_s
+        if intensity is None or intensity.start is None or intensity.end is None:
+            return bucket, bucket_end
+        start = max(bucket, math.floor(intensity.start))
+        end = min(bucket_end, math.ceil(intensity.end))
+        if not start <= wall_s < end:
+            return bucket, bucket_end
+        return start, end
 
     def running_jobs(self) -> dict[str, dict[str, Any]]:
         rows = self.conn.execute("SELECT * FROM jobs WHERE state='running'").fetchall()
@@ -297,6 +397,8 @@ class Ledger:
         ended: Iterable[tuple[str, float]],
     ) -> None:
         bucket = self.bucket_of(wall_s)
+        slot_start, slot_end = self.slot_of(wall_s, intensity)
+        slot_rows: list[tuple[str, int, int, float]] = []
         c = self.conn
         for jt in jobs:
             ident = jt.identity
@@ -308,15 +410,22 @@ class Ledger:
                 (ident.job_id, self.host, ident.label, ident.label_raw, ident.label_source, ident.uid, ident.user,
                  ident.command, ident.root_pid, ident.started_at, wall_s, json.dumps(dict(jt.sources))),
             )
+            if ident.slurm is not None:
+                sj = ident.slurm
+                c.execute("INSERT INTO slurm_jobs VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(job_id) DO NOTHING",
+                          (ident.job_id, sj.job_id, sj.name, sj.array_job_id, sj.array_task_id, sj.partition, sj.user))
+                c.executemany("INSERT INTO slurm_steps VALUES (?, ?) ON CONFLICT DO NOTHING",
+                              [(ident.job_id, step) for step in sorted(jt.steps)])
+            merge_sql, merge_params = _sources_merge(jt.sources)
             c.execute(
-                """UPDATE jobs SET last_seen=?, state='running', ended_at=NULL,
+                f"""UPDATE jobs SET last_seen=?, state='running', ended_at=NULL,
                        gpu_seconds=gpu_seconds+?, peak_gpu_memory_bytes=max(peak_gpu_memory_bytes, ?),
                        gpu_j=gpu_j+?, cpu_j=cpu_j+?, dram_j=dram_j+?,
-                       sources=json_patch(sources, ?)
+                       sources={merge_sql}
                    WHERE id=?""",
                 (wall_s, jt.gpu_seconds, jt.gpu_memory_bytes,
                  jt.energy_j.get("gpu", 0.0), jt.energy_j.get("cpu", 0.0), jt.energy_j.get("dram", 0.0),
-                 json.dumps(dict(jt.sources)), ident.job_id),
+                 *merge_params, ident.job_id),
             )
             for comp in COMPONENTS:
                 e = jt.energy_j.get(comp, 0.0)
@@ -327,6 +436,16 @@ class Ledger:
                            DO UPDATE SET energy_j = energy_j + excluded.energy_j""",
                         (ident.job_id, bucket, comp, e),
                     )
+            slot_j = sum(jt.energy_j.get(comp, 0.0) for comp in COMPONENTS)
+            if slot_j:
+                slot_rows.append((ident.job_id, bucket, slot_start, slot_j))
+        if slot_rows:  # every job's energy of this tick against the tick's slot, in one statement
+            c.executemany(
+                """INSERT INTO job_slots VALUES (?, ?, ?, ?)
+                   ON CONFLICT(job_id, bucket_start, slot_start)
+                   DO UPDATE SET energy_j = energy_j + excluded.energy_j""",
+                slot_rows,
+            )
         for kind, device, e, source in device_j:
             c.execute(
                 """INSERT INTO device_buckets VALUES (?, ?, ?, ?, ?)
@@ -343,10 +462,11 @@ class Ledger:
                    DO UPDATE SET energy_j = energy_j + excluded.energy_j""",
                 (comp, bucket, e),
             )
-        if intensity is not None:
+        if intensity is not None:  # the first value booked for a slot stays until settlement revises it
             c.execute(
-                "INSERT OR IGNORE INTO bucket_intensity VALUES (?, ?, ?, ?, ?, ?)",
-                (bucket, intensity.g_per_kwh, intensity.status, intensity.provider, intensity.zone, intensity.basis),
+                "INSERT OR IGNORE INTO bucket_intensity VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (bucket, slot_start, slot_end, intensity.g_per_kwh, intensity.status, intensity.provider,
+                 intensity.zone, intensity.basis),
             )
         for job_id, ended_at in ended:
             c.execute("UPDATE jobs SET state='finished', ended_at=? WHERE id=? AND state='running'", (ended_at, job_id))
@@ -355,14 +475,6 @@ class Ledger:
         with self.conn:
             for job_id, ended_at in ended:
                 self.conn.execute("UPDATE jobs SET state='finished', ended_at=? WHERE id=? AND state='running'", (ended_at, job_id))
-
-    def set_intensity(self, bucket_start: int, intensity: Intensity) -> None:
-        """Replace a bucket's intensity (settlement: provisional -> final)."""
-        with self.conn:
-            self.conn.execute(
-                "INSERT OR REPLACE INTO bucket_intensity VALUES (?, ?, ?, ?, ?, ?)",
-                (bucket_start, intensity.g_per_kwh, intensity.status, intensity.provider, intensity.zone, intensity.basis),
-            )
 
     def store_points(self, points: Iterable[Any], fetched_at: float) -> None:
         """Keep a provider's series (IntensityPoint values). An actual value is never
@@ -383,47 +495,63 @@ class Ledger:
             "SELECT start, end, g_per_kwh, kind FROM intensity_points WHERE provider=? AND zone=? AND end > ? ORDER BY start",
             (provider, zone, since))]
 
-    def bucket_job_energy(self, bucket_starts: list[int]) -> list[sqlite3.Row]:
-        """(job_id, label, user, uid, bucket_start, energy_j, g_per_kwh, status) for the
-        given buckets: what settlement rewrites downstream."""
-        out: list[sqlite3.Row] = []
+    def bucket_job_energy(self, bucket_starts: list[int]) -> list[dict[str, Any]]:
+        """Per job and bucket of the given buckets: job_id, label, user, uid,
+        bucket_start, energy_j, gj (grams before PUE: Σ slot energy x slot intensity),
+        g_per_kwh (the energy-weighted mean intensity; None when no slot has one) and
+        status (``final`` when every slot with energy has a final value): what
+        settlement rewrites downstream."""
+        out: list[dict[str, Any]] = []
         for i in range(0, len(bucket_starts), 500):
             chunk = bucket_starts[i : i + 500]
-            out.extend(self.conn.execute(
-                f"""SELECT b.job_id, j.label, j.user, j.uid, b.bucket_start, SUM(b.energy_j) AS energy_j,
-                           i.g_per_kwh, i.status
-                    FROM job_buckets b JOIN jobs j ON j.id = b.job_id
-                    JOIN bucket_intensity i ON i.bucket_start = b.bucket_start
-                    WHERE b.bucket_start IN ({",".join("?" * len(chunk))})
-                    GROUP BY b.job_id, b.bucket_start""", chunk))
+            for r in self.conn.execute(
+                f"""SELECT s.job_id, j.label, j.user, j.uid, s.bucket_start, SUM(s.energy_j) AS energy_j,
+                           SUM(s.energy_j * COALESCE(i.g_per_kwh, 0)) / 3600000.0 AS gj,
+                           SUM(CASE WHEN i.g_per_kwh IS NULL THEN 0 ELSE s.energy_j END) AS known_j,
+                           MIN(CASE WHEN i.status = 'final' THEN 1 ELSE 0 END) AS final
+                    FROM job_slots s JOIN jobs j ON j.id = s.job_id
+                    LEFT JOIN bucket_intensity i ON i.bucket_start = s.bucket_start AND i.slot_start = s.slot_start
+                    WHERE s.bucket_start IN ({",".join("?" * len(chunk))})
+                    GROUP BY s.job_id, s.bucket_start""", chunk):
+                out.append({
+                    "job_id": r["job_id"], "label": r["label"], "user": r["user"], "uid": r["uid"],
+                    "bucket_start": r["bucket_start"], "energy_j": r["energy_j"], "gj": r["gj"],
+                    "g_per_kwh": r["gj"] * J_PER_KWH / r["known_j"] if r["known_j"] > 0 else None,
+                    "status": "final" if r["final"] else "provisional",
+                })
         return out
 
-    def set_intensities(self, values: list[tuple[int, Intensity]]) -> None:
+    def set_intensities(self, values: Sequence[tuple[int, int, Intensity]]) -> None:
+        """Settlement: replace the value of slots (bucket_start, slot_start) already
+        booked; their boundaries stay."""
         with self.conn:
             self.conn.executemany(
-                "INSERT OR REPLACE INTO bucket_intensity VALUES (?, ?, ?, ?, ?, ?)",
-                [(b, i.g_per_kwh, i.status, i.provider, i.zone, i.basis) for b, i in values],
+                """UPDATE bucket_intensity SET g_per_kwh=?, status=?, provider=?, zone=?, basis=?
+                   WHERE bucket_start=? AND slot_start=?""",
+                [(i.g_per_kwh, i.status, i.provider, i.zone, i.basis, b, s) for b, s, i in values],
             )
 
     def bucket_intensities(self, statuses: tuple[str, ...] = ("provisional",)) -> list[sqlite3.Row]:
+        """The ``bucket_intensity`` rows (one per slot of a bucket) of these statuses."""
         return self.conn.execute(
-            f"SELECT * FROM bucket_intensity WHERE status IN ({','.join('?' * len(statuses))}) ORDER BY bucket_start",
+            f"""SELECT * FROM bucket_intensity WHERE status IN ({','.join('?' * len(statuses))})
+                ORDER BY bucket_start, slot_start""",
             statuses).fetchall()
 
-    def bucket_intensity(self, bucket_start: int) -> Intensity | None:
-        r = self.conn.execute("SELECT * FROM bucket_intensity WHERE bucket_start=?", (bucket_start,)).fetchone()
-        if r is None:
-            return None
-        return Intensity(r["g_per_kwh"], r["status"], r["provider"], r["zone"], r["basis"])
+    def slot_intensities(self, bucket_start: int) -> dict[int, Intensity]:
+        """slot_start -> the value booked for that slot of the bucket (with its bounds)."""
+        return {r["slot_start"]: Intensity(r["g_per_kwh"], r["status"], r["provider"], r["zone"], r["basis"],
+                                           r["slot_start"], r["slot_end"])
+                for r in self.conn.execute("SELECT * FROM bucket_intensity WHERE bucket_start=?", (bucket_start,))}
 
-    def job_bucket_energy_j(self, job_id: str, bucket_start: int) -> float:
-        r = self.conn.execute("SELECT SUM(energy_j) FROM job_buckets WHERE job_id=? AND bucket_start=?",
-                              (job_id, bucket_start)).fetchone()
-        return float(r[0] or 0.0)
+    def job_slot_energy_j(self, job_id: str, bucket_start: int) -> dict[int, float]:
+        """slot_start -> J of the job in that slot of the bucket (all components)."""
+        return {r[0]: float(r[1]) for r in self.conn.execute(
+            "SELECT slot_start, energy_j FROM job_slots WHERE job_id=? AND bucket_start=?", (job_id, bucket_start))}
 
     def provisional_buckets(self) -> list[int]:
         return [r[0] for r in self.conn.execute(
-            "SELECT bucket_start FROM bucket_intensity WHERE status='provisional' ORDER BY bucket_start")]
+            "SELECT DISTINCT bucket_start FROM bucket_intensity WHERE status='provisional' ORDER BY bucket_start")]
 
     def job_co2e_g(self, job_ids: list[str], pue: float) -> dict[str, float]:
         """CO2e of each job from its buckets and their intensity (grams)."""
@@ -446,14 +574,17 @@ class Ledger:
         with c:
             c.execute(
                 """UPDATE jobs SET pruned_co2e_g = pruned_co2e_g + COALESCE((
-                       SELECT SUM(b.energy_j * COALESCE(i.g_per_kwh, 0)) / 3600000.0
-                       FROM job_buckets b LEFT JOIN bucket_intensity i ON i.bucket_start = b.bucket_start
-                       WHERE b.job_id = jobs.id AND b.bucket_start < ?), 0)
+                       SELECT SUM(s.energy_j * COALESCE(i.g_per_kwh, 0)) / 3600000.0
+                       FROM job_slots s LEFT JOIN bucket_intensity i
+                            ON i.bucket_start = s.bucket_start AND i.slot_start = s.slot_start
+                       WHERE s.job_id = jobs.id AND s.bucket_start < ?), 0)
                    WHERE NOT (state = 'finished' AND COALESCE(ended_at, last_seen) < ?)
-                     AND id IN (SELECT job_id FROM job_buckets WHERE bucket_start < ?)""",
+                     AND id IN (SELECT job_id FROM job_slots WHERE bucket_start < ?)""",
                 (cut, cut, cut))
             deleted["jobs"] = c.execute(
                 "DELETE FROM jobs WHERE state = 'finished' AND COALESCE(ended_at, last_seen) < ?", (cut,)).rowcount
+            c.execute("DELETE FROM slurm_jobs WHERE job_id NOT IN (SELECT id FROM jobs)")
+            c.execute("DELETE FROM slurm_steps WHERE job_id NOT IN (SELECT id FROM jobs)")
             for table in PRUNE_TABLES:
                 deleted[table] = c.execute(f"DELETE FROM {table} WHERE bucket_start < ?", (cut,)).rowcount
             deleted["intensity_points"] = c.execute(
@@ -464,10 +595,21 @@ class Ledger:
         self._close_all()
 
 
-def _co2e_rows(conn: sqlite3.Connection, job_ids: list[str], pruned: bool = True) -> dict[str, sqlite3.Row]:
+# Where a job's energy per slot and the slot values come from. A store of schema 2
+# (read as it is, before a daemon migrated it) has one value per bucket: each bucket
+# is then its own single slot, exactly how the migration turns it into schema 3.
+_SLOTS = {True: "job_slots", False: "(SELECT job_id, bucket_start, bucket_start AS slot_start, "
+                                    "SUM(energy_j) AS energy_j FROM job_buckets GROUP BY job_id, bucket_start)"}
+_SLOT_VALUES = {True: "bucket_intensity", False: "(SELECT bucket_start, bucket_start AS slot_start, g_per_kwh, "
+                                                 "status, provider, zone, basis FROM bucket_intensity)"}
+
+
+def _co2e_rows(conn: sqlite3.Connection, job_ids: list[str], pruned: bool = True,
+               slots: bool = True) -> dict[str, sqlite3.Row]:
     """CO2e figures per job (``gj``: grams before PUE), one row for every known job."""
     out: dict[str, sqlite3.Row] = {}
-    template = _JOB_CO2E_SQL.replace("{pruned}", "j.pruned_co2e_g" if pruned else "0.0")
+    template = (_JOB_CO2E_SQL.replace("{pruned}", "j.pruned_co2e_g" if pruned else "0.0")
+                .replace("{slots}", _SLOTS[slots]).replace("{values}", _SLOT_VALUES[slots]))
     for i in range(0, len(job_ids), 500):
         chunk = job_ids[i : i + 500]
         sql = template.format(marks=",".join("?" * len(chunk)))
@@ -478,16 +620,52 @@ def _co2e_rows(conn: sqlite3.Connection, job_ids: list[str], pruned: bool = True
 
 _JOB_CO2E_SQL = """
 SELECT j.id AS job_id,
-       {pruned} + COALESCE(SUM(b.energy_j * COALESCE(i.g_per_kwh, 0)), 0) / 3600000.0 AS gj,
-       COALESCE(SUM(CASE WHEN i.g_per_kwh IS NULL THEN b.energy_j ELSE 0 END), 0) AS no_intensity_j,
+       {pruned} + COALESCE(SUM(s.energy_j * COALESCE(i.g_per_kwh, 0)), 0) / 3600000.0 AS gj,
+       COALESCE(SUM(CASE WHEN i.g_per_kwh IS NULL THEN s.energy_j ELSE 0 END), 0) AS no_intensity_j,
        COALESCE(SUM(CASE WHEN i.status = 'provisional' THEN 1 ELSE 0 END), 0) AS provisional,
        GROUP_CONCAT(DISTINCT i.zone) AS zones
 FROM jobs j
-LEFT JOIN job_buckets b ON b.job_id = j.id
-LEFT JOIN bucket_intensity i ON i.bucket_start = b.bucket_start
+LEFT JOIN {slots} s ON s.job_id = j.id
+LEFT JOIN {values} i ON i.bucket_start = s.bucket_start AND i.slot_start = s.slot_start
 WHERE j.id IN ({marks})
 GROUP BY j.id
 """
+
+
+def _bucket_values(slots: Sequence[sqlite3.Row], pue: float) -> dict[str, Any]:
+    """One bucket's carbon figures for the job series, from the job's slots in it
+    (energy_j, g_per_kwh, status, provider, zone, basis of each): the CO2e is
+    Σ energy x value (x PUE); the intensity shown is the energy-weighted mean; the
+    status is ``final`` only when every slot has a final value (``missing`` when none
+    has a value); provider and zone as used (comma-joined if several); the basis is
+    the least sure of the slots' (fallback < latest < forecast < actual, static)."""
+    gj = known_j = 0.0
+    statuses: set[str] = set()
+    providers: set[str] = set()
+    zones: set[str] = set()
+    bases: set[str] = set()
+    missing = False
+    for s in slots:
+        if s["g_per_kwh"] is None:
+            missing = True
+            continue
+        gj += s["energy_j"] * s["g_per_kwh"]
+        known_j += s["energy_j"]
+        statuses.add(s["status"])
+        providers.add(s["provider"])
+        zones.add(s["zone"])
+        bases.add(s["basis"])
+    if not statuses:
+        return {"g_per_kwh": None, "intensity_status": "missing", "intensity_provider": None,
+                "intensity_zone": None, "intensity_basis": None, "co2e_g": 0.0}
+    return {
+        "g_per_kwh": gj / known_j if known_j > 0 else None,
+        "intensity_status": "final" if statuses == {"final"} and not missing else "provisional",
+        "intensity_provider": ",".join(sorted(providers)),
+        "intensity_zone": ",".join(sorted(zones)),
+        "intensity_basis": min(bases, key=lambda b: (BASIS_RANK.get(b, -1), b)),
+        "co2e_g": gj / J_PER_KWH * pue,
+    }
 
 
 class LedgerReader:
@@ -502,16 +680,55 @@ class LedgerReader:
         self.currency = currency
         self._lock = threading.Lock()
         self._pruned_column: bool | None = None  # a schema-1 store has none
+        self._slot_tables: bool | None = None  # a store before schema 3 has one intensity per bucket
 
     def close(self) -> None:
         self.conn.close()
 
+    @contextmanager
+    def _read(self) -> Iterator[None]:
+        """Under the lock, in one read transaction: several queries see the same
+        commit (a job's energy and its CO2e from the same ticks)."""
+        with self._lock:
+            self.conn.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self.conn.rollback()
+
+    def _slots(self) -> bool:
+        if not self._slot_tables:  # until a daemon has migrated the store
+            self._slot_tables = _has_column(self.conn, "bucket_intensity", "slot_start")
+        return self._slot_tables
+
     def _co2e(self, job_ids: list[str]) -> dict[str, sqlite3.Row]:
         if self._pruned_column is None or not self._pruned_column:
             self._pruned_column = _has_column(self.conn, "jobs", "pruned_co2e_g")
-        return _co2e_rows(self.conn, job_ids, pruned=self._pruned_column)
+        return _co2e_rows(self.conn, job_ids, pruned=self._pruned_column, slots=self._slots())
 
-    def _job_obj(self, r: sqlite3.Row, co2: sqlite3.Row | None, now: float) -> dict[str, Any]:
+    def _slurm(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """job id -> the job's ``slurm`` object (for Slurm jobs only)."""
+        out: dict[str, dict[str, Any]] = {}
+        if not job_ids:
+            return out
+        marks = ",".join("?" * len(job_ids))
+        try:
+            rows = self.conn.execute(f"SELECT * FROM slurm_jobs WHERE job_id IN ({marks})", job_ids).fetchall()
+        except sqlite3.OperationalError:  # a store no daemon of this version has opened yet
+            return out
+        for r in rows:
+            out[r["job_id"]] = {"job_id": r["slurm_job_id"], "name": r["name"], "array_job_id": r["array_job_id"],
+                                "array_task_id": r["array_task_id"], "partition": r["partition"], "user": r["user"],
+                                "steps": []}
+        for r in self.conn.execute(f"SELECT job_id, step FROM slurm_steps WHERE job_id IN ({marks})", job_ids):
+            if r["job_id"] in out:
+                out[r["job_id"]]["steps"].append(r["step"])
+        for obj in out.values():  # batch, extern, interactive first, then steps by number
+            obj["steps"].sort(key=lambda s: (s.isdigit(), int(s) if s.isdigit() else 0, s))
+        return out
+
+    def _job_obj(self, r: sqlite3.Row, co2: sqlite3.Row | None, now: float,
+                 slurm: dict[str, Any] | None = None) -> dict[str, Any]:
         energy = {c: r[f"{c}_j"] for c in COMPONENTS}
         total_j = sum(energy.values())
         kwh = total_j / J_PER_KWH
@@ -548,6 +765,7 @@ class LedgerReader:
             "peak_gpu_memory_bytes": r["peak_gpu_memory_bytes"],
             "cost": {"amount": kwh * self.pue * self.price_per_kwh, "currency": self.currency,
                      "price_per_kwh": self.price_per_kwh},
+            "slurm": slurm,
         }
 
     def jobs(self, *, state: str | None = None, since: float | None = None, until: float | None = None,
@@ -568,8 +786,10 @@ class LedgerReader:
             where.append("started_at < ?")
             params.append(until)
         if label is not None:
-            where.append("label = ?")
-            params.append(label)
+            # the exported label, or the label as the user set it (a job filed under
+            # "_overflow" by the label cap, or sanitised, is found by what was set)
+            where.append("(label = ? OR label_raw = ?)")
+            params.extend((label, label))
         if user is not None:
             where.append("user = ?")
             params.append(user)
@@ -578,40 +798,50 @@ class LedgerReader:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY started_at DESC, id LIMIT ?"
         params.append(limit)
-        with self._lock:
+        with self._read():
             rows = self.conn.execute(sql, params).fetchall()
             co2 = self._co2e([r["id"] for r in rows])
-        return [self._job_obj(r, co2.get(r["id"]), now) for r in rows]
+            slurm = self._slurm([r["id"] for r in rows])
+        return [self._job_obj(r, co2.get(r["id"]), now, slurm.get(r["id"])) for r in rows]
 
     def job(self, job_id: str, now: float) -> dict[str, Any] | None:
-        with self._lock:
+        with self._read():
             r = self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if r is None:
                 return None
             co2 = self._co2e([job_id])
-        return self._job_obj(r, co2.get(job_id), now)
+            slurm = self._slurm([job_id])
+        return self._job_obj(r, co2.get(job_id), now, slurm.get(job_id))
 
     def job_series(self, job_id: str) -> list[dict[str, Any]]:
-        with self._lock:
+        """Per bucket: energy per component, and the carbon figures from the job's
+        slots in it (``_bucket_values``: intensity = energy-weighted mean)."""
+        with self._read():
             rows = self.conn.execute(
-                """SELECT b.bucket_start, b.component, b.energy_j, i.g_per_kwh, i.status, i.provider, i.zone, i.basis
-                   FROM job_buckets b LEFT JOIN bucket_intensity i ON i.bucket_start = b.bucket_start
-                   WHERE b.job_id = ? ORDER BY b.bucket_start, b.component""",
+                """SELECT bucket_start, component, energy_j FROM job_buckets
+                   WHERE job_id = ? ORDER BY bucket_start, component""",
                 (job_id,),
             ).fetchall()
+            slots = self._slots()
+            slot_rows = self.conn.execute(
+                f"""SELECT s.bucket_start, s.energy_j, i.g_per_kwh, i.status, i.provider, i.zone, i.basis
+                    FROM {_SLOTS[slots]} s LEFT JOIN {_SLOT_VALUES[slots]} i
+                         ON i.bucket_start = s.bucket_start AND i.slot_start = s.slot_start
+                    WHERE s.job_id = ? ORDER BY s.bucket_start, s.slot_start""",
+                (job_id,),
+            ).fetchall()
+        by_bucket: dict[int, list[sqlite3.Row]] = {}
+        for r in slot_rows:
+            by_bucket.setdefault(r["bucket_start"], []).append(r)
         buckets: dict[int, dict[str, Any]] = {}
         for r in rows:
-            b = buckets.setdefault(r["bucket_start"], {
-                "start": r["bucket_start"], "energy_j": {c: 0.0 for c in COMPONENTS},
-                "g_per_kwh": r["g_per_kwh"], "intensity_status": r["status"] or "missing",
-                "intensity_provider": r["provider"], "intensity_zone": r["zone"], "intensity_basis": r["basis"],
-            })
+            b = buckets.setdefault(r["bucket_start"], {"start": r["bucket_start"],
+                                                       "energy_j": {c: 0.0 for c in COMPONENTS}})
             b["energy_j"][r["component"]] += r["energy_j"]
         out = []
         for b in buckets.values():
-            total = sum(b["energy_j"].values())
-            b["energy_j"]["total"] = total
-            b["co2e_g"] = total / J_PER_KWH * (b["g_per_kwh"] or 0.0) * self.pue
+            b["energy_j"]["total"] = sum(b["energy_j"].values())
+            b.update(_bucket_values(by_bucket.get(b["start"], []), self.pue))
             out.append(b)
         return out
 
@@ -624,7 +854,9 @@ class LedgerReader:
         return [dict(r) for r in rows]
 
     def host_totals(self) -> dict[str, Any]:
-        with self._lock:
+        # One read transaction: a tick committed between the three queries would make
+        # device != attributed + unattributed in the answer (tests/test_invariants.py).
+        with self._read():
             devices = self.conn.execute(
                 "SELECT kind, device, SUM(energy_j) AS e, MAX(source) AS source FROM device_buckets GROUP BY kind, device ORDER BY kind, device"
             ).fetchall()

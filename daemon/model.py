@@ -143,8 +143,12 @@ class TickRecord:
     # CO2e of the ledger bucket this tick fell in, per job (all components, so far):
     bucket_start: int = 0
     bucket_co2e_g: Mapping[str, float] = field(default_factory=dict)  # job_id -> grams in the bucket so far
-    g_per_kwh: float | None = None
+    g_per_kwh: float | None = None  # the value of this tick's provider interval (slot)
     intensity_status: str = ""  # provisional | final
+    # Per job, what bucket_co2e_g was computed with: the energy-weighted mean intensity of
+    # the job's slots in the bucket so far, and "final" only when all of them are final.
+    bucket_g_per_kwh: Mapping[str, float] = field(default_factory=dict)
+    bucket_intensity_status: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,6 +73,10 @@ def _schemas() -> dict[str, Any]:
         "label_raw": {"type": "string",
                       "description": "the label exactly as set (untrusted text); `label` is its sanitised form"},
         "label_sanitised": {"type": "boolean", "description": "true when `label` differs from `label_raw`"},
+        "label_note": {"type": "string",
+                       "description": ("why `label` differs from `label_raw`: `label cap reached for user <user> "
+                                       "(max_labels_per_user = N)` (filed as `_overflow`) or `sanitised for export`; "
+                                       "empty when they are equal")},
         "label_source": {"type": "string",
                          "description": "the environment variable the label came from, `cgroup:<kind>`, or `pgid`"},
         "host": _STR,
@@ -89,7 +93,8 @@ def _schemas() -> dict[str, Any]:
         "energy_kwh": {"type": "number", "minimum": 0, "description": "energy_j.total in kWh (before PUE)"},
         "energy_sources": {
             "type": "object",
-            "description": "where each component's figure comes from",
+            "description": ("per component, the weakest source (estimate < power < counter) among the "
+                            "job's own devices that gave it energy, over the job's whole life"),
             "additionalProperties": {"type": "string", "enum": ENERGY_SOURCES},
         },
         "co2e_g": {"type": "number", "minimum": 0,
@@ -116,16 +121,32 @@ def _schemas() -> dict[str, Any]:
     }, description=("Only in GET /api/v1/jobs/{id}: the lowest-intensity window of the job's length in the "
                     "known series (past day and forecast); null with a static intensity or no series."))
     job["properties"]["carbon_hint"]["nullable"] = True
+    job["properties"]["slurm"] = _obj({
+        "job_id": {"type": "string", "description": "SLURM_JOB_ID"},
+        "name": {"type": "string", "description": "the job as Slurm names it: `<job id>`, or "
+                                                  "`<array job id>_<task id>` for an array task (also the `label`)"},
+        "array_job_id": {"type": "string", "description": "empty unless an array task"},
+        "array_task_id": {"type": "string", "description": "empty unless an array task"},
+        "partition": {"type": "string", "description": "SLURM_JOB_PARTITION"},
+        "user": {"type": "string", "description": "SLURM_JOB_USER"},
+        "steps": {"type": "array", "items": {"type": "string"},
+                  "description": "the job's steps seen on this host: `batch`, `extern`, `interactive` or a number"},
+    }, description=("The Slurm job (label from SLURM_JOB_ID: every process of the Slurm job on this host, "
+                    "batch script, srun steps and tasks, is this one job); null for other jobs."))
+    job["properties"]["slurm"]["nullable"] = True
 
     bucket = _obj({
         "start": {"type": "integer", "description": "bucket start, seconds since the Unix epoch"},
         "energy_j": energy_with_total,
         "g_per_kwh": {"type": "number", "nullable": True,
-                      "description": "intensity used for the bucket; null when none is known yet"},
+                      "description": ("intensity used for the bucket: the energy-weighted mean of the grid "
+                                     "provider's intervals the job's energy fell in; null when none is known yet")},
         "intensity_status": {"type": "string", "enum": ["provisional", "final", "missing"]},
         "intensity_provider": {"type": "string", "nullable": True},
         "intensity_zone": {"type": "string", "nullable": True},
-        "intensity_basis": {"type": "string", "nullable": True, "description": "actual | forecast | latest | static"},
+        "intensity_basis": {"type": "string", "nullable": True,
+                            "description": ("actual | forecast | latest | fallback | static "
+                                            "(the least sure of the bucket's intervals)")},
         "co2e_g": {"type": "number", "minimum": 0},
     })
 
@@ -257,7 +278,8 @@ def openapi_spec() -> dict[str, Any]:
                  "schema": _TIME_PARAM_SCHEMA},
                 {"name": "until", "in": "query", "description": "jobs started before this time",
                  "schema": _TIME_PARAM_SCHEMA},
-                {"name": "label", "in": "query", "description": "exact (sanitised) label",
+                {"name": "label", "in": "query",
+                 "description": "exact label: the exported (sanitised) `label` or the label as set (`label_raw`)",
                  "schema": {"type": "string", "maxLength": MAX_FILTER_CHARS}},
                 {"name": "user", "in": "query",
                  "description": "exact user name (on the Unix socket another user's name gives no jobs)",

@@ -19,8 +19,12 @@ start time) survives its leader exiting first and daemon restarts.
 Labels come from any local user: they are sanitised to ``LABEL_CHARS`` and
 ``MAX_LABEL_LEN`` (each other character becomes ``_``; the raw value is kept for the
 API), and each user may hold at most ``max_labels_per_user`` distinct live labels —
-further labels become ``OVERFLOW_LABEL``. Command lines and environments are read
-only to find the label and are never kept: only the executable name (``comm``) is.
+further labels become ``OVERFLOW_LABEL`` (counted in ``labels_overflow_total``, logged
+once per user per episode; the raw label is kept in ``label_raw``). Command lines and
+environments are read only to find the label and are never kept: only the executable
+name (``comm``) is. An environment the kernel refuses (another user's process, the
+daemon without CAP_SYS_PTRACE / CAP_DAC_READ_SEARCH) is counted, and
+``label_problem`` says which capability is missing (from CapEff).
 
 CPU time of a process that exits between ticks is not lost: when a job process reaps
 a child, the child's final CPU time appears in the parent's cutime/cstime; the job's
@@ -30,11 +34,17 @@ what was already counted for the children that disappeared.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import pwd
 import re
 from dataclasses import dataclass, field
 from typing import Iterable
+
+from . import slurm as slurm_ids
+
+log = logging.getLogger("wattprint.procs")
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -44,6 +54,7 @@ LABEL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 OVERFLOW_LABEL = "_overflow"
 CGROUP_KINDS = ("slurm", "systemd", "container")
 MAX_HELD_FILES = 4096  # job processes whose stat file stays open between ticks
+SLURM_KEEP_S = 600.0  # a Slurm job's identity is kept this long after its last process
 
 
 def sanitize_label(raw: str) -> str:
@@ -102,11 +113,20 @@ def read_label(pid: int, names: tuple[str, ...], proc_root: str = "/proc") -> tu
     at once (it may hold secrets). Unreadable environments (other users' processes
     without CAP_SYS_PTRACE, kernel threads) give None.
     """
+    return read_label_checked(pid, names, proc_root)[0]
+
+
+def read_label_checked(pid: int, names: tuple[str, ...],
+                       proc_root: str = "/proc") -> tuple[tuple[str, str] | None, bool]:
+    """``read_label`` and whether the environment was refused (EACCES/EPERM: another
+    user's process and the daemon lacks CAP_SYS_PTRACE / CAP_DAC_READ_SEARCH)."""
     try:
         with open(f"{proc_root}/{pid}/environ", "rb") as fh:
             data = fh.read()
+    except PermissionError:
+        return None, True
     except OSError:
-        return None
+        return None, False
     found: dict[str, str] = {}
     wanted = {n.encode() + b"=": n for n in names}
     for entry in data.split(b"\x00"):
@@ -116,8 +136,38 @@ def read_label(pid: int, names: tuple[str, ...], proc_root: str = "/proc") -> tu
     for name in names:
         value = found.get(name)
         if value:
-            return name, value[:MAX_RAW_LABEL_CHARS]
+            return (name, value[:MAX_RAW_LABEL_CHARS]), False
+    return None, False
+
+
+# Capabilities that reading another user's /proc/<pid>/environ needs (bit numbers of
+# linux/capability.h): ptrace access to the process, and reading its 0400 file.
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE = 1, 2, 19
+
+
+def effective_capabilities(proc_root: str = "/proc") -> int | None:
+    """The daemon's effective capability set (``CapEff`` of /proc/self/status), or None."""
+    try:
+        with open(f"{proc_root}/self/status") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        return None
     return None
+
+
+def missing_label_capabilities(cap_eff: int | None) -> list[str]:
+    """The capabilities (of those reading other users' environments needs) that
+    ``cap_eff`` lacks; CAP_DAC_OVERRIDE stands in for CAP_DAC_READ_SEARCH."""
+    if cap_eff is None:
+        return ["CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"]
+    missing = []
+    if not cap_eff >> CAP_SYS_PTRACE & 1:
+        missing.append("CAP_SYS_PTRACE")
+    if not (cap_eff >> CAP_DAC_READ_SEARCH & 1 or cap_eff >> CAP_DAC_OVERRIDE & 1):
+        missing.append("CAP_DAC_READ_SEARCH")
+    return missing
 
 
 def read_cgroup(pid: int, proc_root: str = "/proc") -> str | None:
@@ -223,6 +273,7 @@ class JobIdentity:
     root_pid: int
     started_at: float  # wall time the leader started
     label_raw: str = ""  # the label exactly as the user set it (API only)
+    slurm: slurm_ids.SlurmJob | None = None  # the Slurm job (daemon/slurm.py), for Slurm jobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +284,7 @@ class JobUsage:
     pids: frozenset[int]
     cpu_s: float  # CPU seconds used in the interval by the job's processes
     rss_bytes: int
+    steps: frozenset[str] = frozenset()  # Slurm steps of the job's processes this tick ("batch", "0", ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +308,8 @@ class _Proc:
     cgroup: str | None = None
     job: JobIdentity | None = None
     job_cgroup: str | None = None  # the cgroup path of its job, for cgroup jobs
+    slurm: slurm_ids.SlurmProcess | None = None  # its Slurm job and step (label from SLURM_JOB_ID)
+    no_job: bool = False  # a Slurm prolog/epilog: never part of any job
 
 
 @dataclass
@@ -281,9 +335,17 @@ class ProcessTracker:
     _last_ticks: tuple[int, int] | None = None
     _last_uptime_ticks: int | None = None  # clock ticks since boot at the last observe
     _boot_time: float = 0.0
+    labels_overflow_total: int = 0  # jobs filed under OVERFLOW_LABEL because their user was at the cap
+    _overflow_users: set[int] = field(default_factory=set)  # uids at the label cap (logged once per episode)
+    _denied: set[int] = field(default_factory=set)  # live pids whose environment the kernel refused
+    _cap_eff: int | None = None  # the daemon's effective capabilities
+    # (uid, Slurm job name) -> (identity, monotonic time a member was last seen): every
+    # process of one Slurm job on this node joins one job, across steps and tasks.
+    _slurm_jobs: dict[tuple[int, str], tuple[JobIdentity, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._boot_time = boot_time_s(self.proc_root)
+        self._cap_eff = effective_capabilities()
         if self.cgroup_kinds and not self.cgroup_root:
             self.cgroup_root = detect_cgroup2_root()
 
@@ -321,10 +383,31 @@ class ProcessTracker:
         self._fresh.add(proc.stat.pid)
 
     def _read_identity(self, proc: _Proc) -> None:
-        found = read_label(proc.stat.pid, self.label_env, self.proc_root)
+        found, denied = read_label_checked(proc.stat.pid, self.label_env, self.proc_root)
+        if denied:
+            self._denied.add(proc.stat.pid)
+        else:
+            self._denied.discard(proc.stat.pid)
         proc.label_source, proc.label_raw = found if found is not None else (None, None)
+        proc.slurm, proc.no_job = None, False
+        if proc.label_source == "SLURM_JOB_ID":
+            self._read_slurm(proc)
         if self.cgroup_kinds and proc.label_raw is None:
             proc.cgroup = read_cgroup(proc.stat.pid, self.proc_root)
+
+    def _read_slurm(self, proc: _Proc) -> None:
+        """Slurm identity of a process labelled by SLURM_JOB_ID (daemon/slurm.py): its
+        job's name becomes the label; a prolog/epilog script belongs to no job."""
+        parent = self._by_pid.get(proc.stat.ppid)
+        parent_stat = parent.stat if parent is not None else read_stat(proc.stat.ppid, self.proc_root)
+        found = slurm_ids.read_process(proc.stat.pid, parent_stat.comm if parent_stat else "", self.proc_root)
+        if found is None:
+            return
+        if found.script:
+            proc.label_source, proc.label_raw, proc.no_job = None, None, True
+            return
+        proc.slurm = found
+        proc.label_raw = found.job.name
 
     def _now_ticks(self) -> int:
         try:
@@ -484,12 +567,16 @@ class ProcessTracker:
             for own, kids, ppid in gone_by_job.get(identity.job_id, ()):
                 if ppid in member_pids:
                     ticks -= own + kids
+            steps = frozenset(p.slurm.step for p in members if p.slurm is not None)
             usages.append(JobUsage(identity=identity, pids=frozenset(member_pids),
-                                   cpu_s=max(0, ticks) / CLK_TCK, rss_bytes=rss))
+                                   cpu_s=max(0, ticks) / CLK_TCK, rss_bytes=rss, steps=steps))
         self._last_cpu = new_last
         self._tracked = tracked
         self._hold(tracked)
         self._job_cgroups = {p.job_cgroup for _i, ms in groups for p in ms if p.job_cgroup}
+        self._denied &= live.keys()
+        self._end_overflow_episodes(groups)
+        self._slurm_seen(groups, now_mono_s)
         return ProcessView(
             jobs=tuple(usages),
             pid_to_job=pid_to_job,
@@ -503,11 +590,15 @@ class ProcessTracker:
     def _identity(self, leader: _Proc, label_raw: str, label_source: str, live_labels: dict[int, set[str]]) -> JobIdentity:
         started_at = self._boot_time + leader.stat.start_ticks / CLK_TCK
         label = sanitize_label(label_raw) if label_raw else ""
-        if label:
+        if label and label != OVERFLOW_LABEL:  # the overflow label itself does not count toward the cap
             labels = live_labels.setdefault(leader.uid, set())
             if label not in labels and len(labels) >= self.max_labels_per_user:
                 label = OVERFLOW_LABEL
-            labels.add(label)
+                self._note_overflow(leader.uid, label_raw)
+            else:
+                if label not in labels and leader.uid in self._overflow_users:
+                    self._end_overflow(leader.uid, len(labels))  # a new label fits: below the cap again
+                labels.add(label)
         return JobIdentity(
             job_id=make_job_id(leader.stat.pid, started_at),
             label=label,
@@ -530,10 +621,12 @@ class ProcessTracker:
         candidates = [live[p] for p in candidate_pids]
         live_labels: dict[int, set[str]] = {}
         for proc in candidates:
-            if proc.job is not None and proc.job.label:
+            if proc.job is not None and proc.job.label and proc.job.label != OVERFLOW_LABEL:
                 live_labels.setdefault(proc.job.uid, set()).add(proc.job.label)
 
-        # 1. Labelled processes.
+        # 1. Labelled processes; those of one Slurm job (batch step, srun steps,
+        # tasks, their children) are one job, whatever their ancestry.
+        self._group_slurm(candidates, live_labels)
         for proc in candidates:
             if proc.job is not None or proc.label_raw is None:
                 continue
@@ -562,7 +655,7 @@ class ProcessTracker:
             wanted: dict[str, tuple[str, str]] = {}
             for pid in gpu_pids:
                 proc = live.get(pid)
-                if proc is None or proc.job is not None or proc.cgroup is None:
+                if proc is None or proc.job is not None or proc.cgroup is None or proc.no_job:
                     continue
                 found = classify_cgroup(proc.cgroup, self.cgroup_kinds)
                 if found is not None:
@@ -572,7 +665,7 @@ class ProcessTracker:
             if wanted:
                 members_by_cg: dict[str, list[_Proc]] = {}
                 for proc in candidates:
-                    if proc.job is not None or proc.cgroup is None:
+                    if proc.job is not None or proc.cgroup is None or proc.no_job:
                         continue
                     for path in wanted:
                         if proc.cgroup == path or proc.cgroup.startswith(path + "/"):
@@ -598,7 +691,7 @@ class ProcessTracker:
         if wanted_pg:
             members_by_pg: dict[int, list[_Proc]] = {}
             for proc in candidates:
-                if proc.job is None and proc.label_raw is None and proc.stat.pgid in wanted_pg:
+                if proc.job is None and proc.label_raw is None and proc.stat.pgid in wanted_pg and not proc.no_job:
                     members_by_pg.setdefault(proc.stat.pgid, []).append(proc)
             for pgid, members in members_by_pg.items():
                 ident = pg_jobs.get(pgid)
@@ -615,6 +708,94 @@ class ProcessTracker:
             if proc.job is not None:
                 groups.setdefault(proc.job.job_id, (proc.job, []))[1].append(proc)
         return list(groups.values())
+
+
+    # -- Slurm ------------------------------------------------------------------------
+    def _group_slurm(self, candidates: list[_Proc], live_labels: dict[int, set[str]]) -> None:
+        """Every unassigned process with a Slurm identity joins the job of its (uid,
+        Slurm job name), created on first sight with the earliest-started member as
+        leader. Only the same uid joins: another user setting SLURM_JOB_ID gets a job
+        of their own."""
+        new: dict[tuple[int, str], list[_Proc]] = {}
+        for proc in candidates:
+            if proc.job is None and proc.slurm is not None and proc.label_raw is not None:
+                new.setdefault((proc.uid, proc.slurm.job.name), []).append(proc)
+        for key, members in new.items():
+            known = self._slurm_jobs.get(key)
+            ident = known[0] if known is not None else None
+            if ident is None:
+                leader = min(members, key=lambda p: (p.stat.start_ticks, p.stat.pid))
+                ident = self._identity(leader, key[1], "SLURM_JOB_ID", live_labels)
+                ident = dataclasses.replace(ident, slurm=leader.slurm.job if leader.slurm else None)
+                self._slurm_jobs[key] = (ident, float("inf"))  # seen: set at the end of the tick
+            for member in members:
+                member.job = ident
+
+    def _slurm_seen(self, groups: list[tuple[JobIdentity, list[_Proc]]], now_mono_s: float) -> None:
+        """Keep a Slurm job's identity while it has live processes and for
+        ``SLURM_KEEP_S`` after (a later step of the job, e.g. under salloc, joins the
+        same job); forget older ones."""
+        live = {(ident.uid, ident.slurm.name) for ident, _m in groups if ident.slurm is not None}
+        for key in list(self._slurm_jobs):
+            ident, seen = self._slurm_jobs[key]
+            if key in live:
+                self._slurm_jobs[key] = (ident, now_mono_s)
+            elif seen == float("inf"):
+                self._slurm_jobs[key] = (ident, now_mono_s)
+            elif now_mono_s - seen > SLURM_KEEP_S:
+                del self._slurm_jobs[key]
+
+    # -- label cap and unreadable labels -------------------------------------------
+    def _note_overflow(self, uid: int, label_raw: str) -> None:
+        """A new job of ``uid`` was filed under OVERFLOW_LABEL: count it; log once
+        per episode (until the user is below the cap again)."""
+        self.labels_overflow_total += 1
+        if uid in self._overflow_users:
+            return
+        self._overflow_users.add(uid)
+        shown = repr(label_raw[:80]) + ("..." if len(label_raw) > 80 else "")
+        log.warning("label cap reached for user %s (uid %d, [jobs] max_labels_per_user = %d): new labels, first %s, "
+                    "are filed as %r and keep their own label in label_raw (counted in "
+                    "wattprint_labels_overflow_total; logged again only after the user is below the cap)",
+                    user_name(uid), uid, self.max_labels_per_user, shown, OVERFLOW_LABEL)
+
+    def _end_overflow_episodes(self, groups: list[tuple[JobIdentity, list[_Proc]]]) -> None:
+        if not self._overflow_users:
+            return
+        labels: dict[int, set[str]] = {}
+        for ident, _members in groups:
+            if ident.label and ident.label != OVERFLOW_LABEL:
+                labels.setdefault(ident.uid, set()).add(ident.label)
+        for uid in list(self._overflow_users):
+            if len(labels.get(uid, ())) < self.max_labels_per_user:
+                self._end_overflow(uid, len(labels.get(uid, ())))
+
+    def _end_overflow(self, uid: int, live_labels: int) -> None:
+        self._overflow_users.discard(uid)
+        log.info("user %s (uid %d) is below the label cap again (%d distinct live labels)",
+                 user_name(uid), uid, live_labels)
+
+    def label_problem(self) -> str | None:
+        """Why job labels may be missed (the ``processes`` health detail), or None:
+        the kernel refused the environment of another user's process. The text does
+        not change with the count, so it is logged once."""
+        euid = os.geteuid()
+        # A process of the daemon's own uid that refuses (non-dumpable, another user
+        # namespace: system daemons, the container's init) is counted, not degraded.
+        if not any(p in self._by_pid and self._by_pid[p].uid != euid for p in self._denied):
+            return None
+        missing = missing_label_capabilities(self._cap_eff)
+        why = (f"the daemon lacks {' and '.join(missing)} (CapEff {self._cap_eff or 0:#x})" if missing
+               else "although the daemon has CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH (a security module refused)")
+        return (f"cannot read other users' process environments (permission denied), so their job labels "
+                f"({', '.join(self.label_env)}) are not seen and their energy goes to process-group jobs or "
+                f"unattributed: {why}; run as root or grant the capabilities (systemd AmbientCapabilities=); "
+                "processes affected: wattprint_processes_labels_unreadable")
+
+    def counters(self) -> dict[str, float]:
+        """Self-metrics (``wattprint_<key>``)."""
+        return {"labels_overflow_total": float(self.labels_overflow_total),
+                "processes_labels_unreadable": float(len(self._denied))}
 
 
 def detect_cgroup2_root() -> str:

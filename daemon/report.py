@@ -25,6 +25,22 @@ COMPONENTS = ("gpu", "cpu", "dram")
 TEXT_WIDTH = 200  # untrusted text is cut (with "…") beyond this many shown characters
 
 
+# -- why a label differs from what was set ---------------------------------------------
+
+def label_note(job: dict[str, Any], max_labels_per_user: int | None = None) -> str:
+    """Why ``job['label']`` differs from ``job['label_raw']`` ("" when it does not):
+    the per-user label cap (the job was filed under ``_overflow``) or sanitising."""
+    from .procs import OVERFLOW_LABEL, sanitize_label
+
+    label, raw = job.get("label") or "", job.get("label_raw") or ""
+    if label == raw:
+        return ""
+    if label == OVERFLOW_LABEL and raw and sanitize_label(raw) != OVERFLOW_LABEL:
+        cap = f" = {max_labels_per_user}" if max_labels_per_user is not None else ""
+        return f"label cap reached for user {job.get('user', '')} (max_labels_per_user{cap})"
+    return "sanitised for export"
+
+
 # -- formatting helpers --------------------------------------------------------------
 
 def printable(text: str, width: int) -> str:
@@ -149,7 +165,8 @@ def format_report(job: dict[str, Any], series: list[dict[str, Any]] | None = Non
     add(f"Job {printable(str(job['id']), w)}")
     add(f"  label    {printable(job.get('label') or '', w) or '-'}")
     if job.get("label_sanitised"):
-        add(f"  as set   {printable(str(job.get('label_raw', '')), w)} (sanitised for export)")
+        why = job.get("label_note") or label_note(job)
+        add(f"  as set   {printable(str(job.get('label_raw', '')), w)} ({printable(str(why), w)})")
     add(f"  user     {printable(str(job.get('user', '')), w)}")
     add(f"  host     {printable(str(job.get('host', '')), w)}")
     add(f"  command  {printable(str(job.get('command', '')), w)}")

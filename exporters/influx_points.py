@@ -1,6 +1,6 @@
 """Turn what a tick measured (and CO2e / grid figures) into the contract's InfluxDB lines.
 
-Measurements (docs: shared/design.md, "InfluxDB measurements"):
+Measurements (a public contract, documented in docs/influxdb.md):
 - ``device_power``  tags host, kind, device;           fields watts, joules, source
 - ``job_energy``    tags host, job_id, label, user, kind; field joules
 - ``job_co2e``      tags host, job_id, label, user;    fields grams, g_per_kwh, status

@@ -24,11 +24,16 @@ class InfluxPublisher:
     def on_tick(self, record: TickRecord) -> None:
         lines = tick_to_lines(record, self.host)
         if record.g_per_kwh is not None:
-            status = "final" if record.intensity_status == "final" else "provisional"
             for job_id, grams in record.bucket_co2e_g.items():
                 ref = record.jobs.get(job_id)
+                # The job's bucket so far: its energy-weighted mean over the provider
+                # intervals it used, as settlement rewrites it (the tick's own value
+                # only for a bucket without any value yet).
+                g = record.bucket_g_per_kwh.get(job_id, record.g_per_kwh)
+                known = record.bucket_intensity_status.get(job_id, record.intensity_status)
+                status = "final" if known == "final" else "provisional"
                 line = job_co2e_line(host=self.host, job_id=job_id, label=ref.label if ref else "",
-                                     user=ref.user if ref else "", grams=grams, g_per_kwh=record.g_per_kwh,
+                                     user=ref.user if ref else "", grams=grams, g_per_kwh=g,
                                      status=status, at_s=record.bucket_start)  # type: ignore[arg-type]
                 if line is not None:
                     lines.append(line)

@@ -3,7 +3,7 @@
 One custom collector renders whatever ``get_snapshot()`` returns (the immutable snapshot
 of the last tick) and never touches hardware, so a scrape costs a few microseconds per
 series and always agrees with the other sinks. Metric names are a public contract
-(shared/design.md). The collector has its own registry, not prometheus_client's
+(docs/api.md; changes only with a reason in CHANGELOG.md). The collector has its own registry, not prometheus_client's
 global one, and emits no ``_created`` series (custom metric families have none).
 
 A failure while building one group of metrics (devices, jobs, health, ...) drops that
@@ -53,9 +53,17 @@ RESERVED_NAMES = frozenset(
         "wattprint_tick_duration_seconds",
         "wattprint_ticks_total",
         "wattprint_last_tick_timestamp_seconds",
+        "wattprint_counter_glitches_total",
         EXPORTER_ERRORS,
     }
 )
+
+# Help text of Snapshot.counters keys that deserve more than "Daemon counter <key>."
+COUNTER_HELP: Mapping[str, str] = {
+    "gpu_invisible_process_energy_joules_total":
+        "GPU energy left unattributed because its process was not visible in /proc (another PID namespace, "
+        "pid 0, exited between reads), in joules; part of wattprint_unattributed_energy_joules_total{kind=\"gpu\"}.",
+}
 
 ErrorReporter = Callable[[str, str], None]  # (where, what is wrong): count and log a problem
 
@@ -164,6 +172,18 @@ def _health(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
     return [up, state, errors]
 
 
+def _glitches(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
+    family = CounterMetricFamily(
+        "wattprint_counter_glitches_total",
+        "Energy counter readings not trusted (stepped back, out of range, beyond physics); "
+        "each such interval's energy was estimated.",
+        labels=["source", "device", "reason"],
+    )
+    for (source, device, reason), n in sorted(snapshot.counter_glitches.items()):
+        family.add_metric([_text(source), _text(device), _text(reason)], float(n))
+    return [family]
+
+
 def _tick(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
     return [
         GaugeMetricFamily(
@@ -193,7 +213,7 @@ def _counters(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
             continue
         value = float(snapshot.counters[key])
         if key.endswith("_total"):
-            families.append(CounterMetricFamily(name, f"Daemon counter {key}.", value=value))
+            families.append(CounterMetricFamily(name, COUNTER_HELP.get(key, f"Daemon counter {key}."), value=value))
         else:
             families.append(GaugeMetricFamily(name, f"Daemon gauge {key}.", value=value))
     return families
@@ -206,6 +226,7 @@ SECTIONS: tuple[tuple[str, Section], ...] = (
     ("unattributed", _unattributed),
     ("grid", _grid),
     ("health", _health),
+    ("glitches", _glitches),
     ("tick", _tick),
     ("counters", _counters),
 )

@@ -27,9 +27,21 @@ Guarantees and limits:
   delivered again (harmless for InfluxDB, which overwrites identical points). When
   the cursor file cannot be written (disk full) the commit still holds in memory; it
   is counted in ``cursor_save_errors_total`` and a restart would replay those lines.
+- The cursor is checked against the segments on disk when the spool opens (and the
+  in-memory position whenever lines are read). InfluxDB overwrites identical points,
+  so replaying a line twice is harmless while skipping one loses it: every doubt is
+  resolved by replaying. An unreadable cursor file replays everything on disk; a
+  cursor naming a segment that is not on disk while older segments are ("ahead of the
+  files") replays those older segments; an offset past the readable end of its
+  segment, or one that is not on a record boundary, replays that segment from its
+  start. Each repair is counted by reason in ``cursor_repairs`` and described in
+  ``last_cursor_repair``. Only a cursor that names an existing segment and a record
+  boundary inside it makes the segments before it count as delivered (deleted).
 - On open every segment is read and checked. A torn tail (a record cut short by a
   crash, or a length that cannot be right) ends that segment's readable data; its bytes
-  are counted in ``torn_bytes_total``. A record whose CRC does not match is skipped
+  are counted in ``torn_bytes_total``; a torn region in a segment that is not the
+  newest cannot come from a crash during an append (appends after a restart go to a
+  new segment), so its bytes are also counted in ``unreadable_bytes_total`` (lost). A record whose CRC does not match is skipped
   and counted in ``corrupt_records_total`` (its length is trusted; if that length was
   the corrupted part, the next records fail their CRC too and are counted as well).
   Appends after a restart always go to a new segment, so old tails are never extended.
@@ -66,6 +78,8 @@ MAX_LINE_BYTES = 16 * 1024 * 1024  # longer lines are refused (counted), never s
 _MAX_PAYLOAD_BYTES = _STAMP.size + MAX_LINE_BYTES
 _READ_CHUNK_BYTES = 1024 * 1024
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+# Why a cursor was not trusted as it stood (each repair replays, never skips).
+CURSOR_REPAIR_REASONS = ("unreadable", "segment_ahead", "offset_past_end", "offset_misaligned")
 
 
 class SpoolLockedError(RuntimeError):
@@ -189,6 +203,9 @@ class Spool:
         self.corrupt_records_total = 0
         self.torn_bytes_total = 0
         self.cursor_save_errors_total = 0  # cursor.json could not be written (replays, never loss)
+        self.unreadable_bytes_total = 0  # torn region in a segment that was not the newest: lost
+        self.cursor_repairs: dict[str, int] = {reason: 0 for reason in CURSOR_REPAIR_REASONS}
+        self.last_cursor_repair = ""  # what the last repair found and did, one line
         os.makedirs(directory, exist_ok=True)
         self._lock_fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -201,15 +218,26 @@ class Spool:
     # ------------------------------------------------------------------ opening
 
     def _load_cursor(self) -> tuple[int, int] | None:
+        """The saved position; None when there is no cursor file, or when it cannot be
+        read or makes no sense (then counted as an ``unreadable`` repair)."""
+        path = os.path.join(self.directory, CURSOR_FILE)
         try:
-            with open(os.path.join(self.directory, CURSOR_FILE), encoding="utf-8") as fh:
+            with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
             segment, offset = int(data["segment"]), int(data["offset"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self._repair("unreadable", f"cursor file unreadable ({type(exc).__name__}): replaying every segment on disk")
             return None
         if segment < 1 or offset < 0:
+            self._repair("unreadable", f"cursor file holds segment {segment}, offset {offset}: replaying every segment on disk")
             return None
         return segment, offset
+
+    def _repair(self, reason: str, what: str) -> None:
+        self.cursor_repairs[reason] += 1
+        self.last_cursor_repair = what
 
     def _open_existing(self) -> None:
         seqs = sorted(
@@ -220,6 +248,15 @@ class Spool:
             self._next_seq = seqs[-1] + 1
         if cursor is not None:
             self._next_seq = max(self._next_seq, cursor[0] + 1)
+            older = [seq for seq in seqs if seq < cursor[0]]
+            if cursor[0] not in seqs and older:
+                # Ahead of the files: nothing says the older segments were delivered.
+                self._repair(
+                    "segment_ahead",
+                    f"cursor names segment {cursor[0]}, which is not on disk, while older segments "
+                    f"{older[0]}..{older[-1]} are: replaying them",
+                )
+                cursor = None
         committed: SpoolCursor | None = None
         for seq in seqs:
             path = os.path.join(self.directory, _segment_name(seq))
@@ -227,16 +264,30 @@ class Spool:
                 os.unlink(path)  # delivered before the last shutdown or crash
                 continue
             limit = cursor[1] if cursor is not None and seq == cursor[0] else None
-            seg, boundary, index = self._scan_segment(seq, path, limit)
+            seg, boundary, index = self._scan_segment(seq, path, limit, newest=seq == seqs[-1])
             self._segments.append(seg)
             if limit is not None:
                 committed = SpoolCursor(seq, boundary, index)
+                if limit > seg.size:
+                    self._repair(
+                        "offset_past_end",
+                        f"cursor offset {limit} is past the readable end of segment {seq} ({seg.size} bytes): "
+                        "replaying that segment from its start",
+                    )
+                    committed = SpoolCursor(seq, 0, 0)
+                elif boundary != limit:
+                    self._repair(
+                        "offset_misaligned",
+                        f"cursor offset {limit} is not on a record boundary of segment {seq}: "
+                        "replaying that segment from its start",
+                    )
+                    committed = SpoolCursor(seq, 0, 0)
         if committed is None:
             committed = SpoolCursor(self._segments[0].seq if self._segments else self._next_seq, 0, 0)
         self._committed = committed
         self._pending_lines = sum(s.records for s in self._segments) - committed.index
 
-    def _scan_segment(self, seq: int, path: str, limit: int | None) -> tuple[_Segment, int, int]:
+    def _scan_segment(self, seq: int, path: str, limit: int | None, newest: bool = True) -> tuple[_Segment, int, int]:
         """Check every record of a segment. Returns it, and the last record boundary at
         or before ``limit`` with the number of valid records before that boundary."""
         seg = _Segment(seq=seq, path=path)
@@ -246,6 +297,8 @@ class Spool:
             for rec_start, rec_end, payload in _records(fh, 0, file_size):
                 if rec_end < 0:
                     self.torn_bytes_total += file_size - rec_start
+                    if not newest:  # not a crash-cut append: records were lost
+                        self.unreadable_bytes_total += file_size - rec_start
                     break
                 if payload is None:
                     seg.bad_offsets.add(rec_start)
@@ -354,6 +407,14 @@ class Spool:
             if seg.seq < self._committed.segment:
                 continue
             same = seg.seq == self._committed.segment
+            if same and self._committed.offset > seg.size:  # cannot happen; never skip lines
+                self._repair(
+                    "offset_past_end",
+                    f"position {self._committed.offset} is past the end of segment {seg.seq} ({seg.size} bytes): "
+                    "replaying that segment from its start",
+                )
+                self._pending_lines += self._committed.index
+                self._committed = cursor = SpoolCursor(seg.seq, 0, 0)
             start = self._committed.offset if same else 0
             index = self._committed.index if same else 0
             if start >= seg.size:
@@ -469,6 +530,7 @@ class Spool:
             return max(0.0, self._clock() - self._oldest_appended_s)
 
     def counters(self) -> dict[str, int]:
+        """Counters since this Spool was opened (repairs: ``cursor_repair_counts()``)."""
         with self._lock:
             return {
                 "appended_lines_total": self.appended_lines_total,
@@ -477,9 +539,16 @@ class Spool:
                 "oversize_lines_total": self.oversize_lines_total,
                 "corrupt_records_total": self.corrupt_records_total,
                 "torn_bytes_total": self.torn_bytes_total,
+                "unreadable_bytes_total": self.unreadable_bytes_total,
+                "cursor_save_errors_total": self.cursor_save_errors_total,
                 "pending_lines": self._pending_lines,
                 "segments": len(self._segments),
             }
+
+    def cursor_repair_counts(self) -> tuple[dict[str, int], str]:
+        """Cursor repairs by reason since this Spool was opened, and the last one described."""
+        with self._lock:
+            return dict(self.cursor_repairs), self.last_cursor_repair
 
     def close(self) -> None:
         """Close the files and release the directory lock (idempotent)."""

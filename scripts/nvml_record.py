@@ -14,10 +14,11 @@ Usage (on the GPU box; needs only nvidia-ml-py)::
 Fixture layout (``format: "wattprint-nvml-record/1"``)::
 
     {"format": ..., "recorded_at": ISO-8601, "host": ..., "pynvml_version": ...,
-     "args": {"seconds": 10, "interval_s": 1.0},
+     "args": {"seconds": 10, "interval_s": 1.0}, "pid_namespace_inode": 4026531836,
      "system": {"<call name>": CALL, ...},          # driver / NVML / CUDA versions
      "device_count": CALL,
-     "devices": [{"index": 0, "static": {"<call name>": CALL, ...}}],   # once
+     "devices": [{"index": 0, "static": {"<call name>": CALL, ...,      # once
+                                          "mig_devices": [{"index": 0, "<call name>": CALL}]}}],
      "ticks": [{"t_mono_s": ..., "t_wall_s": ...,
                 "gpus": [{"index": 0, "calls": {"<call name>": CALL, ...},
                           "proc_exists": {"<pid>": true|false}}]}]}
@@ -54,6 +55,9 @@ except ImportError:  # pragma: no cover - depends on the box
     sys.exit("nvml_record: the pynvml module is missing: pip install nvidia-ml-py")
 
 FORMAT = "wattprint-nvml-record/1"
+# Probed, not assumed (nvidia-ml-py before 12.550 has no NVMLLibraryMismatchError): works
+# on the floor version pyproject.toml names and on the newest.
+_MISMATCH = tuple(c for c in (getattr(pynvml, "NVMLLibraryMismatchError", None),) if isinstance(c, type))
 
 # nvmlDeviceGetFieldValues ids worth having next to the dedicated calls (R535+).
 FIELD_IDS = {
@@ -114,7 +118,7 @@ def call(fn_name: str, *args: Any, record_args: list[Any] | None = None) -> tupl
             message = ""
         rec.update(error=type(exc).__name__, code=getattr(exc, "value", None), message=message)
         return rec, None
-    except pynvml.NVMLLibraryMismatchError as exc:  # unversioned call, older driver
+    except _MISMATCH as exc:  # unversioned call, older driver
         rec["duration_us"] = (time.perf_counter() - start) * 1e6
         rec.update(error="NVMLLibraryMismatchError", code=None, message=str(exc))
         return rec, None
@@ -132,12 +136,31 @@ def record_system() -> dict[str, Any]:
 
 
 def record_static(handle: Any) -> dict[str, Any]:
-    """Per-device facts read once (they do not change while recording)."""
-    out = {}
+    """Per-device facts read once (they do not change while recording), the MIG layout
+    included: each MIG device's GPU instance id, attributes and process list."""
+    out: dict[str, Any] = {}
+    mig_on = False
     for name in ("nvmlDeviceGetName", "nvmlDeviceGetUUID", "nvmlDeviceGetArchitecture",
                  "nvmlDeviceGetPowerManagementLimit", "nvmlDeviceGetEnforcedPowerLimit",
-                 "nvmlDeviceGetMigMode"):
-        out[name], _ = call(name, handle)
+                 "nvmlDeviceGetMigMode", "nvmlDeviceGetMaxMigDeviceCount"):
+        out[name], result = call(name, handle)
+        if name == "nvmlDeviceGetMigMode":
+            mig_on = bool(result) and result[0] == getattr(pynvml, "NVML_DEVICE_MIG_ENABLE", 1)
+    if not mig_on:
+        return out
+    count = out["nvmlDeviceGetMaxMigDeviceCount"].get("result") or 0
+    devices = []
+    for i in range(count):
+        rec, mig = call("nvmlDeviceGetMigDeviceHandleByIndex", handle, i, record_args=[i])
+        entry: dict[str, Any] = {"index": i, "nvmlDeviceGetMigDeviceHandleByIndex":
+                                 {k: v for k, v in rec.items() if k != "result"}}
+        if mig is not None:
+            for name in ("nvmlDeviceGetGpuInstanceId", "nvmlDeviceGetComputeInstanceId", "nvmlDeviceGetName",
+                         "nvmlDeviceGetAttributes", "nvmlDeviceGetMemoryInfo",
+                         "nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetMPSComputeRunningProcesses"):
+                entry[name], _ = call(name, mig)
+        devices.append(entry)
+    out["mig_devices"] = devices
     return out
 
 
@@ -155,6 +178,7 @@ def record_tick(index: int, handle: Any, last_util_ts_us: dict[int, int]) -> dic
     calls["nvmlDeviceGetMigMode"], _ = call("nvmlDeviceGetMigMode", handle)
     calls["nvmlDeviceGetComputeRunningProcesses"], compute = call("nvmlDeviceGetComputeRunningProcesses", handle)
     calls["nvmlDeviceGetGraphicsRunningProcesses"], graphics = call("nvmlDeviceGetGraphicsRunningProcesses", handle)
+    calls["nvmlDeviceGetMPSComputeRunningProcesses"], mps = call("nvmlDeviceGetMPSComputeRunningProcesses", handle)
     calls["nvmlDeviceGetUtilizationRates"], _ = call("nvmlDeviceGetUtilizationRates", handle)
     last = last_util_ts_us.get(index, 0)
     calls["nvmlDeviceGetProcessUtilization"], samples = call(
@@ -162,10 +186,17 @@ def record_tick(index: int, handle: Any, last_util_ts_us: dict[int, int]) -> dic
     if samples:
         last_util_ts_us[index] = max([last] + [int(s.timeStamp) for s in samples])
 
-    pids = {int(p.pid) for p in (compute or []) + (graphics or [])}
+    pids = {int(p.pid) for p in (compute or []) + (graphics or []) + (mps or [])}
     pids |= {int(s.pid) for s in (samples or [])}
     proc_exists = {str(pid): os.path.exists(f"/proc/{pid}") for pid in sorted(pids)}
     return {"index": index, "calls": calls, "proc_exists": proc_exists}
+
+
+def _pid_namespace_inode() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             "host": host,
             "pynvml_version": pynvml_version,
             "args": {"seconds": args.seconds, "interval_s": args.interval},
+            # 0xEFFFFFFC (4026531836): the host's PID namespace; else NVML's PIDs are not ours.
+            "pid_namespace_inode": _pid_namespace_inode(),
             "system": record_system(),
         }
         doc["device_count"], count = call("nvmlDeviceGetCount")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a fresh Debian machine, then run it:
-# Debian's influxdb and prometheus packages (the real servers the tests start), .venv
+# Debian's influxdb, prometheus, slurm-wlm, munge, slurmdbd and mariadb-server packages
+# (the real servers the tests start), .venv
 # with wattprint[test] (see setup-venv.sh), then `python -m pytest` with any arguments
 # given here. Exits with pytest's status; "no tests collected" (5) counts as failure.
 set -euo pipefail
@@ -15,6 +16,14 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
 fi
 # systemd-analyze (verify, security --offline) checks deploy/systemd/wattprint.service.
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+# A real one-node Slurm (tests/slurm.py): munge, slurmctld + slurmd + clients, and for
+# accounting slurmdbd with MariaDB.
+command -v munged >/dev/null 2>&1 || missing+=(munge)
+if ! command -v slurmctld >/dev/null 2>&1 || ! command -v slurmd >/dev/null 2>&1 || ! command -v sbatch >/dev/null 2>&1; then
+    missing+=(slurm-wlm)
+fi
+command -v slurmdbd >/dev/null 2>&1 || missing+=(slurmdbd)
+command -v mariadbd >/dev/null 2>&1 || missing+=(mariadb-server)
 if [ "${#missing[@]}" -gt 0 ]; then
     if ! apt_install "${missing[@]}"; then
         echo "wattprint: could not install ${missing[*]}: tests that need them skip (and fail under CI=true)" >&2
@@ -38,5 +47,42 @@ else
 fi
 if [ "$status" -eq 5 ]; then
     echo "wattprint: pytest collected no tests: that is a failure" >&2
+fi
+
+# The GPU tests a second time, against the oldest nvidia-ml-py pyproject.toml allows (the
+# run above used the newest): a second venv, .venv-nvml-floor, with that exact version.
+# On a full run (no arguments), or when WATTPRINT_NVML_FLOOR=1.
+if [ "$#" -eq 0 ] || [ "${WATTPRINT_NVML_FLOOR:-0}" = "1" ]; then
+    floor="$(sed -n 's/.*"nvidia-ml-py>=\([0-9.]*\)".*/\1/p' pyproject.toml)"
+    floor_venv="$WATTPRINT_ROOT/.venv-nvml-floor"
+    floor_stamp="$floor_venv/.wattprint-install-stamp"
+    floor_want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+    floor_status=0
+    if [ -z "$floor" ]; then
+        echo "wattprint: no nvidia-ml-py floor found in pyproject.toml" >&2
+        floor_status=1
+    elif [ ! -f "$floor_stamp" ] || [ "$(cat "$floor_stamp")" != "$floor_want" ]; then
+        echo "wattprint: installing wattprint[test] with nvidia-ml-py==$floor into $floor_venv" >&2
+        rm -f "$floor_stamp"
+        { [ -x "$floor_venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$floor_venv"; } &&
+            "$floor_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+                -e "$WATTPRINT_ROOT[test]" "nvidia-ml-py==$floor" &&
+            echo "$floor_want" >"$floor_stamp" || floor_status=$?
+    fi
+    if [ "$floor_status" -eq 0 ]; then
+        floor_tests=(tests/test_gpu_source.py tests/test_e2e_gpu_real.py)
+        [ -f tests/test_nvml_sim.py ] && floor_tests+=(tests/test_nvml_sim.py)
+        echo "wattprint: GPU tests again against nvidia-ml-py $floor (the floor)" >&2
+        floor_cmd=("$floor_venv/bin/python" -m pytest -p no:cacheprovider "${floor_tests[@]}")
+        if unshare --pid --fork --mount-proc true >/dev/null 2>&1; then
+            WATTPRINT_TEST_PIDNS=1 unshare --pid --fork --kill-child --mount-proc "${floor_cmd[@]}" || floor_status=$?
+        else
+            "${floor_cmd[@]}" || floor_status=$?
+        fi
+    fi
+    if [ "$floor_status" -ne 0 ]; then
+        echo "wattprint: GPU tests against nvidia-ml-py $floor failed ($floor_status)" >&2
+        [ "$status" -eq 0 ] && status=$floor_status
+    fi
 fi
 exit "$status"

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 from aiohttp import web
@@ -132,3 +132,45 @@ def labelled_process() -> Iterator[Callable[[str], subprocess.Popen]]:
         except ProcessLookupError:
             pass
         p.wait()
+
+
+# ------------------------------------------------------------------------- Slurm
+
+
+@pytest.fixture
+def slurm_factory(tmp_path: Path) -> Iterator[Callable[..., "SlurmCluster"]]:
+    """Call with ``(extra_conf="", accounting=False, env=None)`` to get a started
+    one-node Slurm (tests/slurm.py: munged, slurmctld, slurmd as root from tmp_path;
+    with ``accounting=True`` also MariaDB + slurmdbd). ``env``: more variables for
+    slurmctld (its EpilogSlurmctld sees them). Everything is stopped afterwards; a
+    missing binary skips, or fails under CI=true."""
+    import shutil
+
+    from slurm import Munge, SlurmAccounting, SlurmCluster, public_dir
+
+    started: list[Any] = []
+    root = public_dir()  # jobs of other users need its spool and munge socket (tmp_path is 0700)
+
+    def start(extra_conf: str = "", accounting: bool = False, env: dict[str, str] | None = None) -> SlurmCluster:
+        base = root / f"slurm-{len(started)}"
+        munge = Munge(base / "munge")
+        munge.start()
+        started.append(munge)
+        acct = None
+        if accounting:
+            acct = SlurmAccounting(base / "acct", munge)
+            started.append(acct)
+            acct.start()
+        cluster = SlurmCluster(base, extra_conf=extra_conf, accounting=acct, munge=munge, ctld_env=env)
+        started.append(cluster)
+        cluster.start()
+        if acct is not None:
+            acct.register(cluster)
+        return cluster
+
+    try:
+        yield start
+    finally:
+        for thing in reversed(started):
+            thing.stop()
+        shutil.rmtree(root, ignore_errors=True)

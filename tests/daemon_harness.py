@@ -3,6 +3,12 @@
 ``DaemonProcess`` writes a config into a temp dir (simulated GPU sim_file, a powercap
 tree, a state dir, a free loopback port), starts ``python -m wattprint.daemon run``,
 waits for its first tick, and stops it with SIGTERM or kills it with SIGKILL.
+
+Timing without fixed sleeps: ``wait_ticks(daemon, n)`` / ``wait_for_tick`` poll the
+daemon's own tick counter (/healthz ``tick``); ``scrape(daemon)`` gives one /metrics
+snapshot (``Scrape``: per-job and per-device joules and the wall time of the tick they
+are as of), so a test compares energies with truth derived from the daemon's tick
+times, not from how long the test slept.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +32,10 @@ from servers import free_port
 
 class DaemonProcess:
     def __init__(self, workdir: Path, *, sim_file: Path | None, powercap_root: Path | None,
-                 extra_toml: str = "", env: dict[str, str] | None = None, daemon_toml: str = ""):
+                 extra_toml: str = "", env: dict[str, str] | None = None, daemon_toml: str = "",
+                 argv_prefix: tuple[str, ...] = ()):
+        # argv_prefix: a command that runs the daemon, e.g. ("prlimit", "--nofile=1024:1024", "--")
+        self.argv_prefix = tuple(argv_prefix)
         self.workdir = workdir
         self.port = free_port()
         self.config_path = workdir / "wattprint.toml"
@@ -58,7 +68,7 @@ class DaemonProcess:
     def start(self, timeout_s: float = 20.0) -> None:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wattprint.daemon", "run", "--config", str(self.config_path)],
+            [*self.argv_prefix, sys.executable, "-m", "wattprint.daemon", "run", "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, env=self.env,
         )
         log.close()
@@ -140,3 +150,79 @@ class DaemonProcess:
 def sample(metrics: dict, name: str, **labels: str) -> float:
     key = (name, tuple(sorted(labels.items())))
     return metrics[key]
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """One /metrics scrape: one snapshot, so every figure in it is as of the same tick
+    (``tick``, at wall time ``tick_at`` = ``wattprint_last_tick_timestamp_seconds``)."""
+
+    metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+    @property
+    def tick(self) -> int:
+        return int(self.metrics[("wattprint_ticks_total", ())])
+
+    @property
+    def tick_at(self) -> float:
+        return self.metrics[("wattprint_last_tick_timestamp_seconds", ())]
+
+    def job_j(self, job_id: str) -> dict[str, float]:
+        """The job's energy per component (gpu, cpu, dram; 0 where none was booked)."""
+        out = {"gpu": 0.0, "cpu": 0.0, "dram": 0.0}
+        for (name, labels), value in self.metrics.items():
+            d = dict(labels)
+            if name == "wattprint_job_energy_joules_total" and d.get("job_id") == job_id:
+                out[d["kind"]] = value
+        return out
+
+    def job_co2e_g(self, job_id: str) -> float:
+        for (name, labels), value in self.metrics.items():
+            if name == "wattprint_job_co2e_grams" and dict(labels).get("job_id") == job_id:
+                return value
+        raise KeyError(job_id)
+
+    def device_j(self, kind: str, device: str | None = None) -> float:
+        """Energy of one device, or of all devices of ``kind``."""
+        return sum(v for (name, labels), v in self.metrics.items()
+                   if name == "wattprint_device_energy_joules_total" and dict(labels)["kind"] == kind
+                   and (device is None or dict(labels)["device"] == device))
+
+    def unattributed_j(self, kind: str) -> float:
+        return self.metrics.get(("wattprint_unattributed_energy_joules_total", (("kind", kind),)), 0.0)
+
+    def counter(self, name: str) -> float:
+        return self.metrics.get((name, ()), 0.0)
+
+
+def scrape(daemon: DaemonProcess) -> Scrape:
+    """One /metrics scrape of ``daemon`` (see ``Scrape``)."""
+    return Scrape(daemon.metrics())
+
+
+def current_tick(daemon: DaemonProcess) -> tuple[int, float]:
+    """(tick number, wall time of that tick) from /healthz."""
+    body = daemon.get("/healthz", allow_error=True)
+    return int(body.get("tick", 0)), float(body.get("last_tick_at") or 0.0)
+
+
+def wait_ticks(daemon: DaemonProcess, n: int = 1, timeout_s: float | None = None, poll_s: float = 0.02) -> int:
+    """Poll /healthz until the daemon's tick counter has advanced by ``n`` from now;
+    return the tick number reached. The default timeout allows 10 s per tick (a
+    loaded machine), never a fixed sleep standing in for ticks."""
+    start, _ = current_tick(daemon)
+    return wait_for_tick(daemon, start + n, timeout_s if timeout_s is not None else 10.0 * n + 10.0, poll_s)
+
+
+def wait_for_tick(daemon: DaemonProcess, tick: int, timeout_s: float = 30.0, poll_s: float = 0.02) -> int:
+    """Poll /healthz until the tick counter is at least ``tick``; return it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now, _ = current_tick(daemon)
+        if now >= tick:
+            return now
+        if daemon.proc is not None and daemon.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {daemon.proc.returncode}:\n{daemon.log_tail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"tick {tick} not reached in {timeout_s} s (at {now}):\n{daemon.log_tail()}")
+        time.sleep(poll_s)

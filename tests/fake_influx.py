@@ -1,11 +1,13 @@
 """A scripted stand-in for InfluxDB's write endpoints, for fault tests.
 
-Serves ``POST /write`` (v1), ``POST /api/v2/write`` (v2) and ``POST /query`` on a free
-loopback port, inside the test's own event loop. Each write request is answered by the
-next entry of ``script`` (a ``Reply``, or a function of the request's lines returning
-one), then by ``rule`` (a function of the lines), else 204. Every request is recorded
-(path, query, headers, decompressed lines, status); the lines of answered 2xx requests
-are collected in ``accepted``, in arrival order.
+Serves ``POST /write`` (v1), ``POST /api/v2/write`` (v2), ``POST /query`` and a
+``/login`` page (200, HTML: what a login proxy redirects to) on a free loopback port,
+inside the test's own event loop. Each write request is answered by the next entry of
+``script`` (a ``Reply``, or a function of the request's lines returning one), then by
+``rule`` (a function of the lines), else 204. Every request is recorded (path, query,
+headers, decompressed lines, status); the lines of requests answered 204 (what InfluxDB
+stores) are collected in ``accepted``, in arrival order: a scripted 200 or 3xx stands
+for a proxy's page, which stores nothing.
 
 ``Reply(delay_s=...)`` hangs before answering; a hang cut short by ``stop()`` (the
 client gave up long before) records the request as ``hung`` and accepts nothing.
@@ -24,6 +26,7 @@ from typing import Callable, Union
 from aiohttp import web
 
 LOOPBACK = "127.0.0.1"
+LOGIN_PAGE = "<!doctype html><html><head><title>Sign in</title></head><body><form>…</form></body></html>"
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class FakeInflux:
         app.router.add_post("/write", self._write)
         app.router.add_post("/api/v2/write", self._write)
         app.router.add_post("/query", self._query)
+        app.router.add_route("*", "/login", self._login)  # where a scripted redirect can point
         self._release = asyncio.Event()
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -129,10 +133,17 @@ class FakeInflux:
                 raise web.HTTPServiceUnavailable()
             except asyncio.TimeoutError:
                 pass
-        if 200 <= reply.status < 300:
+        if reply.status == 204:
             self.accepted.extend(lines)
+        if "Content-Type" in reply.headers:  # e.g. a proxy's text/html page
+            return web.Response(status=reply.status, body=reply.body.encode(), headers=reply.headers)
         return web.Response(status=reply.status, text=reply.body or None, headers=reply.headers,
                             content_type="application/json" if reply.body else None)
+
+    async def _login(self, request: web.Request) -> web.Response:
+        """A login page, as a proxy in front of InfluxDB serves it: 200, HTML, stores nothing."""
+        self.requests.append(Request(request.path, dict(request.query), dict(request.headers), [], time.monotonic(), 200))
+        return web.Response(status=200, text=LOGIN_PAGE, content_type="text/html")
 
     async def _query(self, request: web.Request) -> web.Response:
         form = await request.post()

@@ -1,8 +1,11 @@
 """Test helper: write the simulated-NVML sim file (see daemon/sources/nvml_sim.py).
 
 ``write_sim`` replaces the file atomically (temp file in the same directory, then
-``os.replace``), so a reader never sees half a file. ``gpu`` and ``proc`` build the
-entries with the defaults tests usually want.
+``os.replace``), so a reader never sees half a file; its keyword arguments are the
+top-level keys (``realistic``, ``driver_loaded``, ``pid_namespace``). ``gpu``, ``proc``
+and ``mig_instance`` build the entries with the defaults tests usually want. The keys are
+documented in the simulator's module docstring; tests/nvml_captures.py builds GPU entries
+from real captures.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ def gpu(
     processes: list[dict[str, Any]] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """One GPU entry; ``extra`` takes the extension keys (counter_epoch, lost, mig,
-    util_supported, memory_used_bytes)."""
+    """One GPU entry; ``extra`` takes the other GPU keys (architecture, errors,
+    mig_errors, field_errors, power_pattern, mig, mig_instances, counter_epoch, lost,
+    util_supported, util_garbage, hang_s, memory_used_bytes)."""
     entry: dict[str, Any] = {
         "name": name,
         "uuid": f"GPU-{index:08d}-sim",
@@ -47,9 +51,18 @@ def gpu(
     return entry
 
 
-def write_sim(path: str | os.PathLike[str], gpus: list[dict[str, Any]]) -> Path:
-    """Write ``{"gpus": gpus}`` to ``path`` atomically; return the path."""
-    return write_raw(path, json.dumps({"gpus": gpus}, indent=1))
+def mig_instance(gi_id: int, profile: str = "1g.10gb", slices: int | None = None, **extra: Any) -> dict[str, Any]:
+    """One ``mig_instances`` entry; ``slices`` defaults to the profile's "<n>g";
+    ``extra``: memory_mb, compute_instances."""
+    entry: dict[str, Any] = {"gi_id": gi_id, "profile": profile,
+                             "slices": int(profile.split("g", 1)[0]) if slices is None else slices}
+    entry.update(extra)
+    return entry
+
+
+def write_sim(path: str | os.PathLike[str], gpus: list[dict[str, Any]], **top: Any) -> Path:
+    """Write ``{"gpus": gpus, **top}`` to ``path`` atomically; return the path."""
+    return write_raw(path, json.dumps({"gpus": gpus, **top}, indent=1))
 
 
 def write_raw(path: str | os.PathLike[str], text: str) -> Path:

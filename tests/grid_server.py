@@ -1,6 +1,6 @@
 """A local aiohttp server that stands in for the grid-intensity APIs in tests.
 
-It serves recorded response bodies from ``../shared/fixtures/grid`` (see PROVENANCE.md
+It serves recorded response bodies from ``tests/fixtures/grid`` (see PROVENANCE.md
 there) and scripted synthetic replies on paths shaped like each real API:
 
 - Energi Data Service: ``/dataset/{name}``                       → route ``eds:{name}``
@@ -29,7 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "grid"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "grid"
 
 
 def fixture_path(name: str) -> Path:

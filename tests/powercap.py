@@ -86,6 +86,19 @@ class PowercapTree:
         """A platform zone ``intel-rapl:n`` named ``psys``."""
         return self.add_zone(f"intel-rapl:{n}", "psys", max_energy_range_uj, start_uj)
 
+    def set_constraint(self, zone: str, n: int, *, power_limit_uw: int | None = None,
+                       max_power_uw: int | None = None, name: str = "long_term") -> None:
+        """Write ``constraint_<n>_*`` files of ``zone`` (as the kernel shows PL1/PL2/PL4):
+        ``constraint_<n>_name`` and, when given, ``constraint_<n>_power_limit_uw`` and
+        ``constraint_<n>_max_power_uw``."""
+        with self._lock:
+            d = self.root / zone
+            self._write_file(d / f"constraint_{n}_name", f"{name}\n", 0o444)
+            if power_limit_uw is not None:
+                self._write_file(d / f"constraint_{n}_power_limit_uw", f"{power_limit_uw}\n", 0o644)
+            if max_power_uw is not None:
+                self._write_file(d / f"constraint_{n}_max_power_uw", f"{max_power_uw}\n", 0o444)
+
     def remove_zone(self, zone: str) -> None:
         """Delete a zone directory (a zone vanishing, as on module unload)."""
         with self._lock:

@@ -273,3 +273,81 @@ def test_request_timeout_is_503_json(background_app: BackgroundAppFactory) -> No
     assert time.monotonic() - started < 1.8
     doc = assert_json_error(status, headers, body, 503)
     assert "0.3 s" in doc["error"]["message"]
+
+
+# ------------------------------------------------------------------ connections
+
+
+def test_connection_caps_fit_the_open_files_limit() -> None:
+    from wattprint.daemon.api import RESERVED_FDS, fitting_max_connections
+
+    assert fitting_max_connections(256, 65536) == 256
+    assert fitting_max_connections(256, 1024) == 256  # (1024 - 256) / 2 = 384 leaves the default
+    assert fitting_max_connections(1000, 1024) == (1024 - RESERVED_FDS) // 2
+    assert fitting_max_connections(256, 300) == 22
+    assert fitting_max_connections(256, 100) == 1  # never 0: the API stays reachable
+
+
+class _FakeTransport:
+    def __init__(self, peer: str):
+        self.peer = peer
+        self.written = b""
+        self.closed = False
+
+    def get_extra_info(self, name: str) -> Any:
+        return {"peername": (self.peer, 40000), "socket": None}.get(name)
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_refusal_episodes_log_once_and_count(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import errno
+    import logging
+
+    from wattprint.daemon.api import ACCEPT_ERROR_MESSAGE, ConnectionLimiter
+    from wattprint.daemon.health import HealthBoard
+
+    now = [0.0]
+    health = HealthBoard()
+    loop = asyncio.new_event_loop()
+    try:
+        limiter = ConnectionLimiter(4, 2, 10.0, health, clock=lambda: now[0])
+        caplog.set_level(logging.INFO)
+        admitted = [object() for _ in range(2)]
+        assert all(limiter.admit(h, _FakeTransport("10.0.0.1"), loop) for h in admitted)
+        for _ in range(500):  # one client over its cap, many times
+            refused = _FakeTransport("10.0.0.1")
+            assert not limiter.admit(object(), refused, loop)
+        assert refused.closed and refused.written.startswith(b"HTTP/1.1 503")
+        assert json.loads(refused.written.split(b"\r\n\r\n", 1)[1])["error"]["status"] == 503
+        assert limiter.admit(object(), _FakeTransport("10.0.0.2"), loop)  # another client has its own budget
+        part = health.get("api")
+        assert part is not None and part.state == "degraded" and "max_connections_per_client = 2" in part.detail
+        # accept() out of descriptors, reported through the loop's exception handler: counted, no new line
+        limiter.install(loop)
+        for _ in range(100):
+            loop.call_exception_handler({"message": ACCEPT_ERROR_MESSAGE,
+                                         "exception": OSError(errno.EMFILE, "Too many open files")})
+        assert limiter.accept_errors_total == 100 and limiter.rejected_total == 500
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        now[0] += 5.0
+        limiter.poll()
+        assert health.get("api").state == "degraded"  # type: ignore[union-attr]
+        now[0] += 10.0
+        limiter.poll()
+        assert health.get("api").state == "ok"  # type: ignore[union-attr]
+        assert "600 connection(s)" in health.get("api").detail  # type: ignore[union-attr]
+        recovered = [r for r in caplog.records if "api recovered" in r.getMessage()]
+        assert len(recovered) == 1
+        for h in admitted:
+            limiter.release(h)
+        assert limiter.counters()["http_connections_open"] == 1.0
+        assert limiter.counters()["http_connections_rejected_total"] == 500.0
+    finally:
+        loop.close()

@@ -236,6 +236,12 @@ def test_unit_lifecycle_settings() -> None:
     assert ("Service", "KillSignal") not in s  # SIGTERM, which app.py handles
     assert one(s, "Restart") == "on-failure"
     assert one(s, "RestartPreventExitStatus") == "2"
+    # Descriptors for the capped HTTP connections plus the daemon's own files (issue 11).
+    from wattprint.daemon.api import RESERVED_FDS, fitting_max_connections
+    from wattprint.daemon.config import HttpConfig
+    nofile = int(one(s, "LimitNOFILE"))
+    assert nofile >= 2 * HttpConfig().max_connections + RESERVED_FDS
+    assert fitting_max_connections(HttpConfig().max_connections, nofile) == HttpConfig().max_connections
     assert int(one(s, "StartLimitBurst", "Unit")) >= 1
     assert int(one(s, "StartLimitIntervalSec", "Unit")) > 0
     assert one(s, "StateDirectory") == "wattprint"

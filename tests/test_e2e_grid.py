@@ -7,6 +7,9 @@ on forecasts, and is revised and marked final when realised values arrive.
 2. The engine in-process over an accelerated simulated clock (one tick = one minute,
    one hour in all), against the same stand-in through the real provider client and
    fetcher: twelve 5-minute intervals with different intensities.
+3. The real daemon with hour (or quarter-hour) ledger buckets over the stand-in's
+   5-minute values: a job inside one interval is charged that interval's value,
+   before and after settlement (issue 11).
 """
 
 from __future__ import annotations
@@ -195,3 +198,93 @@ def test_co2e_over_an_hour_of_changing_intensity_accelerated(tmp_path, labelled,
     assert next(j for j in engine.snapshot.jobs if j.job_id == job_id).co2e_g >= job["co2e_g"] > in_memory.co2e_g * 0.5
     engine.close()
     reader.close()
+
+
+def test_hour_buckets_charge_each_tick_its_5_minute_value(tmp_path, labelled_process, background_app):
+    """The real daemon with ledger buckets wider than the provider's 5-minute
+    resolution: a job's CO2e is Σ (energy of each tick) x (the value of the 5-minute
+    interval holding the tick), before and after settlement, not one instant's value
+    for the whole bucket. The job runs inside one interval, so the truth is its energy
+    x the value this test served for that interval; the bucket's first instant and its
+    middle lie in intervals served with other values."""
+    for attempt in range(2):  # a machine so slow that the job crossed into the next interval: once more
+        if STEP_S - time.time() % STEP_S < 60:  # room for the job inside one interval
+            time.sleep(STEP_S - time.time() % STEP_S + 0.5)
+        slot = interval_of(time.time())
+        hour = slot - slot % 3600
+        # The middle of an hour bucket is the interval at :30; if that is this one, quarter hours.
+        bucket_s = 3600 if hour + 1800 != slot else 900
+        result = _one_interval_job(tmp_path / f"try{attempt}", labelled_process, background_app, slot, bucket_s)
+        if result:
+            return
+    pytest.fail("the job never ran inside one 5-minute interval (machine too slow?)")
+
+
+def _one_interval_job(workdir: Path, labelled_process, background_app, slot: float, bucket_s: int) -> bool:
+    workdir.mkdir()
+    in_slot = {"forecast": 150.0, "actual": 100.0}
+    elsewhere = {"forecast": 450.0, "actual": 300.0}
+    eds = EdsSim(actual=lambda t: in_slot["actual"] if t == slot else elsewhere["actual"],
+                 forecast=lambda t: in_slot["forecast"] if t == slot else elsewhere["forecast"])
+    eds.publish_until = time.time() - 3600  # forecasts only, at first
+    server = background_app(eds.app())
+    job_proc = labelled_process("slot-job")
+    sim = workdir / "sim.json"
+    write_sim(sim, [gpu(0, power_w=200.0, processes=[proc(job_proc.pid, sm_util=90)])])
+    daemon = DaemonProcess(
+        workdir, sim_file=sim, powercap_root=None, daemon_toml=f"bucket_s = {bucket_s}",
+        extra_toml=f'[grid]\nprovider = "energidataservice"\nzone = "DK1"\nbase_url = "{server.url}"\n'
+                   'fetch_interval_s = 2\n')
+    try:
+        daemon.start()
+        job = daemon.wait_for_job("slot-job")
+        quoted = urllib.parse.quote(job["id"], safe="")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not daemon.get("/api/v1/intensity")["points"]:
+            time.sleep(0.2)
+        time.sleep(2.0)
+        write_sim(sim, [gpu(0, power_w=200.0, processes=[])])  # the job stops using the GPU, then ends
+        os.killpg(job_proc.pid, signal.SIGKILL)
+        job_proc.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            job = daemon.get(f"/api/v1/jobs/{quoted}")
+            if job["state"] == "finished":
+                break
+            time.sleep(0.2)
+        assert job["state"] == "finished", daemon.log_tail()
+        if job["last_seen"] >= slot + STEP_S:
+            return False  # it crossed into the next interval: the caller tries again
+        energy_j = job["energy_j"]["total"]
+        assert energy_j > 500.0
+
+        def settled_to(basis: str) -> tuple[dict, list[dict]]:
+            deadline = time.monotonic() + 20
+            while True:
+                job = daemon.get(f"/api/v1/jobs/{quoted}")
+                buckets = daemon.get(f"/api/v1/jobs/{quoted}/series")["buckets"]
+                if {b["intensity_basis"] for b in buckets} == {basis} or time.monotonic() > deadline:
+                    return job, buckets
+                time.sleep(0.3)
+
+        # Provisional: the forecast of the job's interval (the first ticks, before the
+        # first fetch, used the fallback value and were settled to it).
+        job, buckets = settled_to("forecast")
+        assert [b["start"] for b in buckets] == [slot - slot % bucket_s], daemon.log_tail()
+        assert {b["intensity_basis"] for b in buckets} == {"forecast"}, daemon.log_tail()
+        assert job["energy_j"]["total"] == pytest.approx(energy_j)
+        assert job["co2e_status"] == "provisional"
+        assert job["co2e_g"] == pytest.approx(energy_j / J_PER_KWH * in_slot["forecast"], rel=0.005)
+        assert job["intensity_g_per_kwh_avg"] == pytest.approx(in_slot["forecast"], rel=0.005)
+        assert buckets[0]["g_per_kwh"] == pytest.approx(in_slot["forecast"], rel=0.005)
+
+        # Realised values published: settled to the realised value of the job's interval.
+        eds.publish_until = time.time() + 2 * STEP_S
+        job, buckets = settled_to("actual")
+        assert job["co2e_status"] == "final", daemon.log_tail()
+        assert job["co2e_g"] == pytest.approx(energy_j / J_PER_KWH * in_slot["actual"], rel=0.005)
+        assert buckets[0]["g_per_kwh"] == pytest.approx(in_slot["actual"], rel=0.005)
+        assert buckets[0]["co2e_g"] == pytest.approx(job["co2e_g"], rel=1e-9)
+        return True
+    finally:
+        daemon.kill()

@@ -1,5 +1,8 @@
 """End to end, InfluxDB: the real daemon writing to the real influxd (1.x).
 
+- the job's GPU energy in each daemon run is 150 W x its 80 % share (next to an
+  invisible process) x the daemon's tick time, and the unattributed GPU energy the
+  invisible process's 20 %;
 - after a run, sum(job_energy) per job in InfluxDB equals the API's totals within
   0.5%, and sum(job_co2e) equals the job's CO2e;
 - stopping influxd for a while, then starting it again, leaves no gap in
@@ -21,7 +24,8 @@ import urllib.parse
 
 import pytest
 
-from daemon_harness import DaemonProcess, sample
+from daemon_harness import DaemonProcess, sample, scrape
+from e2e_truth import INVISIBLE_PID
 from gpusim import gpu, proc, write_sim
 from wattprint.exporters.lineprotocol import ns_from_s
 
@@ -71,13 +75,16 @@ def assert_no_gaps(stamps_ns: list[int], max_gap_s: float = 1.6) -> None:
 def test_totals_outage_and_crash(tmp_path, labelled, influxdb_server):
     job_proc = labelled("influx-job")
     sim = tmp_path / "sim.json"
-    write_sim(sim, [gpu(0, power_w=150.0, processes=[proc(job_proc.pid, sm_util=80)])])
+    # The job at 80 % SM (memory not available) next to an invisible process at 20 %.
+    write_sim(sim, [gpu(0, power_w=150.0, processes=[proc(job_proc.pid, used_memory_bytes=None, sm_util=80),
+                                                     proc(INVISIBLE_PID, used_memory_bytes=None, sm_util=20)])])
     daemon = DaemonProcess(tmp_path, sim_file=sim, powercap_root=None, extra_toml=influx_toml(influxdb_server.url))
     started = time.time()
     try:
         daemon.start()
         job = daemon.wait_for_job("influx-job")
         quoted = urllib.parse.quote(job["id"], safe="")
+        run1_start = scrape(daemon)
         time.sleep(3)
 
         # 1. An outage: points wait in the spool, then arrive; no gap, no duplicate.
@@ -97,18 +104,31 @@ def test_totals_outage_and_crash(tmp_path, labelled, influxdb_server):
         influxdb_server.stop()
         time.sleep(3)
         before_kill = daemon.get(f"/api/v1/jobs/{quoted}")["last_seen"]
+        run1_end = scrape(daemon)
         daemon.kill()
         killed_at = time.time()
         daemon.start()
         restarted_at = time.time()
+        run2_start = scrape(daemon)
         time.sleep(2)
         influxdb_server.start()
         wait_drained(daemon)
 
         # 3. The job ends; after a clean stop (which flushes), InfluxDB's totals equal the API's.
+        run2_end = scrape(daemon)
         os.killpg(job_proc.pid, signal.SIGKILL)
         job_proc.wait()
         write_sim(sim, [gpu(0, power_w=150.0, processes=[])])
+        # The job's GPU energy in each run: 150 W x its 80 % share x the daemon's tick time;
+        # the invisible process's 20 % is the unattributed GPU energy.
+        for first, last in ((run1_start, run1_end), (run2_start, run2_end)):
+            span = last.tick_at - first.tick_at
+            gained = last.job_j(job["id"])["gpu"] - first.job_j(job["id"])["gpu"]
+            assert span > 1.0
+            assert abs(gained - 120.0 * span) <= 120.0 * 0.2 + 0.01 * 120.0 * span, (gained, span)
+            device = last.device_j("gpu") - first.device_j("gpu")
+            assert gained == pytest.approx(0.8 * device, rel=1e-6)
+            assert last.unattributed_j("gpu") - first.unattributed_j("gpu") == pytest.approx(0.2 * device, rel=1e-6)
         time.sleep(2.5)
         job = daemon.get(f"/api/v1/jobs/{quoted}")
         assert job["state"] == "finished"

@@ -1,9 +1,16 @@
 """End to end, jobs: who used every joule, with real processes and the real daemon.
 
+Every energy check is per job and component, in absolute joules, against truth from
+what the test controls (tests/e2e_truth.py: simulated power x utilisation share x the
+daemon's tick time; RAPL rate x CPU-time share read from /proc; RSS share), with
+several processes per GPU, memory "not available" and processes without utilisation
+samples; unattributed energy is checked against its own expected value. Waiting is
+by the daemon's tick counter, never fixed sleeps.
+
 - a launcher with two GPU workers, each with DataLoader-like children, is one job;
-- two jobs sharing one GPU at 3:1 SM utilisation get 3:1 of its energy;
-- two CPU burners in different jobs get CPU energy in proportion to their CPU time;
-- jobs + unattributed = devices for each component at every ledger bucket;
+- three jobs sharing GPUs at 3:1:0 SM utilisation and equal shares get exactly that;
+- two CPU burners in different jobs get CPU energy by their share of CPU capacity,
+  DRAM by RSS; conservation per ledger bucket as an extra check;
 - a reused PID gives two jobs;
 - a job that ends while the daemon is down is finished, totals intact, after restart.
 """
@@ -20,12 +27,14 @@ import urllib.parse
 
 import pytest
 
-from daemon_harness import DaemonProcess
+from daemon_harness import DaemonProcess, scrape, wait_ticks
+from e2e_truth import CPU_ABS_S, CPU_REL, INVISIBLE_PID, descendants, follow
 from gpusim import gpu, proc, write_sim
 from powercap import PowercapTree
 
 SLEEP = "import time; time.sleep(300)"
 BURN = "import time\nwhile True: pass"
+LABEL_VAR = f"WATTPRINT_E2E_{os.getpid()}"  # a label variable only this module's jobs carry
 HALF_BURN = "import time\nwhile True:\n    t = time.time()\n    while time.time() - t < 0.05: pass\n    time.sleep(0.05)"
 
 
@@ -35,10 +44,10 @@ class Procs:
     def __init__(self) -> None:
         self.started: list[subprocess.Popen] = []
 
-    def start(self, code: str, label: str | None = None) -> subprocess.Popen:
-        env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
+    def start(self, code: str, label: str | None = None, var: str = "WATTPRINT_JOB") -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID", LABEL_VAR)}
         if label is not None:
-            env["WATTPRINT_JOB"] = label
+            env[var] = label
         p = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
         self.started.append(p)
         return p
@@ -64,10 +73,13 @@ def children(pid: int) -> list[int]:
         return [int(x) for x in fh.read().split()]
 
 
-def cpu_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as fh:
-        rest = fh.read().rsplit(")", 1)[1].split()
-    return int(rest[11]) + int(rest[12])
+def until(daemon: DaemonProcess, cond, what: str, ticks: int = 15) -> None:
+    """Poll ``cond`` once per daemon tick, at most ``ticks`` ticks (no fixed sleeps)."""
+    for _ in range(ticks):
+        if cond():
+            return
+        wait_ticks(daemon, 1)
+    assert cond(), f"{what}: not within {ticks} ticks:\n{daemon.log_tail()}"
 
 
 def job_by(daemon: DaemonProcess, **match) -> list[dict]:
@@ -115,71 +127,115 @@ def test_launcher_with_gpu_workers_and_dataloaders_is_one_job(tmp_path, procs):
     loaders = [c for w in workers for c in children(w)]
     assert len(loaders) == 4
     sim = tmp_path / "sim.json"
-    write_sim(sim, [gpu(0, power_w=200.0, processes=[proc(workers[0], sm_util=80)]),
-                    gpu(1, power_w=100.0, processes=[proc(workers[1], sm_util=60)])])
+    # gpu0: worker 0 at 80 % SM (memory not available), its first DataLoader holding memory
+    # with no utilisation sample, and an invisible process at 20 % SM: the job gets 80 %.
+    # gpu1: worker 1 at 60 % SM and its first DataLoader memory-only (1 GiB each): the
+    # job gets all of it (the loader's activity share is 0, but it is the job's anyway).
+    write_sim(sim, [gpu(0, power_w=200.0, processes=[proc(workers[0], used_memory_bytes=None, sm_util=80),
+                                                     proc(loaders[0], used_memory_bytes=None),
+                                                     proc(INVISIBLE_PID, used_memory_bytes=None, sm_util=20)]),
+                    gpu(1, power_w=100.0, processes=[proc(workers[1], used_memory_bytes=1 << 30, sm_util=60),
+                                                     proc(loaders[2], used_memory_bytes=1 << 30)])])
     daemon = DaemonProcess(tmp_path, sim_file=sim, powercap_root=None)
     try:
         daemon.start()
-        time.sleep(4)
+        deadline = time.monotonic() + 20
+        while not job_by(daemon, root_pid=launcher.pid) and time.monotonic() < deadline:
+            wait_ticks(daemon, 1)
         jobs = job_by(daemon, root_pid=launcher.pid)
         assert len(jobs) == 1, daemon.get("/api/v1/jobs")
         job = jobs[0]
         assert job["label_source"] == "pgid"
         ours = {launcher.pid, *workers, *loaders}
-        assert [j["root_pid"] for j in daemon.get("/api/v1/jobs")["jobs"] if j["root_pid"] in ours] == [launcher.pid]
-        host = daemon.get("/api/v1/host")
-        assert job["energy_j"]["gpu"] == pytest.approx(host["device_energy_j"]["gpu"], rel=1e-9)
-        # Both GPUs were held: about 2 GPU-seconds per second.
-        assert job["gpu_seconds"] >= 4
-        assert job["peak_gpu_memory_bytes"] == 2 * (1 << 30)
+        assert [j["root_pid"] for j in daemon.get("/api/v1/jobs?limit=10000")["jobs"] if j["root_pid"] in ours] \
+            == [launcher.pid]
+        w = follow(daemon, 4, {"job": lambda: descendants(launcher.pid)})
+        booked = w.booked(job["id"])
+        want_w = 0.8 * 200.0 + 100.0
+        assert abs(booked["gpu"] - want_w * w.seconds) <= power_tol_j(want_w, w.seconds), (booked, w.seconds)
+        assert booked["gpu"] == pytest.approx(0.8 * w.device("gpu", "gpu0") + w.device("gpu", "gpu1"), rel=1e-6)
+        assert abs(w.unattributed("gpu") - 40.0 * w.seconds) <= power_tol_j(40.0, w.seconds)
+        assert w.unattributed("gpu") == pytest.approx(0.2 * w.device("gpu", "gpu0"), rel=1e-6)
+        job = job_by(daemon, root_pid=launcher.pid)[0]
+        assert job["gpu_seconds"] >= 2 * 4  # both GPUs held over the window
+        assert job["peak_gpu_memory_bytes"] == 2 * (1 << 30)  # gpu0's processes reported none
     finally:
         daemon.kill()
+
+
+def power_tol_j(power_w: float, seconds: float) -> float:
+    """Energy over tick-time: the two ends' counter reads may come up to 0.2 s of power
+    apart from their tick timestamps on a loaded machine; 1 % besides."""
+    return power_w * 0.2 + 0.01 * power_w * seconds
 
 
 def test_two_jobs_share_a_gpu_three_to_one(tmp_path, procs):
     a = procs.start(SLEEP, label="job-a")
     b = procs.start(SLEEP, label="job-b")
+    c = procs.start(SLEEP, label="job-c")
     sim = tmp_path / "sim.json"
-    write_sim(sim, [gpu(0, power_w=300.0, processes=[proc(a.pid, sm_util=75), proc(b.pid, sm_util=25)])])
+    # gpu0: a 75 % SM (memory not available), b 25 % SM, c memory-only (no samples, no
+    # memory reported): 3:1:0. gpu1: a and c, neither with samples nor memory: 1:1.
+    write_sim(sim, [gpu(0, power_w=300.0, processes=[proc(a.pid, used_memory_bytes=None, sm_util=75),
+                                                     proc(b.pid, used_memory_bytes=1 << 30, sm_util=25),
+                                                     proc(c.pid, used_memory_bytes=None)]),
+                    gpu(1, power_w=80.0, processes=[proc(a.pid, used_memory_bytes=None),
+                                                    proc(c.pid, used_memory_bytes=None)])])
     daemon = DaemonProcess(tmp_path, sim_file=sim, powercap_root=None, extra_toml="")
     try:
         daemon.start()
-        daemon.wait_for_job("job-a")
-        time.sleep(5)
-        ja, jb = job_by(daemon, label="job-a")[0], job_by(daemon, label="job-b")[0]
-        assert ja["energy_j"]["gpu"] / jb["energy_j"]["gpu"] == pytest.approx(3.0, rel=0.05)
+        ids = {name: daemon.wait_for_job(name)["id"] for name in ("job-a", "job-b")}
+        ids["job-c"] = daemon.wait_for_job("job-c")["id"]
+        w = follow(daemon, 6, {n: (lambda: []) for n in ids})
+        want_w = {"job-a": 0.75 * 300 + 0.5 * 80, "job-b": 0.25 * 300, "job-c": 0.5 * 80}
+        gpu0, gpu1 = w.device("gpu", "gpu0"), w.device("gpu", "gpu1")
+        exact = {"job-a": 0.75 * gpu0 + 0.5 * gpu1, "job-b": 0.25 * gpu0, "job-c": 0.5 * gpu1}
+        for name, job_id in ids.items():
+            got = w.booked(job_id)["gpu"]
+            assert abs(got - want_w[name] * w.seconds) <= power_tol_j(want_w[name], w.seconds), (name, got, w.seconds)
+            assert got == pytest.approx(exact[name], rel=1e-6), name
+        assert w.unattributed("gpu") == pytest.approx(0.0, abs=1e-6)  # every process is in a job
         host = daemon.get("/api/v1/host")
-        assert ja["energy_j"]["gpu"] + jb["energy_j"]["gpu"] == pytest.approx(host["device_energy_j"]["gpu"], rel=1e-6)
+        assert host["unattributed_energy_j"]["gpu"] == pytest.approx(0.0, abs=1e-6)
+        assert host["attributed_energy_j"]["gpu"] == pytest.approx(host["device_energy_j"]["gpu"], rel=1e-6)
     finally:
         daemon.kill()
 
 
 def test_cpu_energy_follows_cpu_time_and_is_conserved_per_bucket(tmp_path, procs):
+    """Each job's CPU energy is the package's feed rate x its share of the machine's CPU
+    capacity (utime + stime read from /proc by the test), its DRAM energy the dram feed
+    rate x RSS share; unattributed CPU equals idle and other processes' share; and
+    conservation holds per ledger bucket (an extra check)."""
+    pkg_w, dram_w = 40.0, 6.0
     tree = PowercapTree(tmp_path / "powercap")
     zones = tree.add_package(0, dram=True)
-    full = procs.start(BURN, label="burn-full")
-    half = procs.start(HALF_BURN, label="burn-half")
+    full = procs.start(BURN, label="burn-full", var=LABEL_VAR)
+    half = procs.start(HALF_BURN, label="burn-half", var=LABEL_VAR)
+    # Only this test's processes are jobs (its own label variable), so the expected
+    # unattributed CPU energy is known: labelled processes of other tests on the machine
+    # would otherwise take their share of it.
     daemon = DaemonProcess(tmp_path, sim_file=None, powercap_root=tmp_path / "powercap",
-                           extra_toml='\n[daemon]\n' if False else "")
-    # Small buckets so that the run spans several of them.
-    daemon.config_path.write_text(daemon.config_path.read_text().replace("interval_s = 1.0", "interval_s = 1.0\nbucket_s = 2"))
-    with tree.start_feeding({zones["package"]: 40.0, zones["dram"]: 6.0}, period_s=0.02):
+                           daemon_toml="bucket_s = 2", extra_toml=f'[jobs]\nlabel_env = ["{LABEL_VAR}"]\n')
+    with tree.start_feeding({zones["package"]: pkg_w, zones["dram"]: dram_w}, period_s=0.02):
         try:
             daemon.start()
-            daemon.wait_for_job("burn-full")
-            daemon.wait_for_job("burn-half")
-            f0, h0 = job_by(daemon, label="burn-full")[0], job_by(daemon, label="burn-half")[0]
-            c0 = (cpu_ticks(full.pid), cpu_ticks(half.pid))
-            time.sleep(12)
-            f1, h1 = job_by(daemon, label="burn-full")[0], job_by(daemon, label="burn-half")[0]
-            c1 = (cpu_ticks(full.pid), cpu_ticks(half.pid))
-            e_full = f1["energy_j"]["cpu"] - f0["energy_j"]["cpu"]
-            e_half = h1["energy_j"]["cpu"] - h0["energy_j"]["cpu"]
-            t_full, t_half = c1[0] - c0[0], c1[1] - c0[1]
-            assert e_full > 0 and e_half > 0 and t_half > 0
-            assert (e_full / e_half) == pytest.approx(t_full / t_half, rel=0.10)
+            ids = {"full": daemon.wait_for_job("burn-full")["id"], "half": daemon.wait_for_job("burn-half")["id"]}
+            w = follow(daemon, 10, {"full": lambda: descendants(full.pid), "half": lambda: descendants(half.pid)})
+            assert w.job_cpu_s("half") > 0.1 * w.seconds, "the half burner got almost no CPU"
+            for name, job_id in ids.items():
+                booked = w.booked(job_id)
+                want_cpu = w.cpu_j(name, pkg_w)
+                assert abs(booked["cpu"] - want_cpu) <= CPU_REL * want_cpu + pkg_w * CPU_ABS_S, (name, booked, want_cpu)
+                want_dram = w.dram_j(name, dram_w)
+                assert booked["dram"] == pytest.approx(want_dram, rel=0.05), (name, booked, want_dram)
+            un = w.unattributed("cpu")
+            want_un = w.cpu_unattributed_j(pkg_w)
+            assert un >= 0
+            assert abs(un - want_un) <= CPU_REL * (w.cpu_j("full", pkg_w) + w.cpu_j("half", pkg_w)) + pkg_w * CPU_ABS_S
+            assert w.unattributed("dram") == pytest.approx(w.dram_unattributed_j(dram_w), rel=0.05)
+            f1 = job_by(daemon, label="burn-full")[0]
             assert f1["energy_sources"]["cpu"] == "counter"
-            assert f1["energy_j"]["dram"] > 0
             assert assert_conserved_per_bucket(tmp_path / "state") >= 3
         finally:
             daemon.kill()
@@ -192,11 +248,10 @@ def test_pid_reuse_gives_two_jobs_end_to_end(tmp_path, procs):
     try:
         daemon.start()
         first = procs.start(SLEEP, label="reused")
-        time.sleep(2.5)
-        assert len(job_by(daemon, label="reused", state="running")) == 1
+        until(daemon, lambda: len(job_by(daemon, label="reused", state="running")) == 1, "first job running")
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-        time.sleep(2.5)
+        until(daemon, lambda: [j["state"] for j in job_by(daemon, label="reused")] == ["finished"], "first job finished")
         second = None
         for _ in range(20):
             with open("/proc/sys/kernel/ns_last_pid", "w") as fh:
@@ -207,7 +262,7 @@ def test_pid_reuse_gives_two_jobs_end_to_end(tmp_path, procs):
                 break
         if second is None:
             pytest.skip("could not get the same PID again (busy machine)")
-        time.sleep(2.5)
+        until(daemon, lambda: len(job_by(daemon, label="reused")) == 2, "second job seen")
         jobs = job_by(daemon, label="reused")
         assert len(jobs) == 2
         assert {j["root_pid"] for j in jobs} == {first.pid}
@@ -219,12 +274,15 @@ def test_pid_reuse_gives_two_jobs_end_to_end(tmp_path, procs):
 def test_job_that_ends_while_daemon_is_down_is_finished_after_restart(tmp_path, procs):
     job_proc = procs.start(SLEEP, label="short-lived")
     sim = tmp_path / "sim.json"
-    write_sim(sim, [gpu(0, power_w=100.0, processes=[proc(job_proc.pid, sm_util=50)])])
+    # The job at 50 % SM next to an invisible process at 50 %: it gets half of 100 W.
+    write_sim(sim, [gpu(0, power_w=100.0, processes=[proc(job_proc.pid, used_memory_bytes=None, sm_util=50),
+                                                     proc(INVISIBLE_PID, used_memory_bytes=None, sm_util=50)])])
     daemon = DaemonProcess(tmp_path, sim_file=sim, powercap_root=None)
     try:
         daemon.start()
-        daemon.wait_for_job("short-lived")
-        time.sleep(2)
+        job_id = daemon.wait_for_job("short-lived")["id"]
+        first = scrape(daemon)
+        wait_ticks(daemon, 3)
         assert daemon.stop() == 0
         db = sqlite3.connect(f"file:{tmp_path}/state/wattprint.sqlite3?mode=ro", uri=True)
         stored_gpu_j, last_seen = db.execute("SELECT gpu_j, last_seen FROM jobs WHERE label='short-lived'").fetchone()
@@ -233,11 +291,17 @@ def test_job_that_ends_while_daemon_is_down_is_finished_after_restart(tmp_path, 
         job_proc.wait()
         write_sim(sim, [gpu(0, power_w=100.0, processes=[])])
         daemon.start()
-        time.sleep(1.5)
+        until(daemon, lambda: [j["state"] for j in job_by(daemon, label="short-lived")] == ["finished"], "finished")
         [job] = job_by(daemon, label="short-lived")
         assert job["state"] == "finished"
         assert job["ended_at"] == pytest.approx(last_seen)
-        assert job["energy_j"]["gpu"] == pytest.approx(stored_gpu_j) and stored_gpu_j > 150
+        # Its GPU energy: 100 W x its 50 % share x the tick time it was seen for (from the
+        # first scrape to its last tick), as stored at the clean stop and kept.
+        span = last_seen - first.tick_at
+        gained = stored_gpu_j - first.job_j(job_id)["gpu"]
+        assert span >= 2.5
+        assert abs(gained - 50.0 * span) <= power_tol_j(50.0, span), (gained, span)
+        assert job["energy_j"]["gpu"] == pytest.approx(stored_gpu_j, rel=1e-9)
         series = daemon.get(f"/api/v1/jobs/{quote(job['id'])}/series")
         assert sum(b["energy_j"]["total"] for b in series["buckets"]) == pytest.approx(job["energy_j"]["total"])
     finally:

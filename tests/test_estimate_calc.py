@@ -56,7 +56,7 @@ def test_json_document_keys_and_inputs():
 
 
 def test_motivating_case_energy_times_intensity():
-    # 0.694 kWh at 82.5 g/kWh is 57.3 g (design.md). One 173.5 W device for 4 h = 0.694 kWh.
+    # 0.694 kWh at 82.5 g/kWh is 57.3 g (the starting design's example). One 173.5 W device for 4 h = 0.694 kWh.
     doc = estimate_json(estimate(["173.5"], hours=4, g_per_kwh=82.5))
     assert doc["energy_kwh"] == pytest.approx(0.694)
     assert doc["co2e_g"] == pytest.approx(57.255)

@@ -1,5 +1,5 @@
 """Grid-intensity clients against a local server: every recorded fixture in
-../shared/fixtures/grid replayed through its client, plus synthetic faults.
+tests/fixtures/grid replayed through its client, plus synthetic faults.
 
 Bodies built in this file (not read from the fixtures folder) are SYNTHETIC and are
 labelled so where they are made: no recorded CO2EmisProg response, HTML error page,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wattprint.daemon.grid.base import IntensityPoint
-from wattprint.daemon.grid.series import covers, intensity_at, lowest_window, merge
+from wattprint.daemon.grid.series import covers, intensity_at, lowest_window, merge, slot_at
 
 UTC = timezone.utc
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -47,6 +47,47 @@ def test_intensity_at_stand_in_after_gap_and_end():
 def test_intensity_at_before_series_or_empty():
     assert intensity_at([pt(30, 1)], at(0)) is None
     assert intensity_at([], at(0)) is None
+
+
+# -- slot_at ----------------------------------------------------------------------------
+
+def test_slot_at_is_the_covering_interval():
+    series = [pt(0, 100, width_min=5), pt(5, 300, width_min=5)]
+    assert slot_at(series, at(0), 300) == (at(0), at(5))
+    assert slot_at(series, at(4.99), 300) == (at(0), at(5))
+    assert slot_at(series, at(5), 300) == (at(5), at(10))  # [start, end): the boundary belongs to the next
+
+
+def test_slot_at_in_a_gap_or_past_the_end_follows_the_last_points_grid():
+    series = [pt(0, 100), pt(120, 300)]  # 30-minute points, a gap 30..120
+    assert slot_at(series, at(45), 300) == (at(30), at(60))
+    assert slot_at(series, at(100), 300) == (at(90), at(120))
+    assert slot_at(series, at(110.5), 300) == (at(90), at(120))
+    assert slot_at(series, at(151), 300) == (at(150), at(180))  # past the end
+    assert slot_at([pt(0, 1), pt(40, 2)], at(35), 300) == (at(30), at(40))  # cut at the next point's start
+
+
+def test_slot_at_without_an_earlier_point_uses_the_default_grid():
+    assert slot_at([], at(7), 300) == (at(5), at(10))
+    assert slot_at([pt(8, 1)], at(7), 300) == (at(5), at(8))  # cut at the first point
+    with pytest.raises(ValueError):
+        slot_at([], at(0), 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 300), st.sampled_from([5, 15, 30, 60])), max_size=12),
+       st.floats(0, 400, allow_nan=False))
+def test_slot_at_always_holds_t_and_never_overlaps_another_point(raw, minute):
+    series = merge([], [pt(m, 1.0, width_min=w) for m, w in raw])
+    t = at(minute)
+    start, end = slot_at(series, t, 300)
+    assert start <= t < end
+    found = intensity_at(series, t)  # the value used for t: its interval is the slot
+    if found is not None and covers(found, t):
+        assert start == found.start and end <= found.end
+    for p in series:
+        if p.start > t:
+            assert end <= p.start
 
 
 def test_intensity_at_requires_aware_time():

@@ -78,7 +78,8 @@ def with_server(scenario: Scenario) -> None:
 
 @pytest.mark.parametrize(
     ("status", "action"),
-    [(204, "ok"), (200, "ok"), (400, "bisect"), (422, "bisect"), (413, "split"), (401, "auth"), (403, "auth"),
+    [(204, "ok"), (200, "not_delivered"), (201, "not_delivered"), (302, "not_delivered"), (307, "not_delivered"),
+     (400, "bisect"), (422, "bisect"), (413, "split"), (401, "auth"), (403, "auth"),
      (404, "missing_db"), (429, "retry"), (500, "retry"), (503, "retry"), (None, "retry"), (418, "retry")],
 )
 def test_classify(status: int | None, action: str) -> None:
@@ -178,9 +179,11 @@ def test_bad_lines_are_isolated_to_the_dead_letter_file_and_the_rest_delivered(t
         for line in bad:
             assert f"\n{line}\n" in text
         assert text.count(f"# ") == 2 and f"HTTP {status}: unable to parse" in text
-        # a rejected line is a data problem, not an outage
+        # a rejected line is lost to InfluxDB: the sink says so (one episode, a count, why)
         part = health.get(HEALTH_PART)
-        assert part is not None and part.state == "ok"
+        assert part is not None and part.state == "degraded"
+        assert part.detail.startswith("at least 1 line dead-lettered: InfluxDB rejected them (HTTP ")
+        assert "unable to parse" in part.detail
         # no resend once settled (Prometheus compliance: 400 -> not sent again)
         n = len(fake.writes)
         sink2 = make_sink(make_cfg(fake.url), tmp_path)
@@ -543,3 +546,123 @@ def test_v2_unreachable_is_retried(tmp_path: Path) -> None:
         assert fake.accepted == points(0, 2)
 
     asyncio.run(main())
+
+
+# ------------------------------------------------- only 204 is delivered (issue 11)
+
+
+def _html(status: int = 200) -> Reply:
+    return Reply(status, "<html><body>Sign in</body></html>", {"Content-Type": "text/html; charset=utf-8"})
+
+
+@pytest.mark.parametrize("api", ["v1", "v2"])
+@pytest.mark.parametrize("kind", ["302", "307", "200-html"])
+def test_redirect_or_page_is_not_delivery(tmp_path: Path, api: str, kind: str) -> None:
+    """A redirect (to a page that answers 200) or a 200 page keeps every line, degrades
+    the sink with a clear detail, and the lines are delivered exactly once after."""
+
+    async def scenario(fake: FakeInflux) -> None:
+        if kind == "200-html":
+            bad = _html()
+        else:
+            bad = Reply(int(kind), "", {"Location": fake.url + "/login"})
+        fake.push(bad, bad, bad)
+        health = HealthBoard()
+        extra: dict[str, Any] = dict(api="v2", org="acme", bucket="energy", token="t") if api == "v2" else {}
+        sink = make_sink(make_cfg(fake.url, **extra), tmp_path, health)
+        sink.submit(points(0, 5))
+        sink.start()
+        await eventually(lambda: len(fake.writes) >= 1)
+        await eventually(lambda: part_state(health) == "degraded")
+        part = health.get(HEALTH_PART)
+        assert part is not None
+        if kind == "200-html":
+            assert part.detail == "InfluxDB answered 200 (text/html) instead of 204; writes need a 204"
+        else:
+            assert part.detail == f"InfluxDB answered {kind} redirect to {fake.url}/login; writes need a 204"
+        assert sink.stats()["spool_pending_points"] == 5
+        await eventually(lambda: sink.stats()["points_written_total"] == 5)
+        await sink.stop()
+        assert fake.accepted == points(0, 5)  # exactly once
+        assert [r.status for r in fake.writes] == [int(kind.split("-")[0])] * 3 + [204]
+        assert not any(r.path == "/login" for r in fake.requests)  # never followed
+        stats = sink.stats()
+        reason = "not_204" if kind == "200-html" else "redirect"
+        assert stats["write_failures_total"] == {reason: 3}
+        assert stats["points_retried_total"] == 15
+        part = health.get(HEALTH_PART)
+        assert part is not None and part.state == "ok" and part.errors_total == 3
+
+    with_server(scenario)
+
+
+# ------------------------------------------------------------ loss episodes (issue 11)
+
+
+def test_dead_letter_episode_logs_a_bounded_number_of_lines_and_ends_with_a_summary(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario(fake: FakeInflux) -> None:
+        fake.rule = lambda lines: error(400, "bad request from the proxy " + lines[0][:40])
+        health = HealthBoard()
+        sink = make_sink(make_cfg(fake.url, batch_size=16), tmp_path, health, loss_hold_s=0.5)
+        sink.start()
+        for i in range(0, 300, 10):
+            sink.submit(points(i, 10))
+        await eventually(lambda: sink.stats()["points_dropped_total"]["rejected"] == 300)
+        part = health.get(HEALTH_PART)
+        assert part is not None and part.state == "degraded"
+        assert part.detail.startswith("at least 100 lines dead-lettered: InfluxDB rejected them (HTTP 400: bad request")
+        fake.rule = None
+        sink.submit(points(300, 5))
+        await eventually(lambda: sink.stats()["points_written_total"] == 5)
+        await eventually(lambda: part_state(health) == "ok", timeout=5)
+        await sink.stop()
+        assert fake.accepted == points(300, 5)
+        text = (tmp_path / "spool" / DEAD_LETTER_FILE).read_text()
+        assert all(f"\n{line}\n" in text for line in points(0, 300))
+
+    with caplog.at_level("INFO"):
+        with_server(scenario)
+    messages = [r.getMessage() for r in caplog.records]
+    # at least 1, 10, 100: three degraded lines, one summary, one recovery; never one per line
+    assert len([m for m in messages if "degraded" in m and "dead-lettered" in m]) == 3, messages
+    [summary] = [m for m in messages if "nothing lost for" in m]
+    assert "rejected: 300" in summary
+    assert len(messages) <= 8, messages
+
+
+def test_spool_cap_drops_degrade_the_sink_even_while_the_server_answers(tmp_path: Path) -> None:
+    async def scenario(fake: FakeInflux) -> None:
+        fake.rule = lambda lines: Reply(204, delay_s=30)  # slow: the spool fills up meanwhile
+        health = HealthBoard()
+        sink = make_sink(make_cfg(fake.url, spool_max_bytes=8192, timeout_s=5.0), tmp_path, health)
+        for i in range(0, 2000, 20):
+            sink.submit(points(i, 20))
+        part = health.get(HEALTH_PART)
+        dropped = sink.stats()["points_dropped_total"]["spool_full"]
+        assert dropped > 0
+        assert part is not None and part.state == "degraded"
+        assert "dropped: spool full" in part.detail
+        await sink.stop()
+
+    with_server(scenario)
+
+
+def test_unwritable_dead_letter_file_is_counted_and_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario(fake: FakeInflux) -> None:
+        fake.rule = lambda lines: error(400, "nope")
+        health = HealthBoard()
+        sink = make_sink(make_cfg(fake.url), tmp_path, health)
+        (tmp_path / "spool" / DEAD_LETTER_FILE).mkdir()  # a directory: cannot be appended to
+        sink.submit(points(0, 20))
+        sink.start()
+        await eventually(lambda: sink.stats()["points_dropped_total"]["rejected"] == 20)
+        await sink.stop()
+        stats = sink.stats()
+        assert stats["points_dropped_total"]["dead_letter_unwritable"] == 20
+        part = health.get(HEALTH_PART)
+        assert part is not None and "dead-letter file could not be written" in part.detail
+
+    with caplog.at_level("INFO"):
+        with_server(scenario)
+    assert len([r for r in caplog.records if "cannot write dead-letter file" in r.getMessage()]) == 1

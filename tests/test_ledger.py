@@ -74,7 +74,7 @@ def test_restart_continues_and_settlement_revises(tmp_path):
     assert j["state"] == "finished" and j["ended_at"] == 6001.0
     assert j["co2e_g"] == pytest.approx(200.0)
     assert j["co2e_status"] == "provisional"
-    led.set_intensity(6000, Intensity(50.0, "final", "energidataservice", "DK1", "actual"))
+    led.set_intensities([(6000, 6000, Intensity(50.0, "final", "energidataservice", "DK1", "actual"))])
     j = reader.job(job.job_id, now=7000.0)
     assert j["co2e_g"] == pytest.approx(100.0)
     assert j["co2e_status"] == "final"

@@ -302,23 +302,43 @@ def test_tags_are_sorted() -> None:
 
 
 @pytest.mark.parametrize(
-    ("measurement", "tags", "fields"),
+    ("measurement", "tags", "fields", "message"),
     [
-        ("", {}, {"f": 1}),
-        ("#m", {}, {"f": 1}),
-        ("m", {"": "v"}, {"f": 1}),
-        ("m", {}, {"": 1}),
-        ("m", {"a\n": "1", "a\u240a": "2"}, {"f": 1}),  # equal after the rewrite
+        ("", {}, {"f": 1}, "measurement name is empty"),
+        ("#m", {}, {"f": 1}, "measurement name '#m' starts with '#' (a comment line)"),
+        ("m", {"": "v"}, {"f": 1}, "tag or field key is empty"),
+        ("m", {}, {"": 1}, "tag or field key is empty"),
+        # equal after the rewrite; the message names the key as written on the wire
+        ("m", {"a\n": "1", "a\u240a": "2"}, {"f": 1}, "two tag keys are equal after escaping: 'a\u240a'"),
+        ("m", {"t": "x"}, {"a b": 1, "a\u240a": 2, "a\n": 3}, "two field keys are equal after escaping: 'a\u240a'"),
     ],
 )
-def test_programming_errors_raise(measurement: str, tags: dict[str, str], fields: dict[str, object]) -> None:
-    with pytest.raises(ValueError):
+def test_programming_errors_raise(
+    measurement: str, tags: dict[str, str], fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError) as err:
         lp.encode_point(measurement, tags, fields, 1)  # type: ignore[arg-type]
+    assert str(err.value) == message
 
 
 def test_timestamp_must_be_int() -> None:
-    with pytest.raises(TypeError):
-        lp.encode_point("m", {}, {"f": 1}, 1.5)  # type: ignore[arg-type]
+    for bad in (1.5, True, "1"):
+        with pytest.raises(TypeError) as err:
+            lp.encode_point("m", {}, {"f": 1}, bad)  # type: ignore[arg-type]
+        assert str(err.value) == f"timestamp_ns must be an int, got {bad!r}"
+
+
+def test_unsupported_field_type_names_the_type() -> None:
+    with pytest.raises(TypeError) as err:
+        lp.encode_point("m", {}, {"f": [1]}, 1)  # type: ignore[dict-item]
+    assert str(err.value) == "unsupported field value type list: [1]"
+
+
+def test_int64_limits_are_kept_one_beyond_is_dropped() -> None:
+    assert lp.format_field_value(2**63 - 1) == "9223372036854775807i"
+    assert lp.format_field_value(-(2**63)) == "-9223372036854775808i"
+    assert lp.format_field_value(2**63) is None
+    assert lp.format_field_value(-(2**63) - 1) is None
 
 
 def test_ns_from_s_is_deterministic_to_the_microsecond() -> None:

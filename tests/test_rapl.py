@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wattprint.daemon.config import CpuConfig, MemoryConfig
 from wattprint.daemon.health import HealthBoard
@@ -131,11 +133,13 @@ def test_near_max_start_and_many_wraps_sum_exactly(tree: PowercapTree) -> None:
     src.read(0.0)
     fed_uj = 0
     total_j = 0.0
-    for i, step in enumerate([1, 2, max_uj - 5, 40_000_000_000, 30_000_000_000, 65_000_000_000, 7]):
+    t = 0.0
+    for step in [1, 2, max_uj - 5, 40_000_000_000, 30_000_000_000, 65_000_000_000, 7]:
         tree.advance(z["package"], step)
         fed_uj += step
-        (r,) = src.read(float(i + 1))
-        assert r.energy_j == step / 1e6
+        t += max(1.0, step / 1e6 / 250.0)  # reads spaced as at 250 W: physics allows each step
+        (r,) = src.read(t)
+        assert r.energy_j == step / 1e6 and r.source == "counter"
         total_j += r.energy_j
     assert fed_uj > 2 * max_uj  # it wrapped more than twice
     assert total_j == pytest.approx(fed_uj / 1e6, abs=1e-6)
@@ -460,3 +464,480 @@ def test_start_feeding_advances_at_the_given_rate(tree: PowercapTree) -> None:
     assert got["package-0"].energy_j == pytest.approx(fed_pkg_j, abs=1e-9)
     assert got["dram-0"].energy_j == pytest.approx(feed.fed_j(z["dram"]), abs=1e-9)
     assert feed.fed_j(z["dram"]) == pytest.approx(fed_pkg_j / 20, abs=1e-5)
+
+
+# -- counter trust: every step bounded by physics ------------------------------
+#
+# Default bound of a package zone without constraint files: 1000 W x (2 x elapsed + 1 s),
+# i.e. 3000 J for a 1 s interval.
+
+from wattprint.daemon.sources.base import CounterDiff, CounterStep, CounterStepKind  # noqa: E402
+
+FIRST, DIFFERENCE, WRAPPED, RESET, IMPLAUSIBLE = (
+    CounterStepKind.FIRST, CounterStepKind.DIFFERENCE, CounterStepKind.WRAPPED, CounterStepKind.RESET,
+    CounterStepKind.IMPLAUSIBLE)
+
+
+def test_counter_diff_step_typed_results() -> None:
+    d = CounterDiff(max_value=1000)
+    assert d.step(990, max_delta=50) == CounterStep(FIRST)
+    assert d.step(995, max_delta=50) == CounterStep(DIFFERENCE, 5)
+    assert d.step(10, max_delta=50) == CounterStep(WRAPPED, 15)  # (1000 - 995) + 10
+    assert d.step(9, max_delta=50) == CounterStep(IMPLAUSIBLE, reason="backwards")  # would be 999
+    assert d.step(70, max_delta=50) == CounterStep(IMPLAUSIBLE, reason="jump")  # +61
+    assert d.step(1500, max_delta=None) == CounterStep(IMPLAUSIBLE, reason="above_range")
+    assert d.step(1600, max_delta=None) == CounterStep(IMPLAUSIBLE, reason="above_range")
+    assert d.step(20, max_delta=None) == CounterStep(IMPLAUSIBLE, reason="above_range")  # wrap from outside
+    assert d.step(30, max_delta=50) == CounterStep(DIFFERENCE, 10)  # the re-baseline holds
+    assert (d.wraps, d.resets, d.implausible, d.last) == (1, 0, 5, 30)
+    # Without a bound a real wrap of any size is accepted, as before.
+    assert CounterDiff(max_value=1000, last=999).step(998) == CounterStep(WRAPPED, 999)
+    # A counter that never wraps: going down is a reset.
+    never = CounterDiff(max_value=None, last=500)
+    assert never.step(100) == CounterStep(RESET) and never.resets == 1 and never.last == 100
+
+
+def test_counter_diff_update_contract_unchanged() -> None:
+    # daemon/sources/gpu.py relies on it: None for the first reading and after a reset.
+    d = CounterDiff(max_value=None)
+    assert d.update(100) is None
+    assert d.update(150) == 50
+    assert d.update(20) is None and d.resets == 1
+    assert d.update(25) == 5
+    w = CounterDiff(max_value=100, last=90)
+    assert w.update(5) == 15 and w.wraps == 1
+
+
+def test_step_back_by_one_joule_is_not_a_wrap(tree: PowercapTree) -> None:
+    z = tree.add_package(0, dram=False, core=False, start_uj=1_000_000_000)
+    pkg = z["package"]
+    src = RaplSource(str(tree.root))
+    assert src.read(0.0)[0].energy_j == 0.0  # the first read is the baseline
+    tree.advance(pkg, 50_000_000)
+    (r,) = src.read(1.0)
+    assert (r.energy_j, r.source) == (50.0, "counter")
+    tree.set_energy(pkg, tree.energy(pkg) - 1_000_000)  # back by 1 J (old code: +262,143 J)
+    (r,) = src.read(2.0)
+    assert (r.energy_j, r.power_w, r.interval_s, r.source) == (50.0, 50.0, 1.0, "estimate")
+    (problem,) = src.problems()
+    assert "package-0" in problem and "went back by less than a plausible wrap" in problem
+    assert src.counter_glitches() == {("package-0", "backwards"): 1}
+    tree.advance(pkg, 30_000_000)  # from the new baseline
+    (r,) = src.read(3.0)
+    assert (r.energy_j, r.source) == (30.0, "counter")
+    assert src.problems() == []
+
+
+def test_above_range_then_wrap_never_gives_negative_energy(tree: PowercapTree) -> None:
+    max_uj = 10_000_000_000  # 10 kJ range
+    z = tree.add_package(0, max_energy_range_uj=max_uj, dram=False, core=False, start_uj=5_000_000_000)
+    pkg = z["package"]
+    src = RaplSource(str(tree.root))
+    src.read(0.0)
+    tree.advance(pkg, 40_000_000)
+    assert src.read(1.0)[0].energy_j == 40.0
+    tree.set_energy(pkg, 2 * max_uj)  # above the range (old code: counted +14,960 J)
+    (r,) = src.read(2.0)
+    assert (r.energy_j, r.source) == (40.0, "estimate")
+    tree.set_energy(pkg, 2 * max_uj + 40_000_000)  # still above: still not trusted
+    (r,) = src.read(3.0)
+    assert (r.energy_j, r.source) == (40.0, "estimate")
+    tree.set_energy(pkg, 30_000_000)  # wraps from above the range (old code: -9,970 J)
+    (r,) = src.read(4.0)
+    assert (r.energy_j, r.source) == (40.0, "estimate")
+    assert "counter above max_energy_range_uj" in src.problems()[0]
+    assert src.counter_glitches() == {("package-0", "above_range"): 3}
+    tree.advance(pkg, 40_000_000)
+    (r,) = src.read(5.0)
+    assert (r.energy_j, r.source) == (40.0, "counter")
+    assert src.problems() == []
+
+
+def test_jump_beyond_the_default_bound(tree: PowercapTree) -> None:
+    z = tree.add_package(0, dram=False, core=False)
+    pkg = z["package"]
+    src = RaplSource(str(tree.root))
+    assert (src.zones[0].max_power_w, src.zones[0].max_power_basis) == (1000.0, "default for package zones")
+    src.read(0.0)
+    tree.advance(pkg, 2_999_000_000)  # 2999 J in 1 s: within 1000 W x (2 x 1 s + 1 s)
+    (r,) = src.read(1.0)
+    assert (r.energy_j, r.source) == (2999.0, "counter")
+    tree.advance(pkg, 3_000_000_001)  # one microjoule over the bound
+    (r,) = src.read(2.0)
+    assert (r.energy_j, r.source) == (2999.0, "estimate")
+    assert "rose faster than the zone's max power allows" in src.problems()[0]
+    assert src.counter_glitches() == {("package-0", "jump"): 1}
+    tree.advance(pkg, 9_000_000_000)  # after 4 s: 9000 J is within 1000 W x (2 x 4 s + 1 s)
+    (r,) = src.read(6.0)
+    assert (r.energy_j, r.source) == (9000.0, "counter")
+
+
+def test_constraint_files_set_the_bound(tree: PowercapTree) -> None:
+    z = tree.add_package(0, core=False)
+    pkg, dram = z["package"], z["dram"]
+    tree.set_constraint(pkg, 0, power_limit_uw=65_000_000, max_power_uw=0, name="long_term")
+    tree.set_constraint(pkg, 1, power_limit_uw=100_000_000, name="short_term")
+    tree.set_constraint(dram, 0, max_power_uw=20_000_000)
+    zones = {zz.device: zz for zz in discover_zones(str(tree.root))}
+    assert (zones["package-0"].max_power_w, zones["package-0"].max_power_basis) == (100.0, "constraint_1_power_limit_uw")
+    assert (zones["dram-0"].max_power_w, zones["dram-0"].max_power_basis) == (20.0, "constraint_0_max_power_uw")
+    src = RaplSource(str(tree.root))
+    src.read(0.0)
+    tree.advance(pkg, 300_000_000)  # 300 J = 100 W x (2 x 1 s + 1 s): allowed
+    tree.advance(dram, 61_000_000)  # 61 J > 20 W x 3 s: not
+    got = by_device(src.read(1.0))
+    assert (got["package-0"].energy_j, got["package-0"].source) == (300.0, "counter")
+    assert (got["dram-0"].energy_j, got["dram-0"].source) == (0.0, "estimate")  # no trusted power yet
+    assert src.counter_glitches() == {("dram-0", "jump"): 1}
+    # A real wrap near the top of the range is still a wrap.
+    tree.set_energy(pkg, tree.max_energy_range_uj(pkg) - 10_000_000)
+    r = by_device(src.read(2.0))["package-0"]  # (getting there is a jump: estimated)
+    assert (r.energy_j, r.source) == (300.0, "estimate")
+    tree.advance(pkg, 40_000_000)  # wraps: 40 J
+    assert by_device(src.read(3.0))["package-0"].energy_j == 40.0
+    assert src.counter_glitches() == {("dram-0", "jump"): 1, ("package-0", "jump"): 1}
+
+
+def test_reset_with_unknown_range_is_estimated(tree: PowercapTree) -> None:
+    z = tree.add_package(0, dram=False, core=False, start_uj=5_000_000)
+    (tree.root / "intel-rapl:0" / "max_energy_range_uj").write_text("n/a\n")
+    src = RaplSource(str(tree.root))
+    src.read(0.0)
+    tree.advance(z["package"], 20_000_000)
+    assert src.read(1.0)[0].energy_j == 20.0
+    tree.set_energy(z["package"], 1_000_000)
+    (r,) = src.read(1.5)
+    assert (r.energy_j, r.source) == (10.0, "estimate")  # 20 W x 0.5 s
+    assert any("range is unknown" in p for p in src.problems())
+    assert src.counter_glitches() == {("package-0", "reset"): 1}
+
+
+def test_glitch_episode_is_logged_once(tree: PowercapTree, caplog: pytest.LogCaptureFixture) -> None:
+    z = tree.add_package(0, dram=False, core=False, start_uj=10_000_000_000)
+    pkg = z["package"]
+    src = RaplSource(str(tree.root))
+    src.read(0.0)
+    caplog.set_level(logging.INFO, logger="wattprint.sources.rapl")
+    for t in (1.0, 2.0, 3.0):  # three backwards steps in a row: one episode
+        tree.set_energy(pkg, tree.energy(pkg) - 1_000_000)
+        src.read(t)
+    tree.advance(pkg, 1_000_000)
+    src.read(4.0)
+    tree.advance(pkg, 1_000_000)
+    src.read(5.0)
+    msgs = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "wattprint.sources.rapl"]
+    assert [lvl for lvl, _ in msgs] == ["WARNING", "INFO"], msgs
+    assert "energy_uj 10000000000 -> 9999000000" in msgs[0][1] and "bound" in msgs[0][1]
+    assert "trusted again" in msgs[1][1]
+    assert src.counter_glitches() == {("package-0", "backwards"): 3}
+
+
+def test_vanished_zone_comes_back_as_a_baseline_not_a_glitch(tree: PowercapTree) -> None:
+    z = tree.add_package(0, dram=False, core=False, start_uj=9_000_000_000)
+    src = RaplSource(str(tree.root))
+    src.read(0.0)
+    tree.remove_zone(z["package"])
+    with pytest.raises(SourceError):
+        src.read(1.0)
+    tree.add_package(0, dram=False, core=False, start_uj=5)
+    (r,) = src.read(2.0)
+    assert (r.energy_j, r.source) == (0.0, "counter")
+    assert src.counter_glitches() == {}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3 * 10**9), st.floats(0.0, 5.0)), min_size=1, max_size=30))
+def test_no_reading_is_ever_negative(steps: list[tuple[int, float]]) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        tree = PowercapTree(Path(d) / "powercap")
+        z = tree.add_package(0, max_energy_range_uj=2 * 10**9, dram=False, core=False)
+        src = RaplSource(str(tree.root))
+        t = 0.0
+        src.read(t)
+        for value, dt in steps:
+            tree.set_energy(z["package"], value)  # anything, in range or not
+            t += dt
+            (r,) = src.read(t)
+            assert r.energy_j >= 0.0 and r.power_w >= 0.0
+            assert r.energy_j <= 1000.0 * (2 * dt + 1) + 1e-6  # never more than physics allows
+
+
+# -- exact texts, figures and discovery details (kill mutants; docs/testing.md) ---------
+
+from wattprint.daemon.sources import rapl as rapl_mod  # noqa: E402
+from wattprint.daemon.sources.rapl import GLITCH_TEXT, RaplZone, denied_detail  # noqa: E402
+
+INTEL = 262_143_328_850
+DEFAULT_BASIS = "default for package zones"
+
+
+def glitch_problem(label: str, reason: str) -> str:
+    return (f"{label}: {GLITCH_TEXT[reason]}; re-baselined, the interval's energy estimated "
+            "from the last trusted power (source=estimate)")
+
+
+def test_discovered_zones_carry_every_field(tree: PowercapTree) -> None:
+    tree.add_package(0, core=False)
+    tree.set_constraint("intel-rapl:0:1", 0, max_power_uw=25_000_000)
+    root = tree.root
+    assert discover_zones(str(root)) == [
+        RaplZone("intel-rapl:0", str(root / "intel-rapl:0"), "package-0", "cpu", "package-0", INTEL, "",
+                 1000.0, DEFAULT_BASIS),
+        RaplZone("intel-rapl:0:1", str(root / "intel-rapl:0:1"), "dram", "dram", "dram-0", INTEL, "",
+                 25.0, "constraint_0_max_power_uw"),
+    ]
+    psys_tree = PowercapTree(root.parent / "psys")
+    psys_tree.add_psys(0, max_energy_range_uj=5_000_000)
+    psys_tree.set_constraint("intel-rapl:0", 0, power_limit_uw=120_000_000)
+    assert discover_zones(str(psys_tree.root)) == [
+        RaplZone("intel-rapl:0", str(psys_tree.root / "intel-rapl:0"), "psys", "cpu", "psys", 5_000_000, "",
+                 120.0, "constraint_0_power_limit_uw"),
+    ]
+
+
+def test_of_several_psys_zones_the_lowest_numbered_is_read(tree: PowercapTree) -> None:
+    tree.add_psys(10)
+    tree.add_psys(2)
+    assert [z.zone_id for z in discover_zones(str(tree.root))] == ["intel-rapl:2"]
+
+
+def test_dram_without_a_parent_zone_is_ignored(tree: PowercapTree) -> None:
+    tree.add_package(0, dram=False, core=False)
+    tree.add_zone("intel-rapl:3:0", "dram")  # no intel-rapl:3
+    assert [z.device for z in discover_zones(str(tree.root))] == ["package-0"]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_discovery_does_not_depend_on_directory_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     reverse: bool) -> None:
+    real_listdir = os.listdir
+    monkeypatch.setattr(rapl_mod.os, "listdir", lambda p: sorted(real_listdir(p), reverse=reverse))
+    tree = PowercapTree(tmp_path / "powercap")
+    tree.add_package(0, core=False)  # flat subzone
+    tree.add_package(1, core=False)
+    tree.add_package(2, core=False)
+    os.rename(tree.root / "intel-rapl:2:1", tree.root / "intel-rapl:2" / "intel-rapl:2:1")  # nested
+    tree.add_zone("intel-rapl:5", "package-5")
+    os.remove(tree.root / "intel-rapl:5" / "name")  # cannot be identified: skipped
+    (tree.root / "intel-rapl:7").write_text("not a directory\n")
+    assert [z.device for z in discover_zones(str(tree.root))] == [
+        "package-0", "dram-0", "package-1", "dram-1", "package-2", "dram-2"]
+
+
+def test_max_power_constraints(tree: PowercapTree) -> None:
+    tree.add_package(0, dram=False, core=False)
+    (tree.root / "intel-rapl:0" / "constraint_0_max_power_uw").write_text("n/a\n")  # skipped, not the end
+    tree.set_constraint("intel-rapl:0", 1, power_limit_uw=100_000_000)
+    tree.set_constraint("intel-rapl:0", 2, power_limit_uw=100_000_000)  # equal: the first one names it
+    (zone,) = discover_zones(str(tree.root))
+    assert (zone.max_power_w, zone.max_power_basis) == (100.0, "constraint_1_power_limit_uw")
+    tiny = PowercapTree(tree.root.parent / "tiny")
+    tiny.add_package(0, dram=False, core=False)
+    tiny.set_constraint("intel-rapl:0", 0, power_limit_uw=1)  # 1 uW is still a limit
+    (zone,) = discover_zones(str(tiny.root))
+    assert (zone.max_power_w, zone.max_power_basis) == (1e-6, "constraint_0_power_limit_uw")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, (None, "{p}: No such file or directory; counter wraps cannot be corrected")),
+        ("x" * 50, (None, "{p}: not an integer: " + repr("x" * 40) + "; counter wraps cannot be corrected")),
+        ("0", (None, "{p}: 0 is not a positive range; counter wraps cannot be corrected")),
+        ("1", (1, "")),
+    ],
+)
+def test_max_energy_range_problems(tree: PowercapTree, content: str | None, expected: tuple[int | None, str]) -> None:
+    tree.add_package(0, dram=False, core=False)
+    path = tree.root / "intel-rapl:0" / "max_energy_range_uj"
+    if content is None:
+        path.unlink()
+    else:
+        path.write_text(content + "\n")
+    (zone,) = discover_zones(str(tree.root))
+    assert (zone.max_energy_range_uj, zone.max_problem) == (expected[0], expected[1].format(p=path))
+
+
+def test_energy_file_problems_are_named_exactly(tree: PowercapTree) -> None:
+    tree.add_package(0, core=False)
+    tree.add_package(1, dram=False, core=False)
+    src = RaplSource(str(tree.root))
+    pkg0, dram0, pkg1 = (tree.root / z / "energy_uj" for z in ("intel-rapl:0", "intel-rapl:0:1", "intel-rapl:1"))
+    pkg0.write_bytes(b"\xc3\xa9" + b"7" * 60)  # not ASCII, and long: quoted, cut at 40 characters
+    dram0.unlink()
+    dram0.mkdir()  # reading it is an OSError that is neither "not found" nor "denied"
+    pkg1.write_text("-5\n")
+    with pytest.raises(SourceError) as err:
+        src.read(0.0)
+    problems = [
+        f"intel-rapl:0 (package-0): {pkg0}: not an integer: " + repr(("\ufffd\ufffd" + "7" * 60)[:40]),
+        f"intel-rapl:0:1 (dram-0): {dram0}: Is a directory",
+        f"intel-rapl:1 (package-1): {pkg1}: negative energy -5",
+    ]
+    assert src.problems() == problems
+    assert err.value.detail == "; ".join(problems) and not err.value.permanent
+    assert probe_rapl(str(tree.root)) == ("absent", f"no readable RAPL zone under {tree.root}: " + "; ".join([
+        f"{pkg0}: not an integer: " + repr(("\ufffd\ufffd" + "7" * 60)[:40]),
+        f"{dram0}: Is a directory",
+        f"{pkg1}: negative energy -5",
+    ]))
+    dram0.rmdir()
+    assert probe_rapl(str(tree.root))[1].split("; ")[1] == f"{dram0}: not found"
+    pkg1.write_text("9\n")
+    assert probe_rapl(str(tree.root)) == ("ok", f"package-1 under {tree.root}")
+
+
+def test_a_failing_zone_does_not_stop_the_ones_after_it(tree: PowercapTree) -> None:
+    z = tree.add_package(0, core=False)
+    src = RaplSource(str(tree.root))
+    src.read(0.0)
+    (tree.root / "intel-rapl:0" / "energy_uj").write_text("garbage\n")  # the first zone read
+    tree.advance(z["dram"], 2_000_000)
+    assert [(r.device, r.energy_j) for r in src.read(1.0)] == [("dram-0", 2.0)]
+    (tree.root / "intel-rapl:0" / "energy_uj").unlink()
+    (tree.root / "intel-rapl:0" / "energy_uj").mkdir()
+    tree.advance(z["dram"], 1_000_000)
+    assert [(r.device, r.energy_j) for r in src.read(2.0)] == [("dram-0", 1.0)]
+
+
+def test_permission_denied_maps_to_a_permanent_error(tree: PowercapTree, monkeypatch: pytest.MonkeyPatch) -> None:
+    # In-process twin of test_permission_denied_is_a_loud_permanent_error (which drops
+    # privileges in a forked child): the PermissionError is raised where open() would.
+    tree.add_package(0, dram=False, core=False)
+    real_read_text = rapl_mod._read_text
+
+    def read_text(path: str) -> str:
+        if path.endswith("energy_uj"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_read_text(path)
+
+    monkeypatch.setattr(rapl_mod, "_read_text", read_text)
+    energy = str(tree.root / "intel-rapl:0" / "energy_uj")
+    detail = (f"{energy}: permission denied — energy_uj is root-only since Linux 5.10 "
+              "(CVE-2020-8694); run wattprint as root or with CAP_DAC_READ_SEARCH")
+    assert denied_detail(energy) == detail
+    assert probe_rapl(str(tree.root)) == ("denied", detail)
+    with pytest.raises(SourceError) as err:
+        RaplSource(str(tree.root)).read(0.0)
+    assert (err.value.detail, err.value.permanent) == (detail, True)
+
+
+def test_nothing_to_read_is_named_by_the_kinds_asked_for(tmp_path: Path) -> None:
+    root = str(tmp_path / "none")
+    for kw, wanted in (({}, "package+dram"), ({"include_dram": False}, "package"), ({"include_cpu": False}, "dram")):
+        src = RaplSource(root, **kw)
+        assert src.problems() == [] and src.zones == ()
+        with pytest.raises(SourceError) as err:
+            src.read(0.0)
+        assert err.value.detail == f"no RAPL {wanted} zones under {root}"
+        assert src.problems() == [err.value.detail]
+
+
+def test_close_forgets_the_zones(tree: PowercapTree) -> None:
+    tree.add_package(0)
+    src = RaplSource(str(tree.root))
+    assert len(src.zones) == 2
+    src.close()
+    assert src.zones == ()
+
+
+def test_first_reading_is_all_zero_and_same_time_reads_have_no_power(tree: PowercapTree) -> None:
+    z = tree.add_package(0, dram=False, core=False, start_uj=7_000_000)
+    src = RaplSource(str(tree.root))
+    (r,) = src.read(10.0)
+    assert (r.energy_j, r.power_w, r.interval_s, r.source) == (0.0, 0.0, 0.0, "counter")
+    tree.advance(z["package"], 20_000_000)
+    (r,) = src.read(11.0)
+    assert (r.energy_j, r.power_w, r.interval_s) == (20.0, 20.0, 1.0)
+    tree.advance(z["package"], 5_000_000)
+    (r,) = src.read(11.0)  # no time passed: energy, but no power (and the 20 W stands)
+    assert (r.energy_j, r.power_w, r.interval_s, r.source) == (5.0, 0.0, 0.0, "counter")
+    tree.set_energy(z["package"], tree.energy(z["package"]) - 1_000_000)
+    (r,) = src.read(12.0)
+    assert (r.energy_j, r.power_w, r.source) == (20.0, 20.0, "estimate")  # 20 W x 1 s
+
+
+def test_a_zone_that_vanishes_while_others_stay_starts_afresh(tree: PowercapTree,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    max_uj = 10_000_000_000
+    z0 = tree.add_package(0, dram=False, core=False)
+    z1 = tree.add_package(1, max_energy_range_uj=max_uj, dram=False, core=False, start_uj=8_000_000_000)
+    src = RaplSource(str(tree.root))
+    src.read(0.0)
+    tree.set_energy(z1["package"], tree.energy(z1["package"]) - 1_000_000)  # a glitch episode starts
+    src.read(1.0)
+    tree.remove_zone(z1["package"])
+    assert [r.device for r in src.read(2.0)] == ["package-0"]
+    tree.add_package(1, max_energy_range_uj=max_uj, dram=False, core=False, start_uj=max_uj - 1_000_000)
+    got = by_device(src.read(3.0))  # back, counter restarted: a baseline
+    assert (got["package-1"].energy_j, got["package-1"].source) == (0.0, "counter")
+    tree.advance(z1["package"], 3_000_000)  # wraps: still a wrap (the range was kept)
+    got = by_device(src.read(4.0))["package-1"]
+    assert (got.energy_j, got.power_w, got.interval_s, got.source) == (3.0, 3.0, 1.0, "counter")
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="wattprint.sources.rapl")
+    tree.set_energy(z1["package"], tree.energy(z1["package"]) - 1_000_000)
+    src.read(5.0)  # a new episode: logged as one
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "the last trusted power (3.0 W) x 1 s" in caplog.records[0].getMessage()
+    assert src.counter_glitches() == {("package-1", "backwards"): 2}
+
+
+def test_glitch_messages_are_exact(tree: PowercapTree, caplog: pytest.LogCaptureFixture) -> None:
+    z = tree.add_package(0, dram=False, core=False, start_uj=10_000_000_000)
+    pkg = z["package"]
+    src = RaplSource(str(tree.root))
+    caplog.set_level(logging.DEBUG, logger="wattprint.sources.rapl")
+    src.read(0.0)
+    label = "intel-rapl:0 (package-0)"
+    bound = f"bound 3000000000 uJ = 1000 W ({DEFAULT_BASIS}) x (2 x 1 s + 1 s)"
+    tree.set_energy(pkg, 9_999_000_000)
+    src.read(1.0)
+    assert src.problems() == [glitch_problem(label, "backwards")]
+    tree.set_energy(pkg, 9_998_000_000)
+    src.read(2.0)
+    tree.advance(pkg, 1_000_000)
+    src.read(3.0)
+    tree.advance(pkg, 60_000_000)
+    src.read(4.0)
+    tree.set_energy(pkg, 20 * INTEL)
+    src.read(5.0)
+    assert src.problems() == [glitch_problem(label, "above_range")]
+    msgs = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "wattprint.sources.rapl"]
+    assert msgs == [
+        ("WARNING", f"{label}: {GLITCH_TEXT['backwards']}: energy_uj 10000000000 -> 9999000000 (range {INTEL}, "
+                    f"{bound}); interval booked as 0 J (no trusted power yet) (counted in "
+                    "wattprint_counter_glitches_total; logged again when trusted again)"),
+        ("DEBUG", f"{label}: {GLITCH_TEXT['backwards']}: energy_uj 9999000000 -> 9998000000; {bound}"),
+        ("INFO", f"{label}: counter trusted again"),
+        ("WARNING", f"{label}: {GLITCH_TEXT['above_range']}: energy_uj 10059000000 -> {20 * INTEL} (range {INTEL}, "
+                    f"{bound}); interval booked as the last trusted power (60.0 W) x 1 s (counted in "
+                    "wattprint_counter_glitches_total; logged again when trusted again)"),
+    ]
+
+
+def test_all_zones_renamed_at_once_are_found_in_the_same_read(tree: PowercapTree) -> None:
+    tree.add_package(0, core=False)
+    src = RaplSource(str(tree.root))
+    src.read(0.0)
+    gone = [tree.root / z / "energy_uj" for z in ("intel-rapl:0", "intel-rapl:0:1")]
+    tree.remove_zone("intel-rapl:0:1")
+    tree.remove_zone("intel-rapl:0")
+    tree.add_package(1, core=False, start_uj=42)  # the same hardware, numbered anew
+    got = src.read(1.0)
+    assert [(r.device, r.energy_j, r.source) for r in got] == [("package-1", 0.0, "counter"), ("dram-1", 0.0, "counter")]
+    assert src.problems() == [
+        f"intel-rapl:0 (package-0): vanished ({gone[0]} not found)",
+        f"intel-rapl:0:1 (dram-0): vanished ({gone[1]} not found)",
+    ]
+    tree.advance("intel-rapl:1", 4_000_000)
+    assert by_device(src.read(2.0))["package-1"].energy_j == 4.0
+
+
+def test_one_of_two_zones_vanishing_keeps_the_other_baseline(tree: PowercapTree) -> None:
+    z = tree.add_package(0, core=False)
+    src = RaplSource(str(tree.root))
+    src.read(0.0)
+    tree.remove_zone(z["dram"])
+    tree.advance(z["package"], 6_000_000)
+    assert [(r.device, r.energy_j) for r in src.read(1.0)] == [("package-0", 6.0)]

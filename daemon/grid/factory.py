@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Callable
 
-from ..config import GridConfig
+from ..config import GridConfig, is_set
 from .base import IntensityProvider, utcnow
 from .carbonintensity_uk import CarbonIntensityUKProvider
 from .electricitymaps import ElectricityMapsProvider
@@ -24,7 +24,9 @@ def make_provider(cfg: GridConfig, *, now: Callable[[], datetime] = utcnow) -> I
         if cfg.provider == "electricitymaps":
             return ElectricityMapsProvider(cfg.zone, cfg.token, base_url=cfg.base_url, now=now)
         if cfg.provider == "static":
-            return StaticProvider(cfg.zone, cfg.static_g_per_kwh, now=now)
+            # A static_g_per_kwh that was set (not the default) wins over the shipped table.
+            explicit = cfg.static_g_per_kwh if is_set(cfg.static_g_per_kwh) else None
+            return StaticProvider(cfg.zone, cfg.static_g_per_kwh, explicit_g_per_kwh=explicit, now=now)
     except ValueError as exc:
         raise ValueError(f"[grid] {exc}") from None
     raise ValueError(f"[grid] provider: unknown provider {cfg.provider!r}")

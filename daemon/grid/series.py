@@ -1,6 +1,7 @@
 """Pure functions over an intensity series (a list of IntensityPoint for one provider
-and zone): look up the value for an instant, merge a new fetch into what is known,
-and find the lowest-intensity window of a given length (the carbon-aware hint).
+and zone): look up the value for an instant and the provider interval ("slot") that
+holds it, merge a new fetch into what is known, and find the lowest-intensity window
+of a given length (the carbon-aware hint).
 
 A series is kept sorted by ``start`` with one point per start; ``merge`` returns it in
 that form and the other functions expect it.
@@ -26,6 +27,37 @@ def intensity_at(points: Sequence[IntensityPoint], t: datetime) -> IntensityPoin
     if i < 0:
         return None
     return points[i]
+
+
+def slot_at(points: Sequence[IntensityPoint], t: datetime, default_s: int) -> tuple[datetime, datetime]:
+    """The provider interval ("slot") ``[start, end)`` that holds ``t``: energy used at
+    ``t`` is booked against this interval's intensity.
+
+    - A point covers ``t``: that point's ``[start, end)``.
+    - In a gap or past the end of the series: the interval of the latest earlier
+      point's width on that point's grid (its ``end`` + k x width), the interval a
+      value for ``t`` will have when it arrives from a regular provider.
+    - Before the series (or none): the ``default_s`` interval of the UTC epoch grid.
+
+    In every case the slot is cut at the next point's start, so slots never overlap
+    a known point they do not belong to, and ``start <= t < end`` always holds.
+    """
+    if default_s <= 0:
+        raise ValueError(f"default_s must be > 0, got {default_s!r}")
+    t = as_utc(t, "t")
+    i = bisect.bisect_right(points, t, key=lambda p: p.start) - 1
+    if i >= 0 and points[i].start <= t < points[i].end:
+        start, end = points[i].start, points[i].end
+    else:
+        if i >= 0:
+            width, origin = points[i].end - points[i].start, points[i].end
+        else:
+            width, origin = timedelta(seconds=default_s), datetime.fromtimestamp(0, t.tzinfo)
+        start = origin + ((t - origin) // width) * width
+        end = start + width
+    if i + 1 < len(points) and points[i + 1].start < end:
+        end = points[i + 1].start  # > t: bisect_right put it after t
+    return start, end
 
 
 def covers(point: IntensityPoint, t: datetime) -> bool:

@@ -8,6 +8,13 @@ An empty or unknown zone uses ``[grid] static_g_per_kwh`` (the points' zone is t
 configured zone, or ``static`` when empty, as daemon/carbon.py writes it) and says so
 in ``source`` and ``last_warnings``: a fallback is never passed off as a country value.
 Points are hourly, marked ``actual``, provider ``static``.
+
+Precedence: a ``static_g_per_kwh`` set explicitly (``explicit_g_per_kwh``: the factory
+passes it when the file, the environment or code set it, see ``config.is_set``) wins
+over the table, whatever the zone; the points then keep the configured zone. Without
+one, the table's entry for the zone is used. Either way ``note`` says in one line which
+number is used and why, naming the table entry a zone was mapped to (``DK1`` → ``DK``);
+``wattprint check-config`` prints it and the daemon logs it at start.
 """
 
 from __future__ import annotations
@@ -92,22 +99,38 @@ class StaticProvider:
     has_actuals = True
 
     def __init__(self, zone: str = "", fallback_g_per_kwh: float = 475.0, *,
-                 now: Callable[[], datetime] = utcnow):
+                 explicit_g_per_kwh: float | None = None, now: Callable[[], datetime] = utcnow):
         entry = lookup_static(zone)
-        self.entry = entry
-        if entry is not None:
+        self.entry = entry  # the table entry for the zone, even when an explicit value wins
+        shown_zone = (zone or "").strip()
+        mapped = f" (mapped to the table's {entry.code}, {entry.name})" if entry and entry.code != shown_zone.upper() else ""
+        if explicit_g_per_kwh is not None:
+            value = explicit_g_per_kwh
+            if not (0 <= value < 5000):
+                raise ValueError(f"static_g_per_kwh must be in 0..5000, got {value!r}")
+            self.zone = shown_zone or "static"
+            self.g_per_kwh = float(value)
+            self.source = "[grid] static_g_per_kwh from the configuration"
+            self.last_warnings: tuple[str, ...] = ()
+            table = (f"; the shipped table's value for zone {shown_zone!r}{mapped}, {entry.g_per_kwh:g}, "
+                     "is not used") if entry else ""
+            self.note = f"static intensity {self.g_per_kwh:g} gCO2e/kWh: [grid] static_g_per_kwh is set{table}"
+        elif entry is not None:
             self.zone = entry.code
             self.g_per_kwh = entry.g_per_kwh
             self.source = entry.source
-            self.last_warnings: tuple[str, ...] = ()
+            self.last_warnings = ()
+            self.note = (f"static intensity {self.g_per_kwh:g} gCO2e/kWh: zone {shown_zone!r}{mapped} from the "
+                         f"shipped table ({entry.source}); set [grid] static_g_per_kwh to use another number")
         else:
             if not (0 <= fallback_g_per_kwh < 5000):
                 raise ValueError(f"static_g_per_kwh must be in 0..5000, got {fallback_g_per_kwh!r}")
-            self.zone = (zone or "").strip() or "static"
+            self.zone = shown_zone or "static"
             self.g_per_kwh = float(fallback_g_per_kwh)
             self.source = "[grid] static_g_per_kwh from the configuration"
             self.last_warnings = ((f"zone {zone!r} is not in the static table: " if zone else "no zone set: ")
                                   + f"using static_g_per_kwh = {self.g_per_kwh:g}",)
+            self.note = f"static intensity {self.g_per_kwh:g} gCO2e/kWh: {self.last_warnings[0]}"
         self._now = now
 
     async def fetch(self, session: aiohttp.ClientSession | None, since: datetime, until: datetime) -> list[IntensityPoint]:

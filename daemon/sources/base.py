@@ -5,13 +5,15 @@ A source is polled from a worker thread once per tick. ``read()`` returns the en
 each of its devices used since the previous ``read()`` (the first call establishes
 baselines and may return zero-energy readings). A source raises ``SourceError`` when
 it cannot read at all; the engine then marks it degraded, counts it, and goes on with
-the other sources.
+the other sources. ``SourceDisabled`` (a ``SourceError``) says there is nothing to
+measure yet (no driver): the source is shown disabled and still read every tick.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from enum import Enum
+from typing import Mapping, Protocol, Sequence
 
 from ..model import DeviceReading
 
@@ -23,6 +25,11 @@ class SourceError(Exception):
         super().__init__(detail)
         self.detail = detail
         self.permanent = permanent  # True: retrying is pointless until config changes
+
+
+class SourceDisabled(SourceError):
+    """Nothing to measure yet, and that is no fault (no GPU driver loaded): the engine
+    shows the source as *disabled* with ``detail``, not degraded, and keeps reading it."""
 
 
 class Source(Protocol):
@@ -43,6 +50,37 @@ class Source(Protocol):
         ...
 
 
+# (device, reason) -> how many readings of that device's counter were not trusted.
+# A source may offer ``counter_glitches() -> CounterGlitches`` (optional; the engine
+# looks it up with getattr and shows it as wattprint_counter_glitches_total). The
+# mapping returned must not change afterwards (return a new one after each change),
+# since the engine reads it from another thread.
+CounterGlitches = Mapping[tuple[str, str], int]
+
+
+class CounterStepKind(Enum):
+    """What one new reading of a counter means (as Alumet's CounterDiff result)."""
+
+    FIRST = "first"  # no previous reading: this one is the baseline
+    DIFFERENCE = "difference"  # went up by a plausible amount
+    WRAPPED = "wrapped"  # went down, and (max - prev) + value is a plausible increase
+    RESET = "reset"  # went down on a counter that never wraps (driver reload)
+    IMPLAUSIBLE = "implausible"  # a step no hardware makes; see ``CounterStep.reason``
+
+
+@dataclass(frozen=True, slots=True)
+class CounterStep:
+    """The typed result of ``CounterDiff.step``. ``delta`` is the increase for
+    DIFFERENCE and WRAPPED, None otherwise. ``reason`` (IMPLAUSIBLE only) is one of
+    ``backwards`` (went down by less than a plausible wrap), ``above_range`` (the
+    value is above the counter's range) or ``jump`` (went up by more than
+    ``max_delta``)."""
+
+    kind: CounterStepKind
+    delta: int | None = None
+    reason: str = ""
+
+
 @dataclass
 class CounterDiff:
     """Difference of a monotonically increasing hardware counter between reads.
@@ -50,12 +88,18 @@ class CounterDiff:
     ``max_value`` is the value at which the counter wraps to zero (RAPL's
     ``max_energy_range_uj``); ``None`` for counters that never wrap (NVML's u64
     millijoules), where going backwards means a reset (driver reload).
+
+    Two ways to feed it: ``update`` (the increase, or None for the first reading and
+    after a reset; every wrap accepted) and ``step`` (a typed ``CounterStep``: first,
+    difference, wrapped, reset or implausible, with a physics bound on the increase;
+    used by the RAPL source). Both make the new reading the baseline.
     """
 
     max_value: int | None = None
     last: int | None = None
     wraps: int = 0
     resets: int = 0
+    implausible: int = 0
 
     def update(self, value: int) -> int | None:
         """Feed a new reading; return the increase since the previous one, or None for
@@ -70,3 +114,41 @@ class CounterDiff:
             return (self.max_value - prev) + value
         self.resets += 1
         return None
+
+    def step(self, value: int, max_delta: int | None = None) -> CounterStep:
+        """Feed a new reading; say what it means (``CounterStep``). The new reading
+        always becomes the baseline, whatever the result, so one bad step costs one
+        interval, never the ones after it.
+
+        ``max_delta`` is the largest increase physics allows since the previous
+        reading (None: no bound). A wrap is accepted only when ``(max - prev) + value``
+        is within it; a counter that went down by less than that is ``backwards``.
+        A value above ``max_value`` is ``above_range``, and so is any step from such
+        a value that is not a plain increase (a wrap from outside the range has no
+        meaningful size). Unlike ``update``, nothing here ever returns a negative
+        delta."""
+        prev, self.last = self.last, value
+        if prev is None:
+            return CounterStep(CounterStepKind.FIRST)
+        limit = self.max_value if self.max_value is not None and self.max_value > 0 else None
+        if limit is not None and value > limit:
+            return self._implausible("above_range")
+        if value >= prev:
+            delta = value - prev
+            if max_delta is not None and delta > max_delta:
+                return self._implausible("jump")
+            return CounterStep(CounterStepKind.DIFFERENCE, delta)
+        if limit is None:
+            self.resets += 1
+            return CounterStep(CounterStepKind.RESET)
+        if prev > limit:
+            return self._implausible("above_range")
+        wrapped = (limit - prev) + value
+        if max_delta is not None and wrapped > max_delta:
+            return self._implausible("backwards")
+        self.wraps += 1
+        return CounterStep(CounterStepKind.WRAPPED, wrapped)
+
+    def _implausible(self, reason: str) -> CounterStep:
+        self.implausible += 1
+        return CounterStep(CounterStepKind.IMPLAUSIBLE, reason=reason)

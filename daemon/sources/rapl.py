@@ -34,21 +34,66 @@ A zone whose ``energy_uj`` vanishes (module unloaded, zone removed) is different
 it comes back its counter may have restarted, and a value below the old one would be
 taken for a wrap worth up to a whole range. Its baseline is therefore dropped when it
 vanishes, and it starts afresh (0 J for the gap, not a guess) when it is back.
+
+Counter trust. Every step of a counter is bounded by physics: the zone cannot use
+more than ``max_power_w × (PHYSICS_MARGIN × elapsed_s + PHYSICS_SLACK_S)`` joules
+between two reads, where ``max_power_w`` is the largest of the zone's
+``constraint_*_max_power_uw`` and ``constraint_*_power_limit_uw`` (a package's PL1,
+PL2 and, where present, PL4) or, when it has none, ``DEFAULT_MAX_POWER_W`` for its
+kind (1000 W for a package, 2000 W for psys, 500 W for dram: above any shipping
+part). Each reading is classified by ``CounterDiff.step``:
+
+- ``first``: the baseline (the first read after start, or after a zone came back): 0 J;
+- ``difference`` / ``wrapped``: trusted; a wrap is accepted only when
+  ``(max − prev) + cur`` is within the bound, so a counter that steps back by 1 J is
+  never booked as a near-whole range (262 kJ on Intel);
+- ``implausible`` (reason ``backwards``: down by less than a plausible wrap;
+  ``above_range``: a value above ``max_energy_range_uj``, or a step down from one;
+  ``jump``: up by more than the bound) and ``reset`` (down, with no readable range):
+  not trusted. The new value becomes the baseline (a re-baseline), and the
+  interval's energy is the zone's last trusted power × the interval (0 J when there
+  is none yet; never more than the bound), labelled ``source = "estimate"`` for that
+  interval.
+
+An untrusted step is counted in ``counter_glitches()`` (the engine exports it as
+``wattprint_counter_glitches_total{source="rapl",device,reason}``), named in
+``problems()`` for that read (so /healthz shows "rapl" degraded with the reason,
+and ok again after the next trusted read), and logged with its numbers once per
+episode per zone (one line when it starts, one when the counter is trusted again).
+No reading ever has negative energy, so no device total ever decreases.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ..model import Component, DeviceReading
-from .base import CounterDiff, SourceError
+from .base import CounterDiff, CounterGlitches, CounterStepKind, SourceError
+
+log = logging.getLogger("wattprint.sources.rapl")
 
 ProbeStatus = Literal["ok", "absent", "denied"]
 
 _ZONE_RE = re.compile(r"^intel-rapl:(\d+)(?::(\d+))?$")
+_CONSTRAINT_RE = re.compile(r"^constraint_\d+_(?:max_power|power_limit)_uw$")
+
+# Physics bound of one step (see the module docstring). Generous on purpose: a bound
+# that is too tight would replace real energy by an estimate.
+DEFAULT_MAX_POWER_W: dict[str, float] = {"package": 1000.0, "psys": 2000.0, "dram": 500.0}
+PHYSICS_MARGIN = 2.0  # x the elapsed time between the two reads
+PHYSICS_SLACK_S = 1.0  # + this many seconds at max power (read scheduling jitter)
+
+# Why a step was not trusted: the reason label, and the text shown in /healthz.
+GLITCH_TEXT: dict[str, str] = {
+    "backwards": "counter went back by less than a plausible wrap",
+    "above_range": "counter above max_energy_range_uj",
+    "jump": "counter rose faster than the zone's max power allows",
+    "reset": "counter went back and its range is unknown",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +107,8 @@ class RaplZone:
     device: str  # "package-0", "dram-0", "psys"
     max_energy_range_uj: int | None  # None: unreadable, wraps cannot be corrected
     max_problem: str = ""  # why max_energy_range_uj is None
+    max_power_w: float = DEFAULT_MAX_POWER_W["package"]  # physics bound of one step
+    max_power_basis: str = "default"  # the constraint file it came from, or "default"
 
     @property
     def energy_path(self) -> str:
@@ -94,6 +141,29 @@ def _read_max(zone_dir: str) -> tuple[int | None, str]:
     if value <= 0:
         return None, f"{path}: {value} is not a positive range; counter wraps cannot be corrected"
     return value, ""
+
+
+def _read_max_power(zone_dir: str, role: str) -> tuple[float, str]:
+    """The zone's max power in watts and where it came from: the largest positive
+    ``constraint_*_max_power_uw`` / ``constraint_*_power_limit_uw``, else the default
+    for ``role`` (package, psys, dram)."""
+    best_uw, basis = 0, ""
+    try:
+        names = sorted(os.listdir(zone_dir))
+    except OSError:
+        names = []
+    for name in names:
+        if not _CONSTRAINT_RE.match(name):
+            continue
+        try:
+            value = int(_read_text(os.path.join(zone_dir, name)))
+        except (OSError, ValueError):
+            continue
+        if value > best_uw:
+            best_uw, basis = value, name
+    if best_uw > 0:
+        return best_uw / 1e6, basis
+    return DEFAULT_MAX_POWER_W[role], f"default for {role} zones"
 
 
 def _zone_key(zone_id: str) -> tuple[int, int]:
@@ -142,16 +212,19 @@ def discover_zones(powercap_root: str) -> list[RaplZone]:
         if sub == -1:
             if name.startswith("package-"):
                 max_uj, why = _read_max(path)
-                packages.append(RaplZone(zone_id, path, name, "cpu", name, max_uj, why))
+                power_w, basis = _read_max_power(path, "package")
+                packages.append(RaplZone(zone_id, path, name, "cpu", name, max_uj, why, power_w, basis))
             elif name == "psys":
                 max_uj, why = _read_max(path)
-                psys.append(RaplZone(zone_id, path, name, "cpu", "psys", max_uj, why))
+                power_w, basis = _read_max_power(path, "psys")
+                psys.append(RaplZone(zone_id, path, name, "cpu", "psys", max_uj, why, power_w, basis))
         elif name == "dram":
             parent = names.get(f"intel-rapl:{top}", "")
             if parent.startswith("package-"):
                 max_uj, why = _read_max(path)
+                power_w, basis = _read_max_power(path, "dram")
                 device = "dram-" + parent.removeprefix("package-")
-                drams.append(RaplZone(zone_id, path, name, "dram", device, max_uj, why))
+                drams.append(RaplZone(zone_id, path, name, "dram", device, max_uj, why, power_w, basis))
         # core / uncore / anything else: inside the package figure, ignored
     if packages:
         return sorted(packages + drams, key=lambda z: _zone_key(z.zone_id))
@@ -206,6 +279,19 @@ class _ZoneState:
     zone: RaplZone
     diff: CounterDiff
     last_ok_mono_s: float | None = None
+    trusted_power_w: float | None = None  # power of the last trusted interval
+    glitching: bool = False  # in an episode of untrusted steps (logged once)
+
+    def restart(self) -> None:
+        """Forget the baseline (the zone vanished: its counter may restart)."""
+        self.diff = CounterDiff(max_value=self.zone.max_energy_range_uj)
+        self.last_ok_mono_s = None
+        self.trusted_power_w = None
+        self.glitching = False
+
+    def max_delta_uj(self, elapsed_s: float) -> int:
+        """The most a counter of this zone can rise in ``elapsed_s`` (physics bound)."""
+        return int(self.zone.max_power_w * (PHYSICS_MARGIN * elapsed_s + PHYSICS_SLACK_S) * 1e6)
 
 
 @dataclass
@@ -232,6 +318,7 @@ class RaplSource:
         self.include_dram = include_dram
         self._states: list[_ZoneState] = []
         self._problems: list[str] = []
+        self._glitches: CounterGlitches = {}  # replaced, never mutated (read from another thread)
         self._discover()
 
     @property
@@ -266,8 +353,7 @@ class RaplSource:
                 out.vanished += 1
                 out.problems.append(f"{label}: vanished ({zone.energy_path} not found)")
                 # Its counter may restart when it comes back: never read that as a wrap.
-                st.diff = CounterDiff(max_value=zone.max_energy_range_uj)
-                st.last_ok_mono_s = None
+                st.restart()
                 continue
             except ValueError as exc:
                 out.problems.append(f"{label}: {exc}")
@@ -275,21 +361,57 @@ class RaplSource:
             except OSError as exc:
                 out.problems.append(f"{label}: {zone.energy_path}: {exc.strerror or exc}")
                 continue
-            delta_uj = st.diff.update(uj)
-            prev_mono_s, st.last_ok_mono_s = st.last_ok_mono_s, now_mono_s
-            if delta_uj is None:
-                if prev_mono_s is not None:  # went backwards with no known range
-                    out.problems.append(f"{label}: counter went backwards; re-baselined")
-                energy_j, interval_s = 0.0, 0.0
-            else:
-                energy_j = delta_uj / 1e6
-                interval_s = max(0.0, now_mono_s - prev_mono_s) if prev_mono_s is not None else 0.0
-            power_w = energy_j / interval_s if interval_s > 0 else 0.0
-            out.readings.append(DeviceReading(
-                kind=zone.kind, device=zone.device, energy_j=energy_j, power_w=power_w,
-                source="counter", interval_s=interval_s, name=zone.zone_id,
-            ))
+            out.readings.append(self._step(st, uj, now_mono_s, label, out.problems))
         return out
+
+    def _step(self, st: _ZoneState, uj: int, now_mono_s: float, label: str, problems: list[str]) -> DeviceReading:
+        """One zone's reading from its new counter value (see "Counter trust")."""
+        zone = st.zone
+        prev_uj = st.diff.last
+        prev_mono_s, st.last_ok_mono_s = st.last_ok_mono_s, now_mono_s
+        interval_s = max(0.0, now_mono_s - prev_mono_s) if prev_mono_s is not None else 0.0
+        max_delta_uj = st.max_delta_uj(interval_s)
+        step = st.diff.step(uj, max_delta_uj)
+        if step.kind is CounterStepKind.FIRST:
+            return self._reading(zone, 0.0, 0.0, 0.0, "counter")
+        if step.delta is not None:  # difference or wrapped: trusted
+            energy_j = step.delta / 1e6
+            power_w = energy_j / interval_s if interval_s > 0 else 0.0
+            if interval_s > 0:
+                st.trusted_power_w = power_w
+            if st.glitching:
+                st.glitching = False
+                log.info("%s: counter trusted again", label)
+            return self._reading(zone, energy_j, power_w, interval_s, "counter")
+
+        # Not trusted: re-baselined (the diff keeps the new value); estimate the interval.
+        reason = step.reason or "reset"
+        key = (zone.device, reason)
+        self._glitches = {**self._glitches, key: self._glitches.get(key, 0) + 1}
+        power_w = st.trusted_power_w or 0.0
+        energy_j = min(power_w * interval_s, max_delta_uj / 1e6)  # never beyond the bound either
+        how = (f"the last trusted power ({power_w:.1f} W) x {interval_s:.3g} s" if st.trusted_power_w is not None
+               else "0 J (no trusted power yet)")
+        problems.append(f"{label}: {GLITCH_TEXT[reason]}; re-baselined, the interval's energy estimated "
+                        "from the last trusted power (source=estimate)")
+        bound = (f"bound {max_delta_uj} uJ = {zone.max_power_w:g} W ({zone.max_power_basis}) "
+                 f"x ({PHYSICS_MARGIN:g} x {interval_s:.3g} s + {PHYSICS_SLACK_S:g} s)")
+        if not st.glitching:
+            st.glitching = True
+            log.warning("%s: %s: energy_uj %s -> %d (range %s, %s); interval booked as %s "
+                        "(counted in wattprint_counter_glitches_total; logged again when trusted again)",
+                        label, GLITCH_TEXT[reason], prev_uj, uj, zone.max_energy_range_uj, bound, how)
+        else:
+            log.debug("%s: %s: energy_uj %s -> %d; %s", label, GLITCH_TEXT[reason], prev_uj, uj, bound)
+        return self._reading(zone, energy_j, power_w, interval_s, "estimate")
+
+    @staticmethod
+    def _reading(zone: RaplZone, energy_j: float, power_w: float, interval_s: float,
+                 source: Literal["counter", "estimate"]) -> DeviceReading:
+        return DeviceReading(
+            kind=zone.kind, device=zone.device, energy_j=max(0.0, energy_j), power_w=max(0.0, power_w),
+            source=source, interval_s=interval_s, name=zone.zone_id,
+        )
 
     def read(self, now_mono_s: float) -> list[DeviceReading]:
         if not self._states:
@@ -310,6 +432,10 @@ class RaplSource:
 
     def problems(self) -> list[str]:
         return list(self._problems)
+
+    def counter_glitches(self) -> CounterGlitches:
+        """(device, reason) -> untrusted steps since start (see "Counter trust")."""
+        return self._glitches
 
     def close(self) -> None:
         self._states = []
