@@ -52,6 +52,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from . import __version__
 from .carbon import IntensityBook
 from .config import redact_text
 from .health import HealthBoard
@@ -758,4 +759,5 @@ class Api:
         totals["power_w"] = [{"kind": d.kind, "device": d.device, "name": d.name, "power_w": d.power_w,
                               "source": d.source} for d in snap.devices] if snap else []
         totals["host"] = self.host_name
+        totals["version"] = __version__
         return _json(totals)

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from wattprint.exporters.influx import InfluxSink, InfluxSinkCollector
 from wattprint.exporters.influx_publish import InfluxPublisher
-from wattprint.exporters.prometheus import build_registry, render
+from wattprint.exporters.prometheus import add_daemon_collectors, build_registry, render
 from wattprint.exporters.spool import SpoolLockedError
 
 from . import sdnotify
@@ -182,6 +182,7 @@ def build_engine(cfg: Config, health: HealthBoard) -> Engine:
             cgroup_kinds=cfg.jobs.cgroup_kinds,
             cgroup_root=cfg.jobs.cgroup_root,
             max_labels_per_user=cfg.jobs.max_labels_per_user,
+            label_cap_hold_s=cfg.jobs.label_cap_hold_s,
         ),
         ledger=ledger,
         intensity=IntensityBook(cfg.grid, "static", cfg.grid.zone or "static", cfg.grid.static_g_per_kwh),
@@ -189,6 +190,7 @@ def build_engine(cfg: Config, health: HealthBoard) -> Engine:
         interval_s=cfg.daemon.interval_s,
         pue=cfg.accounting.pue,
         finished_grace_s=cfg.jobs.finished_grace_s,
+        max_finished_in_metrics=cfg.jobs.max_finished_in_metrics,
         idle_policy=cfg.jobs.idle_policy,
         retention_days=cfg.daemon.retention_days,
     )
@@ -210,6 +212,7 @@ def build_engine(cfg: Config, health: HealthBoard) -> Engine:
 async def serve(cfg: Config, daemon: Daemon, stop: asyncio.Event) -> None:
     engine = daemon.engine
     registry = build_registry(lambda: engine.snapshot)
+    add_daemon_collectors(registry)  # wattprint_build_info, process_*
     if daemon.influx is not None:  # dropped lines, failed writes, cursor repairs: by reason (labels)
         registry.register(InfluxSinkCollector(daemon.influx))
     reader = LedgerReader(store_path(cfg), pue=cfg.accounting.pue,

@@ -3,7 +3,9 @@
 Pure functions, no I/O (``GpuIdleFloor`` keeps one number per GPU between ticks). The
 rule that everything else relies on is conservation: for every component, the energy
 given to jobs plus the unattributed remainder equals what the devices reported,
-exactly (the remainder is computed as the difference).
+exactly (the remainder is computed as the difference; when shares computed in floats
+add up to a hair more than the device, the excess is taken from the job with the most,
+so no remainder is ever negative).
 
 GPU, per device reading (a whole GPU, or a MIG GPU instance: a reading with ``parent``
 set is attributed like any GPU, among its own processes):
@@ -134,6 +136,23 @@ def gpu_process_energy_j(reading: DeviceReading, idle_floor_w: float = 0.0) -> l
     return [idle_j * m / mem_total + active_j * a / act_total for m, a in zip(memory, activity)]
 
 
+ROUNDING_REL = 1e-9  # shares that overshoot the device by less than this (x device) are rounding
+
+
+def _remainder(device_j: float, jobs: dict[str, dict[str, float]], component: str) -> float:
+    """``device_j`` minus the jobs' energy of ``component``. Shares computed in floats
+    can add up to a hair more than the device (3 x 0.007/3 > 0.007): that excess is
+    taken back from the job with the most, so the remainder is 0, never negative (a
+    negative unattributed point, a total that decreases), and jobs + unattributed
+    still equal the device."""
+    rest = device_j - sum(e[component] for e in jobs.values())
+    if rest >= 0.0 or -rest > ROUNDING_REL * abs(device_j):
+        return rest
+    biggest = max(jobs.values(), key=lambda e: e[component])
+    biggest[component] = max(0.0, biggest[component] + rest)
+    return max(0.0, device_j - sum(e[component] for e in jobs.values()))
+
+
 def attribute(
     readings: Sequence[DeviceReading],
     view: ProcessView,
@@ -194,7 +213,7 @@ def attribute(
                 for j in view.jobs:
                     book(j.identity.job_id, "dram", r.energy_j * (j.rss_bytes / mem_total), r.source)
 
-    unattributed = {c: device_j[c] - sum(e[c] for e in jobs.values()) for c in COMPONENTS}
+    unattributed = {c: _remainder(device_j[c], jobs, c) for c in COMPONENTS}
     return Attribution(
         job_energy_j=jobs, unattributed_j=unattributed, device_j=device_j,
         gpu_seconds=gpu_seconds, gpu_memory_bytes=gpu_mem, job_sources=sources, gpu_invisible_j=invisible_j,

@@ -154,6 +154,10 @@ def cmd_fleet(args: argparse.Namespace, cfg: Config) -> int:
     if args.state is not None or args.user is not None:
         print("wattprint jobs --fleet: --state and --user do not apply (totals are per label)", file=sys.stderr)
         return EXIT_CONFIG
+    if args.format == "csv":
+        print("wattprint jobs --fleet: --format csv is for per-job listings; use --json", file=sys.stderr)
+        return EXIT_CONFIG
+    args.json = args.json or args.format == "json"
     try:
         now = time.time()
         since = parse_time("--since", args.since) if args.since is not None else now - 30 * 86400
@@ -219,9 +223,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print(f"wattprint jobs: the daemon is not answering: {len(stale)} job(s) it last saw running are "
                   f"shown as {STATE_UNKNOWN!r}, with durations up to the last tick that booked them "
                   f"(latest {_fmt_time(max(stale))} UTC)", file=sys.stderr)
-    if args.json:
+    if args.json or args.format == "json":
         json.dump({"jobs": jobs, "count": len(jobs)}, sys.stdout, indent=2)
         print()
+    elif args.format == "csv":
+        from .csvout import write_jobs_csv
+
+        sys.stdout.reconfigure(newline="")  # type: ignore[union-attr]  # the csv module writes \r\n itself
+        write_jobs_csv(jobs, sys.stdout)
     else:
         print_jobs_table(jobs)
     return EXIT_OK
@@ -265,8 +274,34 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .deploy import DeployError, write
+
+    try:
+        written = write(args.kind, args.dir, executable=args.executable, force=args.force)
+    except DeployError as exc:
+        print(f"wattprint deploy: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"wattprint deploy: {exc.filename or args.dir}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAIL
+    for path in written:
+        print(path)
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import report, run_checks
+
+    cfg = _load(args.config)
+    return report(run_checks(cfg, api_base(cfg, args.url)), args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="wattprint", description="Per-job GPU, CPU and DRAM energy and CO2e.")
+    p.add_argument("--version", action="version", version=f"wattprint {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the daemon in the foreground")
@@ -285,7 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--label")
     jobs.add_argument("--user")
     jobs.add_argument("--limit", type=int, default=100)
-    jobs.add_argument("--json", action="store_true", help="print JSON")
+    jobs.add_argument("--json", action="store_true", help="print JSON (same as --format json)")
+    jobs.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                      help="table (default), json, or csv: one row per job, ISO 8601 times, kWh, kg CO2e "
+                           "(columns in docs/api.md)")
     jobs.add_argument("--url", help="daemon base URL (default from [http] listen)")
     jobs.add_argument("--fleet", action="store_true",
                       help="per-label totals across all hosts, from InfluxDB ([influxdb] in the config)")
@@ -300,6 +338,22 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--pue", type=float, default=1.0)
     est.add_argument("--json", action="store_true")
     est.set_defaults(func=cmd_estimate)
+
+    dep = sub.add_parser("deploy", help="write the shipped systemd unit and example config, Prometheus config "
+                                        "and rules, or Grafana provisioning and dashboards into DIR")
+    dep.add_argument("kind", choices=["systemd", "prometheus", "grafana"])
+    dep.add_argument("dir", metavar="DIR")
+    dep.add_argument("--exec", dest="executable", metavar="PATH",
+                     help="systemd: the wattprint executable for ExecStart= (default: the one running)")
+    dep.add_argument("--force", action="store_true", help="overwrite files that exist")
+    dep.set_defaults(func=cmd_deploy)
+
+    doc = sub.add_parser("doctor", help="what wattprint can read here and what not, and why "
+                                        "(exit 0: set-up complete, 1: something fails)")
+    doc.add_argument("--config")
+    doc.add_argument("--url", help="daemon base URL to compare with (default from [http] listen)")
+    doc.add_argument("--json", action="store_true")
+    doc.set_defaults(func=cmd_doctor)
 
     from .cli_jobs import add_exec_command, add_report_command
 

@@ -194,9 +194,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     if job is None:
         print(f"wattprint report: no job with id or label {printable(ref, 200)}", file=sys.stderr)
         return EXIT_FAIL
-    if args.json:
+    if args.json or args.format == "json":
         json.dump(job, sys.stdout, indent=2)
         print()
+    elif args.format == "csv":
+        from .csvout import write_jobs_csv
+
+        sys.stdout.reconfigure(newline="")  # type: ignore[union-attr]  # the csv module writes \r\n itself
+        write_jobs_csv([job], sys.stdout)
     else:
         sys.stdout.write(format_report(job, series, job.get("carbon_hint")))
     return EXIT_OK
@@ -208,7 +213,9 @@ def add_report_command(sub: Any) -> None:
     p.add_argument("job", metavar="JOB", help="job id, or label (the most recent job with that label)")
     p.add_argument("--config")
     p.add_argument("--url", help="daemon base URL (default from [http] listen)")
-    p.add_argument("--json", action="store_true", help="print the job object as JSON")
+    p.add_argument("--json", action="store_true", help="print the job object as JSON (same as --format json)")
+    p.add_argument("--format", choices=["text", "json", "csv"], default="text",
+                   help="text (default), json, or csv: the job as one CSV row (columns in docs/api.md)")
     p.set_defaults(func=cmd_report)
 
 

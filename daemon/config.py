@@ -64,6 +64,10 @@ class CpuConfig:
     source: str = "auto"  # auto | rapl | estimate | none
     powercap_root: str = "/sys/class/powercap"
     tdp_w: float = 85.0  # rated package power used by the estimate (CodeCarbon's default)
+    # A RAPL counter glitch episode ends (health ok again, one log line) only after this
+    # long without another untrusted step, so a counter that glitches now and then is
+    # one degraded episode, not a log line pair per glitch.
+    glitch_hold_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ class JobsConfig:
     cgroup_kinds: tuple[str, ...] = ()  # any of slurm, systemd, container, in order
     cgroup_root: str = ""  # cgroup v2 mount; "" = detect
     max_labels_per_user: int = 32  # distinct live labels per user; more become "_overflow"
+    label_cap_hold_s: float = 60.0  # a label-cap episode ends after this long below the cap
+    max_finished_in_metrics: int = 200  # finished jobs kept in /metrics at most (newest ended first)
 
 
 class DefaultNumber(float):
@@ -297,6 +303,7 @@ _RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("http", "max_connections_per_client"): (1, 1_000_000),
     ("http", "header_timeout_s"): (0.1, 300.0),
     ("cpu", "tdp_w"): (0.0, 10000.0),
+    ("cpu", "glitch_hold_s"): (0.0, 86400.0),
     ("gpu", "power_sample_hz"): (0.0, 100.0),
     ("gpu", "reinit_interval_s"): (0.0, 86400.0),
     ("gpu", "retry_s"): (0.1, 86400.0),
@@ -305,6 +312,8 @@ _RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("jobs", "rescan_interval_s"): (0.0, 3600.0),
     ("jobs", "finished_grace_s"): (0.0, 30 * 86400.0),
     ("jobs", "max_labels_per_user"): (1, 100_000),
+    ("jobs", "label_cap_hold_s"): (0.0, 86400.0),
+    ("jobs", "max_finished_in_metrics"): (0, 100_000),
     ("grid", "static_g_per_kwh"): (0.0, 5000.0),
     ("grid", "fetch_interval_s"): (1.0, 86400.0),
     ("influxdb", "batch_size"): (1, 1_000_000),

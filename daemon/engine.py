@@ -50,7 +50,7 @@ from typing import Any, Callable, Sequence
 from .attribution import GpuIdleFloor, attribute
 from .carbon import IntensityBook
 from .health import HealthBoard
-from .ledger import J_PER_KWH, Intensity, JobTick, Ledger, TickRow
+from .ledger import BASIS_RANK, J_PER_KWH, Intensity, JobTick, Ledger, TickRow
 from .model import COMPONENTS, DeviceReading, DeviceState, JobRef, JobTotals, SettledBucket, Snapshot, TickRecord
 from .procs import JobIdentity, ProcessTracker, ProcessView
 from .sources.base import Source, SourceDisabled, SourceError
@@ -149,6 +149,7 @@ class _DeviceAcc:
     power_w: float = 0.0
     energy_j_total: float = 0.0
     source: str = "counter"
+    uuid: str = ""
 
 
 @dataclass
@@ -163,6 +164,7 @@ class Engine:
     interval_s: float = 1.0
     pue: float = 1.0
     finished_grace_s: float = 300.0
+    max_finished_in_metrics: int = 200  # finished jobs kept in the snapshot at most (newest ended)
     idle_policy: str = "unattributed"
     retention_days: float = 400.0  # [daemon] retention_days; 0 or less: keep everything
     read_timeout_s: float | None = None  # per-source read deadline; None: READ_DEADLINE_FRACTION x interval
@@ -351,6 +353,7 @@ class Engine:
             acc.power_w = r.power_w
             acc.energy_j_total += r.energy_j
             acc.source = r.source
+            acc.uuid = r.uuid or acc.uuid
         for c in COMPONENTS:
             self._unattributed_total[c] += att.unattributed_j.get(c, 0.0)
 
@@ -373,9 +376,14 @@ class Engine:
         self._store(TickRow(wall, job_ticks, device_rows, dict(att.unattributed_j), intensity, ended))
         self._maybe_prune(now_mono, wall)
 
-        # Finished jobs leave the snapshot (and /metrics) after the grace period.
+        # Finished jobs leave the snapshot (and /metrics) after the grace period, and the
+        # oldest-ended go first beyond max_finished_in_metrics (many short jobs: the series
+        # per scrape stay bounded; totals are in the store, the API and InfluxDB).
         for job_id in [j for j, st in self._jobs.items()
                        if not st.running and st.ended_at is not None and wall - st.ended_at > self.finished_grace_s]:
+            del self._jobs[job_id]
+        finished = sorted((st.ended_at or 0.0, j) for j, st in self._jobs.items() if not st.running)
+        for _, job_id in finished[:max(0, len(finished) - self.max_finished_in_metrics)]:
             del self._jobs[job_id]
 
         self._tick += 1
@@ -383,7 +391,7 @@ class Engine:
             taken_at=wall,
             tick=self._tick,
             tick_duration_s=time.perf_counter() - started + duration_hint_s,
-            devices=tuple(DeviceState(a.kind, a.device, a.name, a.power_w, a.energy_j_total, a.source)  # type: ignore[arg-type]
+            devices=tuple(DeviceState(a.kind, a.device, a.name, a.power_w, a.energy_j_total, a.source, a.uuid)  # type: ignore[arg-type]
                           for a in sorted(self._devices.values(), key=lambda a: (a.kind, a.device))),
             jobs=tuple(JobTotals(job_id=j, label=st.identity.label, user=st.identity.user, uid=st.identity.uid,
                                  energy_j=dict(st.energy_j), co2e_g=st.co2e_g,
@@ -536,6 +544,8 @@ class Engine:
         changed: list[tuple[int, int, Intensity]] = []
         for row in self.ledger.bucket_intensities(("provisional",)):
             new = self.intensity.lookup((row["slot_start"] + row["slot_end"]) / 2)
+            if BASIS_RANK.get(new.basis, 0) < BASIS_RANK.get(row["basis"], 0):
+                continue  # less sure than what was booked (the book no longer holds the slot): keep it
             if (new.g_per_kwh, new.status, new.basis) != (row["g_per_kwh"], row["status"], row["basis"]):
                 changed.append((row["bucket_start"], row["slot_start"], new))
         if not changed:

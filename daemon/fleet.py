@@ -145,3 +145,52 @@ def fleet_totals(cfg: InfluxConfig, since: float, until: float, label: str | Non
         t["hosts"].add(row.get("host") or "")
     out = [{**t, "hosts": sorted(t["hosts"])} for t in totals.values()]
     return sorted(out, key=lambda t: -t["energy_kwh"])
+
+
+# -- one Slurm job across its hosts (``wattprint slurm-summary --fleet``) -------------------
+
+
+def _v1_only(cfg: InfluxConfig) -> None:
+    if cfg.api == "v2":
+        raise FleetError("the whole-job figure needs InfluxDB's v1 query API ([influxdb] api = \"v1\"; "
+                         "InfluxDB 2.x/3.x serve it too, with a DBRP mapping for the bucket)")
+
+
+def label_host_totals(cfg: InfluxConfig, label: str, since: float, until: float,
+                      user: str | None = None) -> dict[str, dict[str, float]]:
+    """Per host, for the jobs labelled ``label`` (of ``user`` when given) between
+    ``since`` and ``until``: ``energy_j`` (sum of ``job_energy.joules``), ``co2e_g``
+    (sum of ``job_co2e.grams``) and ``provisional`` (CO2e points not yet final).
+    Every value is a bound parameter."""
+    _v1_only(cfg)
+    where = 'time >= $since AND time < $until AND "label" = $label' + (' AND "user" = $user' if user else "")
+    params: dict[str, Any] = {"since": _iso(since), "until": _iso(until), "label": label}
+    if user:
+        params["user"] = user
+    energy = _v1_query(cfg, f'SELECT sum("joules") AS "sum" FROM "job_energy" WHERE {where} GROUP BY "host"', params)
+    co2e = _v1_query(cfg, f'SELECT sum("grams") AS "sum" FROM "job_co2e" WHERE {where} GROUP BY "host"', params)
+    provisional = _v1_query(cfg, f'SELECT count("grams") AS "n" FROM "job_co2e" WHERE {where} AND "status" = $status '
+                                 'GROUP BY "host"', {**params, "status": "provisional"})
+    out: dict[str, dict[str, float]] = {}
+
+    def host(row: dict[str, Any]) -> dict[str, float]:
+        return out.setdefault(row.get("host") or "", {"energy_j": 0.0, "co2e_g": 0.0, "provisional": 0.0})
+
+    for row in energy:
+        host(row)["energy_j"] += float(row["sum"] or 0.0)
+    for row in co2e:
+        host(row)["co2e_g"] += float(row["sum"] or 0.0)
+    for row in provisional:
+        host(row)["provisional"] += float(row["n"] or 0.0)
+    return out
+
+
+def hosts_with_points_since(cfg: InfluxConfig, since: float) -> dict[str, float]:
+    """Host -> time (s) of its latest ``device_power`` point at or after ``since``, for
+    every host with one. Each daemon writes ``device_power`` every tick and delivers its
+    spool in order, so such a point means every earlier point of that host (its job
+    energy up to ``since``) is in InfluxDB."""
+    _v1_only(cfg)
+    rows = _v1_query(cfg, 'SELECT last("watts") AS "w" FROM "device_power" WHERE time >= $since GROUP BY "host"',
+                     {"since": _iso(since)})
+    return {row.get("host") or "": float(row["time"]) for row in rows if row.get("time") is not None}

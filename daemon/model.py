@@ -57,6 +57,7 @@ class DeviceReading:
     # ("gpu0"); "" for a whole device. The board's energy is the sum of its parts'
     # readings and its own (the remainder not assigned to any part).
     parent: str = ""
+    uuid: str = ""  # GPU only: the board's NVML UUID (also on its MIG instances); "" when unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,7 @@ class DeviceState:
     power_w: float
     energy_j_total: float
     source: EnergySource
+    uuid: str = ""  # GPU only: NVML UUID (dcgm-exporter's UUID label); "" when unknown
 
 
 @dataclass(frozen=True, slots=True)

@@ -182,6 +182,7 @@ def _schemas() -> dict[str, Any]:
         }),
         "Host": _obj({
             "host": _STR,
+            "version": {"type": "string", "description": "the daemon's wattprint version (extension)"},
             "devices": {"type": "array", "items": _obj({
                 "kind": {"type": "string", "enum": list(COMPONENTS)},
                 "device": _STR,

@@ -4,7 +4,8 @@ Reads /proc directly (cheaper than psutil's per-attribute calls). Each tick list
 /proc (one getdents walk) and reads only processes it has not seen before, plus the
 stat of job processes; every process is re-read only every ``rescan_interval_s`` or
 when a GPU shows a process without a job. Members of job cgroups come from their
-``cgroup.procs``. Per-process state is checked against the process's start time, so
+``cgroup.procs`` (v2; for a Slurm job on a cgroup v1 or hybrid node, in the v1
+hierarchy its processes' Slurm line names, ``read_cgroup``). Per-process state is checked against the process's start time, so
 a reused PID is a new process.
 
 A job is found, in order, by
@@ -170,16 +171,37 @@ def missing_label_capabilities(cap_eff: int | None) -> list[str]:
     return missing
 
 
-def read_cgroup(pid: int, proc_root: str = "/proc") -> str | None:
-    """The process's cgroup v2 path (the ``0::`` line), or None."""
+def read_cgroup(pid: int, proc_root: str = "/proc", slurm_v1: bool = False) -> str | None:
+    """The process's cgroup v2 path (the ``0::`` line), or None. With ``slurm_v1``, a
+    process whose v2 path is no Slurm job but that is in a Slurm job in a v1 hierarchy
+    (cgroup v1 and hybrid nodes: ``<n>:freezer:/slurm/uid_U/job_N/step_S``) gets that
+    line as a key ``v1:<controllers>:<path>`` (``V1_KEY``) instead."""
     try:
         with open(f"{proc_root}/{pid}/cgroup", "r", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("0::"):
-                    return line[3:].strip()
+            text = fh.read(65536)
     except OSError:
         return None
-    return None
+    v2 = None
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            v2 = line[3:].strip()
+            break
+    if slurm_v1:
+        found = slurm_ids.parse_proc_cgroup(text)
+        if found is not None and found.version == 1:
+            return f"{V1_KEY}{found.hierarchy}:{found.path}"
+    return v2
+
+
+V1_KEY = "v1:"  # a cgroup v1 Slurm path, as read_cgroup gives it: v1:<controllers>:<path>
+
+
+def split_v1_key(key: str) -> tuple[str, str] | None:
+    """(controllers, path) of a ``v1:<controllers>:<path>`` key, or None for a v2 path."""
+    if not key.startswith(V1_KEY):
+        return None
+    controllers, _, path = key[len(V1_KEY):].partition(":")
+    return controllers, path
 
 
 _SLURM = re.compile(r"^(.*?/job_(\d+))(?:/|$)")
@@ -196,8 +218,15 @@ def classify_cgroup(path: str, kinds: Iterable[str]) -> tuple[str, str, str] | N
     ``/system.slice/docker-<64 hex>.scope`` -> container, "container-<12 hex>";
     ``/user.slice/user-1000.slice/user@1000.service/app.slice/run-u7.scope`` -> systemd, "run-u7.scope".
     """
+    v1 = split_v1_key(path)
+    if v1 is not None:  # a Slurm job in a v1 hierarchy (read_cgroup): only the slurm kind applies
+        found = slurm_ids.parse_cgroup_path(v1[1], 1) if "slurm" in kinds else None
+        return ("slurm", f"{V1_KEY}{v1[0]}:{found.job_path}", found.job_id) if found is not None else None
     for kind in kinds:
         if kind == "slurm":
+            slurm_cg = slurm_ids.parse_cgroup_path(path, 2)  # slurmstepd.scope/job_N (daemon/slurm.py)
+            if slurm_cg is not None:
+                return "slurm", slurm_cg.job_path, slurm_cg.job_id
             m = _SLURM.match(path)
             if m and "slurm" in path:
                 return "slurm", m.group(1), m.group(2)
@@ -321,7 +350,11 @@ class ProcessTracker:
     proc_root: str = "/proc"
     cgroup_kinds: tuple[str, ...] = ()
     cgroup_root: str = ""  # cgroup v2 mount; "" = detect
+    # cgroup v1 hierarchies: controllers ("freezer", "cpu,cpuacct") -> mount point;
+    # None = detect from /proc/self/mounts (only used with the "slurm" kind)
+    cgroup_v1_mounts: dict[str, str] | None = None
     max_labels_per_user: int = 32
+    label_cap_hold_s: float = 0.0  # below the cap this long ends an overflow episode ([jobs] label_cap_hold_s)
     _by_pid: dict[int, _Proc] = field(default_factory=dict)  # every live process we know
     _tracked: set[int] = field(default_factory=set)  # job processes: re-read every tick
     _young: set[int] = field(default_factory=set)  # first seen under a second old
@@ -337,6 +370,10 @@ class ProcessTracker:
     _boot_time: float = 0.0
     labels_overflow_total: int = 0  # jobs filed under OVERFLOW_LABEL because their user was at the cap
     _overflow_users: set[int] = field(default_factory=set)  # uids at the label cap (logged once per episode)
+    # uid -> monotonic time it was first seen below the cap again; the episode ends (one
+    # log line) only after label_cap_hold_s below it, so a user hovering at the cap is
+    # one episode, not a warning/info pair every tick.
+    _overflow_below_since: dict[int, float] = field(default_factory=dict)
     _denied: set[int] = field(default_factory=set)  # live pids whose environment the kernel refused
     _cap_eff: int | None = None  # the daemon's effective capabilities
     # (uid, Slurm job name) -> (identity, monotonic time a member was last seen): every
@@ -348,6 +385,8 @@ class ProcessTracker:
         self._cap_eff = effective_capabilities()
         if self.cgroup_kinds and not self.cgroup_root:
             self.cgroup_root = detect_cgroup2_root()
+        if "slurm" in self.cgroup_kinds and self.cgroup_v1_mounts is None:
+            self.cgroup_v1_mounts = detect_cgroup1_mounts()
 
     # -- reading ---------------------------------------------------------------
     def _load(self, pid: int, st: ProcStat) -> _Proc:
@@ -393,7 +432,10 @@ class ProcessTracker:
         if proc.label_source == "SLURM_JOB_ID":
             self._read_slurm(proc)
         if self.cgroup_kinds and proc.label_raw is None:
-            proc.cgroup = read_cgroup(proc.stat.pid, self.proc_root)
+            proc.cgroup = self._read_cgroup(proc.stat.pid)
+
+    def _read_cgroup(self, pid: int) -> str | None:
+        return read_cgroup(pid, self.proc_root, slurm_v1="slurm" in self.cgroup_kinds)
 
     def _read_slurm(self, proc: _Proc) -> None:
         """Slurm identity of a process labelled by SLURM_JOB_ID (daemon/slurm.py): its
@@ -476,10 +518,21 @@ class ProcessTracker:
         self._reread(pids - self._by_pid.keys())
         return wrapped
 
+    def _cgroup_dir(self, path: str) -> str | None:
+        """The directory of a job cgroup: under the v2 mount, or for a v1 key under
+        the mount of its hierarchy (None when that is not mounted)."""
+        v1 = split_v1_key(path)
+        if v1 is None:
+            return os.path.join(self.cgroup_root, path.lstrip("/"))
+        mount = v1_mount(self.cgroup_v1_mounts or {}, v1[0])
+        return os.path.join(mount, v1[1].lstrip("/")) if mount else None
+
     def _cgroup_members(self) -> set[int]:
         pids: set[int] = set()
         for path in self._job_cgroups:
-            top = os.path.join(self.cgroup_root, path.lstrip("/"))
+            top = self._cgroup_dir(path)
+            if top is None:
+                continue
             for dirpath, _dirs, _files in os.walk(top):
                 try:
                     with open(os.path.join(dirpath, "cgroup.procs")) as fh:
@@ -510,7 +563,7 @@ class ProcessTracker:
             members = self._cgroup_members()
             cg_moved = [p for p in members if p in self._by_pid and self._by_pid[p].job is None]
             for pid in cg_moved:  # moved into a job cgroup after we first read it
-                self._by_pid[pid].cgroup = read_cgroup(pid, self.proc_root)
+                self._by_pid[pid].cgroup = self._read_cgroup(pid)
             self._reread((self._tracked | gpu_pids | young | members) & self._by_pid.keys())
         for pid in young:  # first seen under a second old: maybe not exec'd then
             if pid in self._by_pid:
@@ -575,7 +628,7 @@ class ProcessTracker:
         self._hold(tracked)
         self._job_cgroups = {p.job_cgroup for _i, ms in groups for p in ms if p.job_cgroup}
         self._denied &= live.keys()
-        self._end_overflow_episodes(groups)
+        self._end_overflow_episodes(groups, now_mono_s)
         self._slurm_seen(groups, now_mono_s)
         return ProcessView(
             jobs=tuple(usages),
@@ -596,8 +649,6 @@ class ProcessTracker:
                 label = OVERFLOW_LABEL
                 self._note_overflow(leader.uid, label_raw)
             else:
-                if label not in labels and leader.uid in self._overflow_users:
-                    self._end_overflow(leader.uid, len(labels))  # a new label fits: below the cap again
                 labels.add(label)
         return JobIdentity(
             job_id=make_job_id(leader.stat.pid, started_at),
@@ -750,6 +801,7 @@ class ProcessTracker:
         """A new job of ``uid`` was filed under OVERFLOW_LABEL: count it; log once
         per episode (until the user is below the cap again)."""
         self.labels_overflow_total += 1
+        self._overflow_below_since.pop(uid, None)  # at the cap again: the episode goes on
         if uid in self._overflow_users:
             return
         self._overflow_users.add(uid)
@@ -759,7 +811,7 @@ class ProcessTracker:
                     "wattprint_labels_overflow_total; logged again only after the user is below the cap)",
                     user_name(uid), uid, self.max_labels_per_user, shown, OVERFLOW_LABEL)
 
-    def _end_overflow_episodes(self, groups: list[tuple[JobIdentity, list[_Proc]]]) -> None:
+    def _end_overflow_episodes(self, groups: list[tuple[JobIdentity, list[_Proc]]], now_mono_s: float) -> None:
         if not self._overflow_users:
             return
         labels: dict[int, set[str]] = {}
@@ -767,11 +819,16 @@ class ProcessTracker:
             if ident.label and ident.label != OVERFLOW_LABEL:
                 labels.setdefault(ident.uid, set()).add(ident.label)
         for uid in list(self._overflow_users):
-            if len(labels.get(uid, ())) < self.max_labels_per_user:
+            if len(labels.get(uid, ())) >= self.max_labels_per_user:
+                self._overflow_below_since.pop(uid, None)
+                continue
+            since = self._overflow_below_since.setdefault(uid, now_mono_s)
+            if now_mono_s - since >= self.label_cap_hold_s:
                 self._end_overflow(uid, len(labels.get(uid, ())))
 
     def _end_overflow(self, uid: int, live_labels: int) -> None:
         self._overflow_users.discard(uid)
+        self._overflow_below_since.pop(uid, None)
         log.info("user %s (uid %d) is below the label cap again (%d distinct live labels)",
                  user_name(uid), uid, live_labels)
 
@@ -810,6 +867,37 @@ def detect_cgroup2_root() -> str:
     except OSError:
         pass
     return "/sys/fs/cgroup"
+
+
+def detect_cgroup1_mounts(proc_root: str = "/proc") -> dict[str, str]:
+    """cgroup v1 hierarchies mounted here: their controllers as /proc/<pid>/cgroup
+    names them ("freezer", "cpu,cpuacct", "name=systemd") -> mount point."""
+    out: dict[str, str] = {}
+    try:
+        with open(f"{proc_root}/self/mounts") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) > 3 and parts[2] == "cgroup":
+                    opts = [o for o in parts[3].split(",") if o not in _MOUNT_OPTS and not o.startswith("release_agent=")]
+                    out.setdefault(",".join(opts), parts[1])
+    except OSError:
+        pass
+    return out
+
+
+_MOUNT_OPTS = frozenset({"rw", "ro", "nosuid", "nodev", "noexec", "relatime", "noatime", "xattr", "clone_children",
+                         "noprefix", "cpuset_v2_mode", "favordynmods"})
+
+
+def v1_mount(mounts: dict[str, str], controllers: str) -> str | None:
+    """The mount point of the v1 hierarchy ``controllers`` (as in /proc/<pid>/cgroup)."""
+    if controllers in mounts:
+        return mounts[controllers]
+    want = set(controllers.split(","))
+    for key, mount in mounts.items():
+        if want <= set(key.split(",")):
+            return mount
+    return None
 
 
 def make_job_id(root_pid: int, started_at: float) -> str:

@@ -64,6 +64,25 @@ def fmt_sig(x: float, sig: int = 3) -> str:
     return f"{rounded:.{decimals}f}"
 
 
+def fmt_mass_g(grams: float) -> str:
+    """A CO2e mass in the unit that keeps it readable: g below 1 kg, kg below 1 t, then t
+    (three significant figures: ``57.3 g``, ``12.3 kg``, ``4.57 t``)."""
+    if abs(grams) >= 1e6:
+        return f"{fmt_sig(grams / 1e6)} t"
+    if abs(grams) >= 1e3:
+        return f"{fmt_sig(grams / 1e3)} kg"
+    return f"{fmt_sig(grams)} g"
+
+
+def fmt_energy_kwh(kwh: float) -> str:
+    """An energy in kWh below 1 MWh, then MWh, then GWh (three significant figures)."""
+    if abs(kwh) >= 1e6:
+        return f"{fmt_sig(kwh / 1e6)} GWh"
+    if abs(kwh) >= 1e3:
+        return f"{fmt_sig(kwh / 1e3)} MWh"
+    return f"{fmt_sig(kwh)} kWh"
+
+
 def fmt_duration(seconds: float) -> str:
     """``H:MM:SS`` (whole seconds, rounded down)."""
     s = int(max(0.0, seconds))
@@ -184,11 +203,12 @@ def format_report(job: dict[str, Any], series: list[dict[str, Any]] | None = Non
         e_j = energy_j.get(comp, 0.0)
         src = sources.get(comp) or ("-" if e_j == 0 else "unknown")
         add(f"  {comp.upper():<6}  {fmt_sig(e_j / J_PER_KWH):>12}  {fmt_sig(e_j):>10}  {printable(str(src), 20)}")
-    add(f"  {'total':<6}  {fmt_sig(job['energy_kwh']):>12}  {fmt_sig(energy_j.get('total', 0.0)):>10}")
+    add(f"  {'total':<6}  {fmt_sig(job['energy_kwh']):>12}  {fmt_sig(energy_j.get('total', 0.0)):>10}"
+        + (f"  ({fmt_energy_kwh(job['energy_kwh'])})" if job["energy_kwh"] >= 1e3 else ""))
     add("")
 
     status = str(job.get("co2e_status", ""))
-    add(f"CO2e          {fmt_sig(job['co2e_g'])} g ({_STATUS_TEXT.get(status, printable(status, 20))})")
+    add(f"CO2e          {fmt_mass_g(job['co2e_g'])} ({_STATUS_TEXT.get(status, printable(status, 20))})")
     avg = job.get("intensity_g_per_kwh_avg")
     zone = printable(str(job.get("zone") or ""), 64) or "-"
     avg_text = f"{fmt_sig(avg)} gCO2e/kWh average" if avg is not None else "no average (no energy yet)"
@@ -217,7 +237,7 @@ def format_report(job: dict[str, Any], series: list[dict[str, Any]] | None = Non
     if hint is not None:
         add("")
         add("Carbon-aware hint")
-        saving = (f"{fmt_sig(hint['saving_g'])} g less" if hint["saving_g"] > 0 else "no saving")
+        saving = (f"{fmt_mass_g(hint['saving_g'])} less" if hint["saving_g"] > 0 else "no saving")
         add(f"  Started at {fmt_time(hint['window_start'])}, this job would have emitted about "
-            f"{fmt_sig(hint['co2e_g'])} g CO2e ({fmt_sig(hint['g_per_kwh'])} gCO2e/kWh): {saving}.")
+            f"{fmt_mass_g(hint['co2e_g'])} CO2e ({fmt_sig(hint['g_per_kwh'])} gCO2e/kWh): {saving}.")
     return "\n".join(lines) + "\n"

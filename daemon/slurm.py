@@ -7,6 +7,13 @@ job's identity, found from the environment Slurm gives them:
 - ``SLURM_JOB_ID``; for an array task ``SLURM_ARRAY_JOB_ID`` and
   ``SLURM_ARRAY_TASK_ID``, named ``<array_job_id>_<task_id>`` as Slurm names it
   (``scontrol show job``, ``squeue``, ``sacct``);
+- heterogeneous jobs: one job named by the HetJobId, as Slurm names the het job as a
+  whole (its components are ``<id>+0``, ``<id>+1``, ... in ``squeue`` / ``sacct``). Measured
+  on Slurm 22.05 (tests/test_slurm_het.py): the batch script and the tasks of every
+  component's steps carry ``SLURM_JOB_ID=<het job id>`` (plus ``SLURM_HET_SIZE`` and
+  ``SLURM_JOB_ID_HET_GROUP_<k>``), while prologs/epilogs of component k carry the
+  component's own ``SLURM_JOB_ID`` with ``SLURM_HET_JOB_ID``; a process that has
+  ``SLURM_HET_JOB_ID`` is therefore filed under it, whatever its ``SLURM_JOB_ID``;
 - ``SLURM_JOB_PARTITION`` and ``SLURM_JOB_USER``;
 - the step: ``SLURM_STEP_ID`` for the tasks of an ``srun`` step, ``batch`` for the
   batch script and what it runs outside ``srun`` (it has no step id).
@@ -23,25 +30,27 @@ slurmstepd leaves that value in the environment of every task it then starts, so
 (slurmstepd detaches from slurmd, so no job process has slurmd as its parent).
 
 cgroups (``parse_proc_cgroup``), for nodes with ``proctrack/cgroup``:
-- v2 (Slurm's docs, "Control Group v2 plugin"): ``/system.slice/slurmstepd.scope/
+- v2 (Slurm's docs, "Control Group v2 plugin"): ``/system.slice/[<node>_]slurmstepd.scope/
   job_<id>/step_<step>/user/task_<n>`` for tasks, ``.../step_<step>/slurm`` for the
   step's slurmstepd; steps are ``batch``, ``extern``, ``interactive`` or a number;
 - v1 (Slurm's cgroup/v1 plugin: ``<root>/uid_<uid>/job_<id>/step_<step>[/task_<n>]``
-  under each controller, root ``slurm`` or ``slurm_<nodename>``).
+  under each controller, root ``slurm`` or ``slurm_<nodename>``): the freezer line is
+  preferred (``V1_PREFERRED``); daemon/procs.py walks the job's members in that
+  hierarchy.
 Recorded lines of both are in tests/fixtures/slurm/ with their provenance.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 SCRIPT_CONTEXTS = frozenset({
     "prolog_slurmd", "epilog_slurmd", "prolog_slurmctld", "epilog_slurmctld", "epilog_task", "epilog_srun",
 })
 SLURM_VARS = (
     "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_PARTITION", "SLURM_JOB_USER",
-    "SLURM_STEP_ID", "SLURM_SCRIPT_CONTEXT",
+    "SLURM_STEP_ID", "SLURM_SCRIPT_CONTEXT", "SLURM_HET_JOB_ID",
 )
 MAX_FIELD = 64  # characters kept of any Slurm value (they come from the environment: untrusted)
 _ID = re.compile(r"^[0-9]{1,12}$")
@@ -56,7 +65,7 @@ def _clean(value: str) -> str:
 class SlurmJob:
     """What Slurm says about a job (the same for all its processes on a node)."""
 
-    job_id: str  # SLURM_JOB_ID
+    job_id: str  # SLURM_JOB_ID (SLURM_HET_JOB_ID for a component of a heterogeneous job)
     name: str  # the job as Slurm names it: job_id, or <array_job_id>_<task_id>
     array_job_id: str = ""
     array_task_id: str = ""
@@ -86,6 +95,9 @@ def from_environ(env: dict[str, str], parent_comm: str = "") -> SlurmProcess | N
     job_id = env.get("SLURM_JOB_ID", "").strip()
     if not _ID.match(job_id):
         return None
+    het_job_id = env.get("SLURM_HET_JOB_ID", "").strip()
+    if _ID.match(het_job_id):
+        job_id = het_job_id  # a component of a heterogeneous job: the het job as a whole
     array_job = env.get("SLURM_ARRAY_JOB_ID", "").strip()
     array_task = env.get("SLURM_ARRAY_TASK_ID", "").strip()
     if _ID.match(array_job) and _ID.match(array_task):
@@ -135,9 +147,11 @@ class SlurmCgroup:
     job_path: str  # the job's cgroup directory (ends with /job_<id>)
     version: int  # 1 or 2
     uid: int | None = None  # v1 only (uid_<uid> in the path)
+    hierarchy: str = ""  # v1 only: the line's controllers ("freezer", "cpu,cpuacct", "name=...")
+    path: str = ""  # the whole cgroup path of the line
 
 
-_V2 = re.compile(r"^(?P<job>/(?:.*/)?slurmstepd\.scope/job_(?P<id>\d+))(?:/step_(?P<step>[A-Za-z0-9_]+)"
+_V2 = re.compile(r"^(?P<job>/(?:.*/)?(?:[^/]+_)?slurmstepd\.scope/job_(?P<id>\d+))(?:/step_(?P<step>[A-Za-z0-9_]+)"
                  r"(?:/user/task_(?P<task>\d+|special))?)?(?:/|$)")
 _V1 = re.compile(r"^(?P<job>/(?:.*/)?slurm(?:_[^/]+)?/uid_(?P<uid>\d+)/job_(?P<id>\d+))"
                  r"(?:/step_(?P<step>[A-Za-z0-9_]+)(?:/task_(?P<task>\d+|special))?)?(?:/|$)")
@@ -150,13 +164,19 @@ def parse_cgroup_path(path: str, version: int = 2) -> SlurmCgroup | None:
         return None
     uid = m.groupdict().get("uid")
     return SlurmCgroup(job_id=m["id"], step=m["step"] or "", task=m["task"] or "", job_path=m["job"],
-                       version=version, uid=int(uid) if uid else None)
+                       version=version, uid=int(uid) if uid else None, path=path)
+
+
+# v1 hierarchies to walk a job's members in, best first: proctrack/cgroup puts every
+# process of a job in the freezer hierarchy; the others only with task/cgroup limits.
+V1_PREFERRED = ("freezer", "cpuset", "memory", "devices")
 
 
 def parse_proc_cgroup(text: str) -> SlurmCgroup | None:
     """The Slurm cgroup of a ``/proc/<pid>/cgroup`` text: the v2 line (``0::``) when
-    it is a Slurm path, else the first v1 controller line that is."""
-    v1: SlurmCgroup | None = None
+    it is a Slurm path, else a v1 controller line that is (``freezer`` first, then
+    ``V1_PREFERRED`` order, then the first), with its ``hierarchy``."""
+    v1: list[SlurmCgroup] = []
     for line in text.splitlines():
         hier, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
@@ -164,6 +184,15 @@ def parse_proc_cgroup(text: str) -> SlurmCgroup | None:
             found = parse_cgroup_path(path.strip(), 2)
             if found is not None:
                 return found
-        elif v1 is None and controllers:
-            v1 = parse_cgroup_path(path.strip(), 1)
-    return v1
+        elif controllers:
+            found = parse_cgroup_path(path.strip(), 1)
+            if found is not None:
+                v1.append(replace(found, hierarchy=controllers))
+    if not v1:
+        return None
+
+    def rank(cg: SlurmCgroup) -> int:
+        names = cg.hierarchy.split(",")
+        return min((V1_PREFERRED.index(n) for n in names if n in V1_PREFERRED), default=len(V1_PREFERRED))
+
+    return min(v1, key=rank)  # min() keeps the first of equals

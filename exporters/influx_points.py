@@ -114,12 +114,17 @@ def grid_intensity_line(
     kind: Literal["actual", "forecast"],
     g_per_kwh: float,
     at_s: float,
+    host: str = "",
 ) -> str | None:
     """One ``grid_intensity`` point for the interval starting at ``at_s`` (wall-clock s).
-    None when ``g_per_kwh`` is not finite."""
+    ``host`` (the daemon that fetched it; extension) is a tag when given, so a dashboard
+    can show the intensity its selected hosts used. None when ``g_per_kwh`` is not finite."""
+    tags = {"zone": zone, "provider": provider, "kind": kind}
+    if host:
+        tags["host"] = host
     return encode_point(
         GRID_INTENSITY,
-        {"zone": zone, "provider": provider, "kind": kind},
+        tags,
         {"g_per_kwh": float(g_per_kwh)},
         ns_from_s(at_s),
     )

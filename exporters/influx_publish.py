@@ -54,7 +54,7 @@ class InfluxPublisher:
         lines = []
         for p in points:
             line = grid_intensity_line(zone=p.zone, provider=p.provider, kind=p.kind, g_per_kwh=p.g_per_kwh,
-                                       at_s=p.start.timestamp())
+                                       at_s=p.start.timestamp(), host=self.host)
             if line is not None:
                 lines.append(line)
         self.sink.submit(lines)

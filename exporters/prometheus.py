@@ -12,16 +12,22 @@ group from this scrape only: the rest is still served, the failure is logged onc
 Label values come from untrusted users (job labels, user names); prometheus_client
 escapes ``\\``, ``"`` and newline, and text that cannot be encoded as UTF-8 (lone
 surrogates from undecodable bytes) is backslash-escaped here so it cannot fail a scrape.
+GPU series carry ``uuid`` and ``model_name`` labels (snake_case: promtool's lint rejects
+camelCase); the shipped Prometheus config renames them to dcgm-exporter's ``UUID`` and
+``modelName`` at scrape time (metric_relabel_configs), so the two exporters join. The daemon's registry also holds ``wattprint_build_info`` and
+prometheus_client's ``process_*`` collector (``add_daemon_collectors``).
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 import re
 import threading
+from importlib import metadata
 from typing import Callable, Iterable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from wattprint.daemon.model import COMPONENTS, Snapshot
@@ -54,16 +60,65 @@ RESERVED_NAMES = frozenset(
         "wattprint_ticks_total",
         "wattprint_last_tick_timestamp_seconds",
         "wattprint_counter_glitches_total",
+        "wattprint_build_info",
         EXPORTER_ERRORS,
     }
 )
 
-# Help text of Snapshot.counters keys that deserve more than "Daemon counter <key>."
+# HELP text of every Snapshot.counters key the daemon sets (docs/api.md lists them). A key
+# missing here renders with PLACEHOLDER_HELP; a test of the real daemon rejects that, so a
+# new self-metric must come with its text.
 COUNTER_HELP: Mapping[str, str] = {
     "gpu_invisible_process_energy_joules_total":
         "GPU energy left unattributed because its process was not visible in /proc (another PID namespace, "
         "pid 0, exited between reads), in joules; part of wattprint_unattributed_energy_joules_total{kind=\"gpu\"}.",
+    "gpu_feature_failures_total": "Failed GPU side queries (process list, memory, utilisation); the energy is "
+                                  "booked all the same.",
+    "gpu_nvml_calls_total": "NVML calls made since the daemon started.",
+    "gpu_nvml_reinits_total": "NVML re-initialisations (after a lost GPU or driver reload).",
+    "gpu_pids_not_visible_total": "Distinct GPU process PIDs that had no /proc entry visible to the daemon.",
+    "gpu_power_samples_total": "Power samples taken for GPUs without an energy counter.",
+    "gpu_processes_not_visible": "GPU processes in the last NVML read whose PID has no /proc entry here.",
+    "gpu_util_samples_discarded_total": "GPU utilisation samples discarded as junk (unknown PID, above 100 %, "
+                                        "stale or future timestamp).",
+    "http_accept_errors_total": "accept() calls on the API listener that failed for lack of file descriptors.",
+    "http_connections_open": "Open HTTP API connections.",
+    "http_connections_rejected_total": "HTTP API connections refused because a connection cap was reached.",
+    "http_header_timeouts_total": "HTTP API connections closed for not sending a request head in time.",
+    "http_max_connections": "Effective cap on open HTTP API connections.",
+    "influx_points_retried_total": "InfluxDB lines sent again after a failed write.",
+    "influx_points_written_total": "InfluxDB lines the server acknowledged (HTTP 204).",
+    "labels_overflow_total": "Jobs filed under the label _overflow because their user was at "
+                             "[jobs] max_labels_per_user.",
+    "processes_labels_unreadable": "Live processes whose environment the kernel refused, so their job label "
+                                   "cannot be read.",
+    "source_read_timeouts_total": "Source reads that missed the tick's deadline (the interval was estimated).",
+    "spool_bytes": "Bytes of InfluxDB lines waiting in the on-disk spool.",
+    "spool_oldest_age_seconds": "Age of the oldest undelivered line in the InfluxDB spool, in seconds (0 when empty).",
+    "spool_pending_points": "InfluxDB lines waiting in the on-disk spool.",
+    "spool_unreadable_bytes_total": "Spool bytes that could not be read back (corrupt records skipped).",
+    "store_pending_ticks": "Ticks waiting to be written to the SQLite store (kept in memory while it fails).",
+    "store_pruned_rows_total": "Store rows removed by [daemon] retention_days.",
+    "store_ticks_dropped_total": "Ticks the SQLite store could not take and that were dropped after the "
+                                 "in-memory backlog filled.",
+    "tick_errors_total": "Ticks that failed with an unexpected error (the interval's energy is kept for the next).",
+    "tick_overruns_total": "Ticks that took longer than [daemon] interval_s.",
 }
+PLACEHOLDER_HELP = "Daemon self-metric {key} (no description)."
+# wattprint_influx_points_dropped_<reason>_total: deprecated (CHANGELOG, docs/api.md); the
+# same figure is wattprint_influx_points_dropped_total{reason="<reason>"}.
+_DEPRECATED_DROPPED = re.compile(r"^influx_points_dropped_([a-z0-9_]+)_total$")
+
+
+def counter_help(key: str) -> str:
+    """The HELP text of the self-metric ``wattprint_<key>``."""
+    if key in COUNTER_HELP:
+        return COUNTER_HELP[key]
+    m = _DEPRECATED_DROPPED.match(key)
+    if m:
+        return (f"Deprecated, removed in the next release: use wattprint_influx_points_dropped_total"
+                f"{{reason=\"{m.group(1)}\"}} (same value).")
+    return PLACEHOLDER_HELP.format(key=key)
 
 ErrorReporter = Callable[[str, str], None]  # (where, what is wrong): count and log a problem
 
@@ -101,10 +156,12 @@ def _devices(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
         labels=["kind", "device", "name", "source"],
     )
     for device in snapshot.devices:
-        key = [_text(device.kind), _text(device.device)]
-        power.add_metric(key, float(device.power_w))
-        energy.add_metric(key, float(device.energy_j_total))
-        info.add_metric(key + [_text(device.name), _text(device.source)], 1.0)
+        labels = {"kind": _text(device.kind), "device": _text(device.device)}
+        if device.kind == "gpu":  # dcgm-exporter's UUID / modelName after the shipped relabelling
+            labels.update(uuid=_text(device.uuid), model_name=_text(device.name))
+        power.add_sample(power.name, labels, float(device.power_w))
+        energy.add_sample(energy.name + "_total", labels, float(device.energy_j_total))
+        info.add_sample(info.name, {**labels, "name": _text(device.name), "source": _text(device.source)}, 1.0)
     return [power, energy, info]
 
 
@@ -213,9 +270,9 @@ def _counters(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
             continue
         value = float(snapshot.counters[key])
         if key.endswith("_total"):
-            families.append(CounterMetricFamily(name, COUNTER_HELP.get(key, f"Daemon counter {key}."), value=value))
+            families.append(CounterMetricFamily(name, counter_help(key), value=value))
         else:
-            families.append(GaugeMetricFamily(name, f"Daemon gauge {key}.", value=value))
+            families.append(GaugeMetricFamily(name, counter_help(key), value=value))
     return families
 
 
@@ -300,9 +357,47 @@ def build_registry(get_snapshot: Callable[[], Snapshot | None]) -> CollectorRegi
     return registry
 
 
+def build_info() -> dict[str, str]:
+    """Labels of ``wattprint_build_info``: this package's version, Python's, and those of
+    the libraries whose behaviour shows in the figures ("" when one is not installed)."""
+    def dist(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return ""
+
+    from wattprint.daemon import __version__
+
+    return {"version": __version__, "python": platform.python_version(), "nvml_py": dist("nvidia-ml-py"),
+            "prometheus_client": dist("prometheus-client"), "aiohttp": dist("aiohttp")}
+
+
+class BuildInfoCollector:
+    """``wattprint_build_info{version,python,nvml_py,...} 1`` (node_exporter's habit)."""
+
+    def __init__(self) -> None:
+        self._labels = build_info()
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("wattprint_build_info",
+                                   "Always 1: the wattprint version and the versions of Python and the libraries "
+                                   "it runs with.", labels=list(self._labels))
+        family.add_metric(list(self._labels.values()), 1.0)
+        yield family
+
+
+def add_daemon_collectors(registry: CollectorRegistry) -> None:
+    """What the running daemon adds to its registry besides the snapshot:
+    ``wattprint_build_info`` and prometheus_client's ``process_*`` metrics of its own
+    process (CPU seconds, resident memory, open file descriptors, start time)."""
+    registry.register(BuildInfoCollector())  # type: ignore[arg-type]
+    ProcessCollector(registry=registry)
+
+
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:
     """The exposition body (text format 0.0.4) and its Content-Type header value."""
     return generate_latest(registry), CONTENT_TYPE
 
 
-__all__ = ["CONTENT_TYPE", "SnapshotCollector", "build_registry", "render"]
+__all__ = ["CONTENT_TYPE", "BuildInfoCollector", "SnapshotCollector", "add_daemon_collectors", "build_registry",
+           "render"]

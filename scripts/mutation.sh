@@ -24,12 +24,25 @@ venv="${WATTPRINT_VENV:-$root/.venv}"
 stage="$root/.mutmut"
 equivalents="$root/scripts/mutation_equivalent.tsv"
 
-DEFAULT_MODULES=(exporters/lineprotocol.py exporters/spool.py daemon/sources/base.py daemon/sources/rapl.py)
+DEFAULT_MODULES=(exporters/lineprotocol.py exporters/spool.py daemon/sources/base.py daemon/sources/rapl.py
+                 daemon/attribution.py daemon/carbon.py daemon/engine.py daemon/ledger.py)
 declare -A TESTS_FOR=(
     [exporters/lineprotocol.py]="tests/test_lineprotocol.py"
     [exporters/spool.py]="tests/test_spool.py"
     [daemon/sources/base.py]="tests/test_counter_diff.py tests/test_rapl.py"
     [daemon/sources/rapl.py]="tests/test_rapl.py tests/test_counter_diff.py"
+    [daemon/attribution.py]="tests/test_attribution.py tests/test_mutants_attribution.py tests/test_job_numbers.py tests/test_review_numbers.py tests/test_engine.py"
+    [daemon/carbon.py]="tests/test_mutants_carbon.py tests/test_carbon_slots.py tests/test_job_numbers.py tests/test_grid_series.py tests/test_review_numbers.py tests/test_engine.py"
+    [daemon/engine.py]="tests/test_mutants_engine.py tests/test_job_numbers.py tests/test_carbon_slots.py tests/test_engine.py tests/test_review_numbers.py tests/test_attribution.py"
+    [daemon/ledger.py]="tests/test_ledger.py tests/test_mutants_ledger.py tests/test_job_numbers.py tests/test_carbon_slots.py tests/test_review_numbers.py tests/test_invariants.py"
+)
+# The job book: only these functions of engine.py / ledger.py are mutated (mutmut's own
+# mutant-name patterns, `mutmut run NAME-PATTERN...`; the rest of those files is I/O,
+# scheduling and the HTTP reader, covered by slower tests). A module not listed here is
+# mutated whole. Names: x_FUNC for a function, xǁCLASSǁMETHOD for a method.
+declare -A ONLY_FOR=(
+    [daemon/engine.py]="xǁEngineǁrestore xǁEngineǁtick_blocking xǁEngineǁ_intensity_for xǁEngineǁ_bucket_co2e xǁEngineǁ_stored_slot_j xǁEngineǁsettle_blocking"
+    [daemon/ledger.py]="xǁLedgerǁbucket_of xǁLedgerǁslot_of xǁLedgerǁ_book xǁLedgerǁbucket_job_energy xǁLedgerǁset_intensities xǁLedgerǁjob_slot_energy_j xǁLedgerǁjob_co2e_g x__co2e_rows x__bucket_values xǁLedgerReaderǁ_co2e xǁLedgerReaderǁ_job_obj xǁLedgerReaderǁhost_totals"
 )
 # Not fast unit tests: a subprocess writer (imports the package afresh, with a 20 s
 # deadline), a timing assertion, and a wall-clock feeder thread.
@@ -117,22 +130,46 @@ fi
     echo "use_git_change_detection=false"
 } >"$stage/setup.cfg"
 
+# The mutants to run: every mutant of a whole module, or ONLY_FOR's functions (patterns).
+patterns=()
+restricted=0
+for m in "${modules[@]}"; do
+    prefix="$(dirname "$m")/$(basename "$m" .py)"
+    prefix="wattprint.${prefix//\//.}"
+    if [ -n "${ONLY_FOR[$m]:-}" ]; then
+        restricted=1
+        for f in ${ONLY_FOR[$m]}; do patterns+=("$prefix.${f}__mutmut_*"); done
+    else
+        patterns+=("$prefix.*")
+    fi
+done
 names=()
 if [ "$survivors" -eq 1 ]; then
-    mapfile -t names < <(cd "$stage" && "$venv/bin/mutmut" results | sed -n 's/^ *\([^ :]*\): .*/\1/p')
+    mapfile -t names < <(cd "$stage" && "$venv/bin/mutmut" results | sed -n 's/^ *\([^ :]*\): .*/\1/p' |
+        while read -r n; do for p in "${patterns[@]}"; do [[ "$n" == $p ]] && { echo "$n"; break; }; done; done)
     if [ "${#names[@]}" -eq 0 ]; then
         echo "mutation: no surviving mutants to re-test" >&2
     fi
+elif [ "$restricted" -eq 1 ]; then
+    names=("${patterns[@]}")
+fi
+# The tests scan /proc (the process tracker): run them in their own PID namespace, as
+# scripts/test.sh does, so other users' labelled processes are not seen (needs root or
+# user namespaces; without, the engine tests may see foreign jobs and fail).
+pidns=()
+if unshare --pid --fork --mount-proc true >/dev/null 2>&1; then
+    pidns=(unshare --pid --fork --kill-child --mount-proc)
+    export WATTPRINT_TEST_PIDNS=1
 fi
 
 status=0
 if [ "$survivors" -eq 0 ] || [ "${#names[@]}" -gt 0 ]; then
     # CI=true would make tests/conftest.py demand a PID namespace: this is no CI run.
-    (cd "$stage" && env -u CI nice -n 19 "$venv/bin/mutmut" run --max-children "$jobs" "${names[@]}") 2>&1 |
+    (cd "$stage" && env -u CI nice -n 19 "${pidns[@]}" "$venv/bin/mutmut" run --max-children "$jobs" "${names[@]}") 2>&1 |
         sed -u "s/.*\r//" || status=$?  # keep the last state of each spinner line
     if [ "$status" -ne 0 ]; then
         echo "mutation: mutmut run failed ($status)" >&2
         exit "$status"
     fi
 fi
-nice -n 19 "$venv/bin/python" scripts/mutation_helper.py report "$stage" "$equivalents" "${modules[@]}"
+nice -n 19 "$venv/bin/python" scripts/mutation_helper.py report "$stage" "$equivalents" "${modules[@]}" -- "${patterns[@]}"

@@ -19,12 +19,17 @@ mutmut 3 never mutates a decorated function, so
 
 Subcommands:
     stage STAGE_DIR MODULE...              build STAGE_DIR/wattprint/... (+ rewrites)
-    report STAGE_DIR EQUIVALENTS MODULE... scores per module, survivors with diffs
+    report STAGE_DIR EQUIVALENTS MODULE... [-- PATTERN...]
+                                           scores per module, survivors with diffs; with
+                                           PATTERNs (mutmut name patterns, fnmatch), only
+                                           the mutants they match count (the functions
+                                           scripts/mutation.sh restricts a module to)
 """
 
 from __future__ import annotations
 
 import ast
+import fnmatch
 import json
 import shutil
 import sys
@@ -155,7 +160,7 @@ def fingerprint(diff: str) -> str:
     return " | ".join(" ".join(ln.split()) for ln in added)
 
 
-def report(stage_dir: Path, equivalents_path: Path, modules: list[str]) -> int:
+def report(stage_dir: Path, equivalents_path: Path, modules: list[str], patterns: list[str] | None = None) -> int:
     sys.path.insert(0, str(stage_dir))
     import os
 
@@ -172,6 +177,8 @@ def report(stage_dir: Path, equivalents_path: Path, modules: list[str]) -> int:
         if meta.is_file():
             data = json.loads(meta.read_text(encoding="utf-8"))
             for name, code in data["exit_code_by_key"].items():
+                if patterns and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                    continue  # a function the run was not restricted to
                 score.statuses[name] = status_by_exit_code[code]
         scores.append(score)
         for name, status in score.statuses.items():
@@ -213,11 +220,15 @@ def report(stage_dir: Path, equivalents_path: Path, modules: list[str]) -> int:
         for st in other:
             print(f"{'':34} ({sum(1 for v in s.statuses.values() if v == st)} {st})")
     for name, eq in equivalents.items():
-        if any(name.startswith(dotted(m) + ".") for m in modules):
+        if any(name.startswith(dotted(m) + ".") for m in modules) and (
+                not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)):
             if name not in all_names:
                 stale.append(f"{name}: listed as equivalent, but no such mutant now (the module changed)")
             elif name not in diffs:
-                stale.append(f"{name}: listed as equivalent, but a test kills it now: drop it from the list")
+                moved = [n for n, d in diffs.items() if fingerprint(d) == eq.fingerprint and n not in equivalents]
+                stale.append(f"{name}: listed as equivalent, but killed now"
+                             + (f" (renumbered? the same change survives as {', '.join(moved)})" if moved else
+                                ": drop it from the list"))
     print()
     print("score = killed / (mutants - equivalent); 'alive' = survived, untested or not checked")
     print(f"every mutant that is not killed, with its diff: {stage_dir / survivors_file}")
@@ -231,7 +242,9 @@ def main(argv: list[str]) -> int:
         stage(Path(argv[2]).resolve(), argv[3:], Path(__file__).resolve().parent.parent)
         return 0
     if len(argv) >= 4 and argv[1] == "report":
-        return report(Path(argv[2]).resolve(), Path(argv[3]).resolve(), argv[4:])
+        rest = argv[4:]
+        modules, patterns = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest else (rest, [])
+        return report(Path(argv[2]).resolve(), Path(argv[3]).resolve(), modules, patterns)
     print(__doc__, file=sys.stderr)
     return 2
 

@@ -4,6 +4,6 @@
 set -euo pipefail
 # shellcheck source=scripts/setup-venv.sh
 source "$(dirname "${BASH_SOURCE[0]}")/setup-venv.sh"
-setup_venv
+setup_venv none   # the daemon's own dependencies only, not the test tools
 # No cd: relative paths in the arguments mean what the caller meant.
 exec "$WATTPRINT_VENV/bin/wattprint" run "$@"

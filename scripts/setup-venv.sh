@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Shared set-up for scripts/run.sh and scripts/test.sh: make .venv in the repository root
-# and install wattprint into it in editable mode with its [test] extra. The install runs
-# again only when pyproject.toml has changed since the last one (a stamp in .venv).
+# and install wattprint into it in editable mode (with its [test] extra for the tests).
+# The install runs again only when pyproject.toml has changed since the last one (a stamp
+# in .venv).
 #
 # Run it directly, or source it to get the functions setup_venv and apt_install.
 # Debian's python3 refuses pip installs into the system (PEP 668), so everything goes
@@ -53,22 +54,34 @@ _make_venv() {
     _venv_usable
 }
 
-# setup_venv: make .venv if needed and (re)install wattprint[test] when pyproject.toml changed.
+# setup_venv [EXTRAS]: make .venv if needed and (re)install wattprint when pyproject.toml
+# changed. EXTRAS: "test" (the default: what scripts/test.sh needs) or "none" (just the
+# daemon's own dependencies: scripts/run.sh). An install with the test extra also
+# serves "none"; the stamp in .venv records which one was made.
 setup_venv() {
+    local extras="${1:-test}"
     if ! _venv_usable; then
         echo "wattprint: creating $WATTPRINT_VENV" >&2
         _make_venv
     fi
     local stamp="$WATTPRINT_VENV/.wattprint-install-stamp"
-    local want
-    want="$(sha256sum "$WATTPRINT_ROOT/pyproject.toml" | cut -d' ' -f1)"
-    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-        return 0
+    local hash have_hash have_extras
+    hash="$(sha256sum "$WATTPRINT_ROOT/pyproject.toml" | cut -d' ' -f1)"
+    if [ -f "$stamp" ]; then
+        read -r have_hash have_extras <"$stamp" || true
+        if [ "$have_hash" = "$hash" ] && { [ "$extras" = none ] || [ "${have_extras:-test}" = "$extras" ]; }; then
+            return 0
+        fi
     fi
-    echo "wattprint: installing wattprint[test] into $WATTPRINT_VENV" >&2
+    local target="$WATTPRINT_ROOT" shown="wattprint"
+    if [ "$extras" != none ]; then
+        target="$WATTPRINT_ROOT[$extras]"
+        shown="wattprint[$extras]"
+    fi
+    echo "wattprint: installing $shown into $WATTPRINT_VENV" >&2
     rm -f "$stamp"
-    "$WATTPRINT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$WATTPRINT_ROOT[test]"
-    echo "$want" >"$stamp"
+    "$WATTPRINT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$target"
+    echo "$hash $extras" >"$stamp"
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

@@ -16,6 +16,10 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
 fi
 # systemd-analyze (verify, security --offline) checks deploy/systemd/wattprint.service.
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+# A real systemd for the unit (tests/test_systemd_real.py): a Debian root made with
+# debootstrap, booted with systemd-nspawn.
+command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
 # A real one-node Slurm (tests/slurm.py): munge, slurmctld + slurmd + clients, and for
 # accounting slurmdbd with MariaDB.
 command -v munged >/dev/null 2>&1 || missing+=(munge)
@@ -40,7 +44,10 @@ status=0
 # (tests/conftest.py checks WATTPRINT_TEST_PIDNS).
 pytest_cmd=("$WATTPRINT_VENV/bin/python" -m pytest "$@")
 if unshare --pid --fork --mount-proc true >/dev/null 2>&1; then
-    WATTPRINT_TEST_PIDNS=1 unshare --pid --fork --kill-child --mount-proc "${pytest_cmd[@]}" || status=$?
+    # bash is the namespace's PID 1: it reaps orphans (pytest as PID 1 would not, and
+    # every process that outlives its parent would stay a zombie).
+    WATTPRINT_TEST_PIDNS=1 unshare --pid --fork --kill-child --mount-proc \
+        bash -c '"$@"; exit $?' wattprint-test-init "${pytest_cmd[@]}" || status=$?
 else
     echo "wattprint: cannot create a PID namespace (not root?): tests see every process on this machine" >&2
     "${pytest_cmd[@]}" || status=$?
@@ -75,7 +82,8 @@ if [ "$#" -eq 0 ] || [ "${WATTPRINT_NVML_FLOOR:-0}" = "1" ]; then
         echo "wattprint: GPU tests again against nvidia-ml-py $floor (the floor)" >&2
         floor_cmd=("$floor_venv/bin/python" -m pytest -p no:cacheprovider "${floor_tests[@]}")
         if unshare --pid --fork --mount-proc true >/dev/null 2>&1; then
-            WATTPRINT_TEST_PIDNS=1 unshare --pid --fork --kill-child --mount-proc "${floor_cmd[@]}" || floor_status=$?
+            WATTPRINT_TEST_PIDNS=1 unshare --pid --fork --kill-child --mount-proc \
+                bash -c '"$@"; exit $?' wattprint-test-init "${floor_cmd[@]}" || floor_status=$?
         else
             "${floor_cmd[@]}" || floor_status=$?
         fi

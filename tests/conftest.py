@@ -139,7 +139,8 @@ def labelled_process() -> Iterator[Callable[[str], subprocess.Popen]]:
 
 @pytest.fixture
 def slurm_factory(tmp_path: Path) -> Iterator[Callable[..., "SlurmCluster"]]:
-    """Call with ``(extra_conf="", accounting=False, env=None)`` to get a started
+    """Call with ``(extra_conf="", accounting=False, env=None, **SlurmCluster keywords
+    such as nodes=2, scheduler=...)`` to get a started
     one-node Slurm (tests/slurm.py: munged, slurmctld, slurmd as root from tmp_path;
     with ``accounting=True`` also MariaDB + slurmdbd). ``env``: more variables for
     slurmctld (its EpilogSlurmctld sees them). Everything is stopped afterwards; a
@@ -151,7 +152,8 @@ def slurm_factory(tmp_path: Path) -> Iterator[Callable[..., "SlurmCluster"]]:
     started: list[Any] = []
     root = public_dir()  # jobs of other users need its spool and munge socket (tmp_path is 0700)
 
-    def start(extra_conf: str = "", accounting: bool = False, env: dict[str, str] | None = None) -> SlurmCluster:
+    def start(extra_conf: str = "", accounting: bool = False, env: dict[str, str] | None = None,
+              **cluster_kw: Any) -> SlurmCluster:
         base = root / f"slurm-{len(started)}"
         munge = Munge(base / "munge")
         munge.start()
@@ -161,7 +163,7 @@ def slurm_factory(tmp_path: Path) -> Iterator[Callable[..., "SlurmCluster"]]:
             acct = SlurmAccounting(base / "acct", munge)
             started.append(acct)
             acct.start()
-        cluster = SlurmCluster(base, extra_conf=extra_conf, accounting=acct, munge=munge, ctld_env=env)
+        cluster = SlurmCluster(base, extra_conf=extra_conf, accounting=acct, munge=munge, ctld_env=env, **cluster_kw)
         started.append(cluster)
         cluster.start()
         if acct is not None:

@@ -149,7 +149,15 @@ class DaemonProcess:
 
 def sample(metrics: dict, name: str, **labels: str) -> float:
     key = (name, tuple(sorted(labels.items())))
-    return metrics[key]
+    if key in metrics:
+        return metrics[key]
+    # Series may carry more labels than a test names (GPU series have uuid and
+    # model_name too): the one series whose labels include the given ones.
+    want = set(labels.items())
+    found = [v for (n, ls), v in metrics.items() if n == name and want <= set(ls)]
+    if len(found) != 1:
+        raise KeyError((key, f"{len(found)} series match"))
+    return found[0]
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
 # binary -> Debian package that ships it
-DEBIAN_PACKAGES = {"influxd": "influxdb", "prometheus": "prometheus", "promtool": "prometheus"}
+DEBIAN_PACKAGES = {"influxd": "influxdb", "prometheus": "prometheus", "promtool": "prometheus",
+                   "systemd-nspawn": "systemd-container", "nsenter": "util-linux"}
 
 
 class ServerError(RuntimeError):

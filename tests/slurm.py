@@ -1,5 +1,6 @@
-"""A real one-node Slurm for tests: munged, slurmctld and slurmd (and, on request,
-MariaDB + slurmdbd for accounting) started as root from a temp dir.
+"""A real Slurm for tests: munged, slurmctld and slurmd (one node by default, or several
+nodes on this host, a slurmd each; and, on request, MariaDB + slurmdbd for accounting)
+started as root from a temp dir.
 
 Debian's slurm-wlm (22.05) starts here in about a second with:
 ``ProctrackType=proctrack/linuxproc`` and ``TaskPlugin=task/none`` (no cgroup set-up
@@ -44,6 +45,7 @@ SLURM_PACKAGES = {
     "slurmdbd": "slurmdbd", "mariadbd": "mariadb-server", "mariadb-install-db": "mariadb-server",
 }
 START_TIMEOUT_S = 30.0
+NODE_PREFIX = "wpn"  # names of the Slurm nodes of a several-node cluster: wpn1, wpn2, ...
 
 
 def slurm_binary(name: str) -> str:
@@ -143,9 +145,9 @@ AuthInfo=socket={munge_socket}
 StateSaveLocation={dir}/state
 SlurmdSpoolDir={dir}/spool/%n
 SlurmctldPidFile={dir}/run/slurmctld.pid
-SlurmdPidFile={dir}/run/slurmd.pid
+SlurmdPidFile={dir}/run/slurmd-%n.pid
 SlurmctldLogFile={dir}/slurmctld.log
-SlurmdLogFile={dir}/slurmd.log
+SlurmdLogFile={dir}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -153,7 +155,7 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 SwitchType=switch/none
 MpiDefault=none
-SchedulerType=sched/builtin
+SchedulerType={scheduler}
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
@@ -164,10 +166,12 @@ MinJobAge=300
 KillWait=2
 Waittime=0
 MessageTimeout=10
+# The node's CPUs as configured, not as detected: tests need a few (srun -n2, arrays).
+SlurmdParameters=config_overrides
 {accounting}
 {extra}
-NodeName={host} NodeAddr={addr} CPUs={cpus} RealMemory=1000 State=UNKNOWN
-PartitionName={partition} Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:8
+{node_lines}
+PartitionName={partition} Nodes={node_names} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:8
 """
 
 
@@ -176,15 +180,26 @@ class SlurmCluster:
 
     ``extra_conf``: more slurm.conf lines (TaskEpilog=..., Prolog=...).
     ``accounting``: a started ``SlurmAccounting`` to store jobs in.
+    ``nodes``: more than 1 gives that many Slurm nodes on this host, ``<prefix>1`` ..
+    ``<prefix>N`` (``NODE_PREFIX``), each a slurmd of its own (``slurmd -N <name>``)
+    on a port of its own (``NodeHostname`` this host): multi-node jobs
+    (``SLURM_JOB_NODELIST=wpn[1-2]``) and heterogeneous jobs, whose components
+    Slurm 22.05 never places on one node (measured: the backfill scheduler plans the
+    second component after the first ends), run for real.
+    ``scheduler``: ``SchedulerType`` (heterogeneous jobs need ``sched/backfill``;
+    ``SchedulerParameters=bf_interval=1`` then starts them within a second or two).
     """
 
     def __init__(self, base_dir: Path, *, extra_conf: str = "", accounting: "SlurmAccounting | None" = None,
-                 munge: Munge | None = None, partition: str = "gpu", ctld_env: dict[str, str] | None = None) -> None:
+                 munge: Munge | None = None, partition: str = "gpu", ctld_env: dict[str, str] | None = None,
+                 nodes: int = 1, scheduler: str = "sched/builtin") -> None:
         self.dir = Path(base_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o755)  # jobs of other users write their output here
         self.host = socket.gethostname().split(".")[0]
-        for sub in ("state", "spool", f"spool/{self.host}", "run"):
+        # Slurm's node names: this host's name for one node, else wpn1 .. wpnN on this host.
+        self.nodes = [self.host] if nodes <= 1 else [f"{NODE_PREFIX}{i}" for i in range(1, nodes + 1)]
+        for sub in ("state", "spool", "run", *(f"spool/{n}" for n in self.nodes)):
             (self.dir / sub).mkdir(exist_ok=True)
         # Scripts, working directory and output of jobs of any user. Jobs of other users
         # also need the spool and munge directories: ``base_dir`` and its parents must
@@ -203,19 +218,29 @@ class SlurmCluster:
             acct = (f"AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost={LOOPBACK}\n"
                     f"AccountingStoragePort={accounting.dbd_port}\nAccountingStoragePass={self.munge.socket}\n"
                     "AccountingStorageEnforce=associations\nJobCompType=jobcomp/none")
-        ports = distinct_ports(2)
+        ports = distinct_ports(1 + len(self.nodes))
+        cpus = max(4, os.cpu_count() or 1)
+        if nodes <= 1:
+            node_lines = f"NodeName={self.host} NodeAddr={LOOPBACK} CPUs={cpus} RealMemory=1000 State=UNKNOWN"
+            node_names = self.host
+        else:
+            node_lines = "\n".join(f"NodeName={n} NodeHostname={self.host} NodeAddr={LOOPBACK} Port={port} CPUs={cpus} "
+                                   "RealMemory=1000 State=UNKNOWN" for n, port in zip(self.nodes, ports[1:]))
+            node_names = f"{NODE_PREFIX}[1-{len(self.nodes)}]"
         self.conf.write_text(_SLURM_CONF.format(
             dir=self.dir, cluster=self.cluster, host=self.host, addr=LOOPBACK, ctld_port=ports[0],
-            slurmd_port=ports[1], munge_socket=self.munge.socket, cpus=os.cpu_count() or 1,
-            partition=partition, accounting=acct, extra=extra_conf))
+            slurmd_port=ports[1], munge_socket=self.munge.socket, node_lines=node_lines, node_names=node_names,
+            scheduler=scheduler, partition=partition, accounting=acct, extra=extra_conf))
         os.chmod(self.conf, 0o644)
         self.ctld = _EnvProcess("slurmctld", [slurm_binary("slurmctld"), "-D", "-i", "-f", str(self.conf)],
                                 self.dir / "slurmctld.out", env=self.env({**os.environ, **(ctld_env or {})}))
         # Under a subreaper: slurmstepd detaches from slurmd, and in the test suite's PID
         # namespace its init is pytest, which never reaps orphans; their zombies would
         # look like live job processes.
-        self.slurmd = _Process("slurmd", [sys.executable, "-c", _SUBREAPER, slurm_binary("slurmd"), "-D", "-f",
-                                          str(self.conf), "-N", self.host], self.dir / "slurmd.out")
+        self.slurmds = [_Process(f"slurmd {n}", [sys.executable, "-c", _SUBREAPER, slurm_binary("slurmd"), "-D", "-f",
+                                                 str(self.conf), "-N", n], self.dir / f"slurmd-{n}.out")
+                        for n in self.nodes]
+        self.slurmd = self.slurmds[0]
         for client in ("sbatch", "squeue", "scontrol", "srun"):
             slurm_binary(client)
 
@@ -235,9 +260,9 @@ class SlurmCluster:
         return done
 
     def log_tails(self) -> str:
-        parts = [self.munge.process, self.ctld, self.slurmd]
+        parts = [self.munge.process, self.ctld, *self.slurmds]
         out = [f"--- {p.name} ---\n{p.log_tail()}" for p in parts]
-        for name in ("slurmctld.log", "slurmd.log"):
+        for name in ("slurmctld.log", *(f"slurmd-{n}.log" for n in self.nodes)):
             try:
                 out.append(f"--- {name} ---\n" + "\n".join((self.dir / name).read_text(errors="replace").splitlines()[-30:]))
             except OSError:
@@ -246,15 +271,18 @@ class SlurmCluster:
 
     def _node_idle(self) -> bool:
         done = self.run("sinfo", "-h", "-N", "-o", "%t", check=False, timeout=10)
-        return done.returncode == 0 and done.stdout.strip() in ("idle", "mix", "alloc")
+        states = done.stdout.split()
+        return (done.returncode == 0 and len(states) == len(self.nodes)
+                and all(s in ("idle", "mix", "alloc") for s in states))
 
     def start(self) -> None:
         if self._own_munge:
             self.munge.start()
         self.ctld.start()
-        self.slurmd.start()
+        for slurmd in self.slurmds:
+            slurmd.start()
         try:
-            _wait("slurm node", self._node_idle, START_TIMEOUT_S, [self.munge.process, self.ctld, self.slurmd])
+            _wait("slurm node", self._node_idle, START_TIMEOUT_S, [self.munge.process, self.ctld, *self.slurmds])
         except ServerError as exc:
             self.stop()
             raise ServerError(f"{exc}\n{self.log_tails()}") from None
@@ -265,7 +293,8 @@ class SlurmCluster:
             self.run("scancel", "--full", "-u", "root", check=False, timeout=10)
             for uid_name in ("nobody",):
                 self.run("scancel", "--full", "-u", uid_name, check=False, timeout=10)
-        self.slurmd.stop()
+        for slurmd in self.slurmds:
+            slurmd.stop()
         self.ctld.stop()
         if self._own_munge:
             self.munge.stop()

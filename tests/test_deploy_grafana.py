@@ -249,6 +249,56 @@ def referenced_variables(text: str) -> set[str]:
     return {next(g for g in m.groups() if g) for m in VAR_REF.finditer(text)}
 
 
+DS_VAR = re.compile(r"^\$\{([A-Za-z0-9_]+)\}$")
+
+
+def datasource_variables(dashboard: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in dashboard["templating"]["list"] if v.get("type") == "datasource"}
+
+
+def resolved_uid(dashboard: dict[str, Any], ds: dict[str, Any]) -> str:
+    """A panel's data source uid as provisioning resolves it: ``${DS_X}`` is the data
+    source variable DS_X, whose current value is the provisioned uid (a UI import with
+    ``__inputs`` replaces ``${DS_X}`` by the data source picked instead)."""
+    m = DS_VAR.match(str(ds.get("uid", "")))
+    if m is None:
+        return str(ds.get("uid"))
+    variable = datasource_variables(dashboard)[m.group(1)]
+    assert variable["query"] == ds["type"], f"{m.group(1)}: a {variable['query']} variable for a {ds['type']} panel"
+    return str(variable["current"]["value"])
+
+
+def test_dashboards_import_with_inputs() -> None:
+    """Grafana's UI import asks for each ``__inputs`` data source and substitutes
+    ``${NAME}``: every data source the panels and variables name is such an input, of
+    the right plugin, and a data source variable of the same name makes the same JSON
+    work when provisioned."""
+    for dash in dashboards():
+        inputs = {i["name"]: i for i in dash["__inputs"]}
+        assert inputs and all(i["type"] == "datasource" for i in inputs.values()), dash["uid"]
+        used: set[tuple[str, str]] = set()
+        for panel in query_panels(dash):
+            used.add((panel["datasource"]["uid"], panel["datasource"]["type"]))
+            used |= {(t["datasource"]["uid"], t["datasource"]["type"]) for t in panel["targets"] if "datasource" in t}
+        for variable in dash["templating"]["list"]:
+            if variable.get("type") != "datasource":
+                used.add((variable["datasource"]["uid"], variable["datasource"]["type"]))
+        for uid, typ in used:
+            m = DS_VAR.match(uid)
+            assert m is not None, f"{dash['uid']}: data source {uid!r} is not an import input"
+            assert inputs[m.group(1)]["pluginId"] == typ
+        assert {m for u, _ in used for m in [DS_VAR.match(u).group(1)]} == set(inputs)  # type: ignore[union-attr]
+        assert set(datasource_variables(dash)) == set(inputs)
+        assert {resolved_uid(dash, {"uid": uid, "type": typ}) for uid, typ in used} <= set(datasources())
+
+
+def test_intensity_panels_have_a_gco2e_per_kwh_unit() -> None:
+    panels = [(d["uid"], p) for d in dashboards() for p in query_panels(d) if "intensity" in p["title"].lower()]
+    assert len(panels) == 2
+    for uid, panel in panels:
+        assert panel["fieldConfig"]["defaults"]["unit"] == "suffix: gCO2e/kWh", (uid, panel["title"])
+
+
 def test_dashboards_are_valid_for_provisioning() -> None:
     assert {p.name for p in DASHBOARD_FILES} == {"wattprint-live.json", "wattprint-jobs.json"}
     by_uid = datasources()
@@ -278,8 +328,9 @@ def test_dashboards_are_valid_for_provisioning() -> None:
             title = f"{where}: panel {panel.get('title')!r}"
             ds = panel.get("datasource")
             assert isinstance(ds, dict) and set(ds) == {"type", "uid"}, f"{title}: datasource must be {{type, uid}}"
-            assert ds["uid"] in by_uid, f"{title}: unknown data source uid {ds['uid']!r}"
-            assert ds["type"] == by_uid[ds["uid"]]["type"], f"{title}: data source type mismatch"
+            uid = resolved_uid(dash, ds)
+            assert uid in by_uid, f"{title}: unknown data source uid {uid!r}"
+            assert ds["type"] == by_uid[uid]["type"], f"{title}: data source type mismatch"
             targets = panel.get("targets") or []
             assert targets, f"{title}: no targets"
             ref_ids = [t.get("refId") for t in targets]
@@ -298,8 +349,11 @@ def test_dashboards_are_valid_for_provisioning() -> None:
                                 ("host", "job_id", "label", "user", "kind", "device", "zone", "provider")}), title
 
         for name, variable in variables.items():
+            if variable.get("type") == "datasource":
+                assert variable["current"]["value"] in by_uid, f"{where}: variable {name} default"
+                continue
             ds = variable.get("datasource")
-            assert isinstance(ds, dict) and ds.get("uid") in by_uid, f"{where}: variable {name} data source"
+            assert isinstance(ds, dict) and resolved_uid(dash, ds) in by_uid, f"{where}: variable {name} data source"
             assert variable_query(variable), f"{where}: variable {name} has no query"
             assert not (referenced_variables(variable_query(variable)) - defined), f"{where}: variable {name}"
     assert len(uids) == len(set(uids)), "dashboard uids must be unique"
@@ -336,7 +390,7 @@ def all_queries(ds_type: str) -> list[tuple[str, str, dict[str, Any]]]:
             for target in panel["targets"]:
                 out.append((f"{dash['uid']}: {panel['title']} [{target['refId']}]", target_query(target, ds_type), target))
         for variable in dash["templating"]["list"]:
-            if variable["datasource"]["type"] == ds_type:
+            if variable.get("type") != "datasource" and variable["datasource"]["type"] == ds_type:
                 out.append((f"{dash['uid']}: variable {variable['name']}", variable_query(variable), {}))
     return out
 
@@ -495,7 +549,14 @@ def test_prometheus_panels_parse_and_return_data(
                         lambda r: bool(r) and float(r[0]["value"][1]) >= 3, timeout=30)
 
     all_values = {"host": ".*", "label": ".*", "user": ".*"}
-    run_prometheus_queries(prometheus, all_values)
+    every = run_prometheus_queries(prometheus, all_values)
+    # Fleet (per label) and per-user tables: each label / user has one job here, so its
+    # row is that job's row of the per-job table (read a scrape or two apart).
+    per_job = totals_by_job(every[per_job_where("wattprint-live", "Per-job energy and CO2e", "kWh")], influx=False)
+    for key, title in (("label", "Energy and CO2e per label, across hosts"), ("user", "Energy and CO2e per user")):
+        rows = {r["metric"][key]: float(r["value"][1]) for r in every[per_job_where("wattprint-live", title, "kWh")]}
+        index = 1 if key == "label" else 2
+        assert rows == pytest.approx({job[index]: per_job[job[0]] for job in JOBS}, rel=0.05), (key, rows)
     jid, label, user = JOBS[0]
     concrete = {"host": prom_regex_escape(target.host_port), "label": prom_regex_escape(label),
                 "user": prom_regex_escape(user)}
@@ -556,9 +617,12 @@ def influx_points(now: float) -> tuple[str, dict[str, dict[str, float]]]:
         for kind, value in (("actual", 80.0 + h), ("forecast", 85.0 + h)):
             if kind == "actual" and h > 0:
                 continue
-            line = grid_intensity_line(zone="DK1", provider="energidataservice", kind=kind, g_per_kwh=value, at_s=at)
-            assert line is not None
-            lines.append(line)
+            line = grid_intensity_line(zone="DK1", provider="energidataservice", kind=kind, g_per_kwh=value, at_s=at,
+                                       host="gpu-node-01")
+            other = grid_intensity_line(zone="GB", provider="carbonintensity_uk", kind=kind, g_per_kwh=200.0, at_s=at,
+                                        host="gpu-node-02")
+            assert line is not None and other is not None
+            lines += [line, other]
     return "\n".join(lines) + "\n", totals
 
 
@@ -570,7 +634,20 @@ def test_influxql_panels_parse_and_return_data(influxdb_server: InfluxServer) ->
     influxdb_server.write(lines, db="wattprint")
 
     since, until = now - 3600, now + 3600
-    run_influx_queries(influxdb_server, {"host": ".*", "label": ".*", "user": ".*"}, since, until)
+    every = run_influx_queries(influxdb_server, {"host": ".*", "label": ".*", "user": ".*"}, since, until)
+    # Fleet and per-user tables: per label / per user, the totals that went in.
+    for key, ref_field in (("label", 1), ("user", 2)):
+        title = "Energy and CO2e per label, across hosts" if key == "label" else "Energy and CO2e per user"
+        got_kwh = {s["tags"][key]: float(s["values"][0][1]) for s in every[per_job_where("wattprint-jobs", title, "kWh")]}
+        got_co2e = {s["tags"][key]: float(s["values"][0][1]) for s in every[per_job_where("wattprint-jobs", title, "CO2e")]}
+        want_kwh: dict[str, float] = {}
+        want_co2e: dict[str, float] = {}
+        for job in JOBS:
+            want_kwh[job[ref_field]] = want_kwh.get(job[ref_field], 0.0) + totals[job[0]]["energy_kwh"]
+            want_co2e[job[ref_field]] = want_co2e.get(job[ref_field], 0.0) + totals[job[0]]["co2e_g"]
+        assert got_kwh == pytest.approx(want_kwh, rel=1e-9) and got_co2e == pytest.approx(want_co2e, rel=1e-9)
+    grid_all = next(v for k, v in every.items() if "forecast vs actual" in k)
+    assert {s["tags"]["zone"] for s in grid_all} == {"DK1", "GB"}
     jid, label, user = JOBS[1]
     results = run_influx_queries(
         influxdb_server,
@@ -583,9 +660,11 @@ def test_influxql_panels_parse_and_return_data(influxdb_server: InfluxServer) ->
     assert kwh[jid] == pytest.approx(totals[jid]["energy_kwh"], rel=1e-9)
     assert co2e[jid] == pytest.approx(totals[jid]["co2e_g"], rel=1e-9)
 
-    # Forecast and actual come out as separate series of the grid panel.
+    # Forecast and actual come out as separate series of the grid panel, for the selected
+    # host's zone only ($host: gpu-node-02's GB points are not shown).
     grid = next(v for k, v in results.items() if "forecast vs actual" in k)
     assert {s["tags"]["kind"] for s in grid} == {"actual", "forecast"}
+    assert {s["tags"]["zone"] for s in grid} == {"DK1"}
 
 
 def test_influxql_typo_is_reported(influxdb_server: InfluxServer) -> None:

@@ -25,7 +25,7 @@ import urllib.parse
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon_harness import DaemonProcess, sample, scrape, wait_ticks
+from daemon_harness import DaemonProcess, scrape, wait_ticks
 from e2e_truth import CPU_ABS_S, CPU_REL, INVISIBLE_PID, descendants, follow
 from gpusim import gpu, proc, write_sim
 from powercap import PowercapTree
@@ -47,13 +47,6 @@ BURNER = "buf = bytearray(64 << 20)\nfor i in range(0, len(buf), 4096): buf[i] =
 A_GPU_W = 0.6 * GPU_W + 0.5 * GPU1_W
 B_GPU_W = 0.2 * GPU_W + 0.5 * GPU1_W
 UNATTRIBUTED_GPU_W = 0.2 * GPU_W
-
-
-def rate(m1: dict, m2: dict, name: str, **labels: str) -> float:
-    """Average rate of a counter between two scrapes, using the snapshot's own timestamp."""
-    t1 = sample(m1, "wattprint_last_tick_timestamp_seconds")
-    t2 = sample(m2, "wattprint_last_tick_timestamp_seconds")
-    return (sample(m2, name, **labels) - sample(m1, name, **labels)) / (t2 - t1)
 
 
 def sim_gpus(a_pid: int, b_pid: int, **extra) -> list[dict]:

@@ -58,6 +58,15 @@ def scrape(daemon: DaemonProcess) -> dict:
     return daemon.metrics()
 
 
+def _value(m: dict, name: str, labels: dict[str, str]) -> float:
+    """The series ``name`` whose labels include ``labels`` (GPU series also carry uuid
+    and model_name); 0 when there is none yet; an error when several match."""
+    want = set(labels.items())
+    found = [v for (n, ls), v in m.items() if n == name and want <= set(ls)]
+    assert len(found) <= 1, (name, labels, found)
+    return found[0] if found else 0.0
+
+
 class Window:
     """What was booked between two scrapes: device, job and unattributed GPU joules."""
 
@@ -68,8 +77,7 @@ class Window:
         self.ticks = sample(m2, "wattprint_ticks_total") - sample(m1, "wattprint_ticks_total")
 
     def delta(self, name: str, **labels: str) -> float:
-        key = (name, tuple(sorted(labels.items())))
-        return self.m2.get(key, 0.0) - self.m1.get(key, 0.0)
+        return _value(self.m2, name, labels) - _value(self.m1, name, labels)
 
     def device_j(self, device: str) -> float:
         return self.delta("wattprint_device_energy_joules_total", kind="gpu", device=device)

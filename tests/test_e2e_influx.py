@@ -24,7 +24,7 @@ import urllib.parse
 
 import pytest
 
-from daemon_harness import DaemonProcess, sample, scrape
+from daemon_harness import DaemonProcess, sample, scrape, wait_ticks
 from e2e_truth import INVISIBLE_PID
 from gpusim import gpu, proc, write_sim
 from wattprint.exporters.lineprotocol import ns_from_s
@@ -49,10 +49,32 @@ def wait_drained(daemon: DaemonProcess, timeout_s: float = 30.0) -> None:
     while time.monotonic() < deadline:
         m = daemon.metrics()
         if sample(m, "wattprint_spool_oldest_age_seconds") < 1.5:
-            time.sleep(1.0)
+            wait_ticks(daemon, 1)  # the last tick's points, too
             return
         time.sleep(0.3)
     raise AssertionError(f"spool not drained:\n{daemon.log_tail()}")
+
+
+def wait_health(daemon: DaemonProcess, part: str, state: str, timeout_s: float = 30.0) -> dict[str, str]:
+    """Poll /healthz until ``part`` is in ``state``; return every part's state."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        health = {p["name"]: p["state"] for p in daemon.get("/healthz", allow_error=True)["parts"]}
+        if health.get(part) == state or time.monotonic() > deadline:
+            assert health.get(part) == state, (health, daemon.log_tail())
+            return health
+        wait_ticks(daemon, 1)
+
+
+def wait_job_state(daemon: DaemonProcess, quoted_id: str, state: str, timeout_s: float = 30.0) -> dict:
+    """Poll the job's API record (once per daemon tick) until it is in ``state``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = daemon.get(f"/api/v1/jobs/{quoted_id}")
+        if job["state"] == state or time.monotonic() > deadline:
+            assert job["state"] == state, (job, daemon.log_tail())
+            return job
+        wait_ticks(daemon, 1)
 
 
 def gpu_timestamps(influx, since_s: float) -> list[int]:
@@ -85,14 +107,13 @@ def test_totals_outage_and_crash(tmp_path, labelled, influxdb_server):
         job = daemon.wait_for_job("influx-job")
         quoted = urllib.parse.quote(job["id"], safe="")
         run1_start = scrape(daemon)
-        time.sleep(3)
+        wait_ticks(daemon, 3)
 
         # 1. An outage: points wait in the spool, then arrive; no gap, no duplicate.
         influxdb_server.stop()
-        time.sleep(4)
+        wait_ticks(daemon, 4)
         assert sample(daemon.metrics(), "wattprint_spool_pending_points") > 0
-        health = {p["name"]: p["state"] for p in daemon.get("/healthz")["parts"]}
-        assert health["influxdb"] == "degraded"
+        health = wait_health(daemon, "influxdb", "degraded")
         assert health["gpu"] == "ok"  # sampling goes on
         influxdb_server.start()
         wait_drained(daemon)
@@ -102,7 +123,7 @@ def test_totals_outage_and_crash(tmp_path, labelled, influxdb_server):
 
         # 2. A daemon crash during an outage: what it accepted is replayed after restart.
         influxdb_server.stop()
-        time.sleep(3)
+        wait_ticks(daemon, 3)
         before_kill = daemon.get(f"/api/v1/jobs/{quoted}")["last_seen"]
         run1_end = scrape(daemon)
         daemon.kill()
@@ -110,7 +131,7 @@ def test_totals_outage_and_crash(tmp_path, labelled, influxdb_server):
         daemon.start()
         restarted_at = time.time()
         run2_start = scrape(daemon)
-        time.sleep(2)
+        wait_ticks(daemon, 2)
         influxdb_server.start()
         wait_drained(daemon)
 
@@ -129,9 +150,7 @@ def test_totals_outage_and_crash(tmp_path, labelled, influxdb_server):
             device = last.device_j("gpu") - first.device_j("gpu")
             assert gained == pytest.approx(0.8 * device, rel=1e-6)
             assert last.unattributed_j("gpu") - first.unattributed_j("gpu") == pytest.approx(0.2 * device, rel=1e-6)
-        time.sleep(2.5)
-        job = daemon.get(f"/api/v1/jobs/{quoted}")
-        assert job["state"] == "finished"
+        job = wait_job_state(daemon, quoted, "finished")
         assert daemon.stop() == 0
         [[_, influx_j]] = influxdb_server.series_values(
             'SELECT sum("joules") FROM "job_energy" WHERE "job_id" = $id', db=DB, params={"id": job["id"]})

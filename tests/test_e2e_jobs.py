@@ -34,7 +34,12 @@ from powercap import PowercapTree
 
 SLEEP = "import time; time.sleep(300)"
 BURN = "import time\nwhile True: pass"
-LABEL_VAR = f"WATTPRINT_E2E_{os.getpid()}"  # a label variable only this module's jobs carry
+# A label variable only this module's jobs carry, and the daemons read only it: labelled
+# processes of other tests on the machine (outside the suite's PID namespace) are then no
+# jobs here, cannot push these labels over max_labels_per_user, and leave the expected
+# unattributed energy alone.
+LABEL_VAR = f"WATTPRINT_E2E_{os.getpid()}"
+JOBS_TOML = f'[jobs]\nlabel_env = ["{LABEL_VAR}"]\n'
 HALF_BURN = "import time\nwhile True:\n    t = time.time()\n    while time.time() - t < 0.05: pass\n    time.sleep(0.05)"
 
 
@@ -44,7 +49,7 @@ class Procs:
     def __init__(self) -> None:
         self.started: list[subprocess.Popen] = []
 
-    def start(self, code: str, label: str | None = None, var: str = "WATTPRINT_JOB") -> subprocess.Popen:
+    def start(self, code: str, label: str | None = None, var: str = LABEL_VAR) -> subprocess.Popen:
         env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID", LABEL_VAR)}
         if label is not None:
             env[var] = label
@@ -136,7 +141,7 @@ def test_launcher_with_gpu_workers_and_dataloaders_is_one_job(tmp_path, procs):
                                                      proc(INVISIBLE_PID, used_memory_bytes=None, sm_util=20)]),
                     gpu(1, power_w=100.0, processes=[proc(workers[1], used_memory_bytes=1 << 30, sm_util=60),
                                                      proc(loaders[2], used_memory_bytes=1 << 30)])])
-    daemon = DaemonProcess(tmp_path, sim_file=sim, powercap_root=None)
+    daemon = DaemonProcess(tmp_path, sim_file=sim, powercap_root=None, extra_toml=JOBS_TOML)
     try:
         daemon.start()
         deadline = time.monotonic() + 20
@@ -181,7 +186,7 @@ def test_two_jobs_share_a_gpu_three_to_one(tmp_path, procs):
                                                      proc(c.pid, used_memory_bytes=None)]),
                     gpu(1, power_w=80.0, processes=[proc(a.pid, used_memory_bytes=None),
                                                     proc(c.pid, used_memory_bytes=None)])])
-    daemon = DaemonProcess(tmp_path, sim_file=sim, powercap_root=None, extra_toml="")
+    daemon = DaemonProcess(tmp_path, sim_file=sim, powercap_root=None, extra_toml=JOBS_TOML)
     try:
         daemon.start()
         ids = {name: daemon.wait_for_job(name)["id"] for name in ("job-a", "job-b")}
@@ -210,13 +215,13 @@ def test_cpu_energy_follows_cpu_time_and_is_conserved_per_bucket(tmp_path, procs
     pkg_w, dram_w = 40.0, 6.0
     tree = PowercapTree(tmp_path / "powercap")
     zones = tree.add_package(0, dram=True)
-    full = procs.start(BURN, label="burn-full", var=LABEL_VAR)
-    half = procs.start(HALF_BURN, label="burn-half", var=LABEL_VAR)
+    full = procs.start(BURN, label="burn-full")
+    half = procs.start(HALF_BURN, label="burn-half")
     # Only this test's processes are jobs (its own label variable), so the expected
     # unattributed CPU energy is known: labelled processes of other tests on the machine
     # would otherwise take their share of it.
     daemon = DaemonProcess(tmp_path, sim_file=None, powercap_root=tmp_path / "powercap",
-                           daemon_toml="bucket_s = 2", extra_toml=f'[jobs]\nlabel_env = ["{LABEL_VAR}"]\n')
+                           daemon_toml="bucket_s = 2", extra_toml=JOBS_TOML)
     with tree.start_feeding({zones["package"]: pkg_w, zones["dram"]: dram_w}, period_s=0.02):
         try:
             daemon.start()
@@ -244,7 +249,7 @@ def test_cpu_energy_follows_cpu_time_and_is_conserved_per_bucket(tmp_path, procs
 def test_pid_reuse_gives_two_jobs_end_to_end(tmp_path, procs):
     if os.geteuid() != 0 or not os.path.exists("/proc/sys/kernel/ns_last_pid"):
         pytest.skip("needs root and /proc/sys/kernel/ns_last_pid to force a PID to be reused")
-    daemon = DaemonProcess(tmp_path, sim_file=None, powercap_root=None)
+    daemon = DaemonProcess(tmp_path, sim_file=None, powercap_root=None, extra_toml=JOBS_TOML)
     try:
         daemon.start()
         first = procs.start(SLEEP, label="reused")
@@ -277,7 +282,7 @@ def test_job_that_ends_while_daemon_is_down_is_finished_after_restart(tmp_path, 
     # The job at 50 % SM next to an invisible process at 50 %: it gets half of 100 W.
     write_sim(sim, [gpu(0, power_w=100.0, processes=[proc(job_proc.pid, used_memory_bytes=None, sm_util=50),
                                                      proc(INVISIBLE_PID, used_memory_bytes=None, sm_util=50)])])
-    daemon = DaemonProcess(tmp_path, sim_file=sim, powercap_root=None)
+    daemon = DaemonProcess(tmp_path, sim_file=sim, powercap_root=None, extra_toml=JOBS_TOML)
     try:
         daemon.start()
         job_id = daemon.wait_for_job("short-lived")["id"]

@@ -76,7 +76,8 @@ def report(daemon: DaemonProcess, ref: str) -> subprocess.CompletedProcess[str]:
 def test_label_cap_counts_logs_once_and_lookups_find_the_job(tmp_path: Path, as_uid) -> None:
     uid, start = as_uid
     daemon = DaemonProcess(tmp_path, sim_file=None, powercap_root=None,
-                           env={"WATTPRINT_JOBS_MAX_LABELS_PER_USER": str(CAP)})
+                           env={"WATTPRINT_JOBS_MAX_LABELS_PER_USER": str(CAP),
+                                "WATTPRINT_JOBS_LABEL_CAP_HOLD_S": "3"})
     daemon.start()
     try:
         a, b = start("cap-a"), start("cap-b")
@@ -105,14 +106,26 @@ def test_label_cap_counts_logs_once_and_lookups_find_the_job(tmp_path: Path, as_
         text = daemon.log_path.read_text(errors="replace")
         assert text.count("label cap reached for user") == 1, text[-3000:]
 
-        # Below the cap again: the episode ends (once) and a new label is its own.
+        # Below the cap for a moment: a new label is its own, and the user is at the
+        # cap again at once: still one episode (hovering at the cap logs nothing more).
         os.killpg(a.pid, signal.SIGKILL)
         a.wait()
         e = start("cap-e")
         assert job_of(daemon, e.pid)["label"] == "cap-e"
         text = daemon.log_path.read_text(errors="replace")
-        assert text.count("below the label cap again") == 1, text[-3000:]
+        assert text.count("below the label cap again") == 0, text[-3000:]
         assert sample(daemon.metrics(), "wattprint_labels_overflow_total") == 2
+
+        # Below the cap for longer than [jobs] label_cap_hold_s (3 s): the episode ends, once.
+        os.killpg(e.pid, signal.SIGKILL)
+        e.wait()
+        deadline = time.monotonic() + 15
+        while "below the label cap again" not in daemon.log_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline, daemon.log_tail()
+            time.sleep(0.2)
+        text = daemon.log_path.read_text(errors="replace")
+        assert text.count("below the label cap again") == 1, text[-3000:]
+        assert text.count("label cap reached for user") == 1, text[-3000:]
     finally:
         assert daemon.stop() == 0
     assert "Traceback" not in daemon.log_path.read_text(errors="replace")

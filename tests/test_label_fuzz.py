@@ -161,8 +161,11 @@ def test_prometheus_exposition_stays_valid_and_exact(promtool_bin: str, jobs: li
             key = ("wattprint_job_energy_joules_total", frozenset({**ident, "kind": component}.items()))
             assert got[key] == joules
     info = [dict(labels) for name, labels in got if name == "wattprint_device_info"]
-    assert info == [{"kind": "gpu", "device": "gpu0", "name": _text(device_name), "source": "counter"}]
-    allowed = {"kind", "device", "name", "source", "job_id", "label", "user", "zone", "provider", "state"}
+    # GPU series also carry uuid and model_name (dcgm-exporter's UUID / modelName).
+    assert info == [{"kind": "gpu", "device": "gpu0", "name": _text(device_name), "source": "counter",
+                     "uuid": "", "model_name": _text(device_name)}]
+    allowed = {"kind", "device", "name", "source", "job_id", "label", "user", "zone", "provider", "state",
+               "uuid", "model_name"}
     assert all(set(dict(labels)) <= allowed for _, labels in got)
     # nothing a user wrote made a series of its own
     assert len([k for k in got if k[0].startswith("wattprint_job_")]) == sum(2 + len(j.energy_j) for j in jobs)

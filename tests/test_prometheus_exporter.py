@@ -19,6 +19,7 @@ from wattprint.exporters.prometheus import CONTENT_TYPE, SnapshotCollector, buil
 NASTY = 'lora "7b", run=1 {x} a\\b\\n\nnext\tline ü ✓ 🚀 # } \\'
 NASTY_USER = 'bob"}, evil="1'
 
+GPU_UUID = "GPU-5f8a3c1e-0b7d-4e2a-9c61-2d4b8e7f1a30"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -61,6 +62,7 @@ def full_snapshot(label: str = "lora-7b", user: str = "alice", counters: Mapping
                 power_w=140.5,
                 energy_j_total=2_000_000.0,
                 source="counter",
+                uuid=GPU_UUID,
             ),
             DeviceState(
                 kind="cpu", device="package-0", name="", power_w=35.25, energy_j_total=400_000.0, source="counter"
@@ -104,14 +106,17 @@ def test_full_snapshot_renders_exact_values() -> None:
     got = samples(scrape(full_snapshot()))
     job = {"job_id": "1234-1700000000", "label": "lora-7b", "user": "alice"}
     finished = {"job_id": "99-1699990000", "label": "", "user": "bob"}
+    gpu_ids = {"uuid": GPU_UUID, "model_name": "NVIDIA RTX A4000"}
     expected: Samples = {
-        series("wattprint_device_power_watts", kind="gpu", device="gpu0"): 140.5,
+        # GPU series: uuid and model_name (the shipped Prometheus config stores them as UUID, modelName)
+        series("wattprint_device_power_watts", kind="gpu", device="gpu0", **gpu_ids): 140.5,
         series("wattprint_device_power_watts", kind="cpu", device="package-0"): 35.25,
         series("wattprint_device_power_watts", kind="dram", device="dram-0"): 4.0,
-        series("wattprint_device_energy_joules_total", kind="gpu", device="gpu0"): 2_000_000.0,
+        series("wattprint_device_energy_joules_total", kind="gpu", device="gpu0", **gpu_ids): 2_000_000.0,
         series("wattprint_device_energy_joules_total", kind="cpu", device="package-0"): 400_000.0,
         series("wattprint_device_energy_joules_total", kind="dram", device="dram-0"): 50_000.0,
-        series("wattprint_device_info", kind="gpu", device="gpu0", name="NVIDIA RTX A4000", source="counter"): 1.0,
+        series("wattprint_device_info", kind="gpu", device="gpu0", name="NVIDIA RTX A4000", source="counter",
+               **gpu_ids): 1.0,
         series("wattprint_device_info", kind="cpu", device="package-0", name="", source="counter"): 1.0,
         series("wattprint_device_info", kind="dram", device="dram-0", name="", source="estimate"): 1.0,
         # "total" in energy_j is not a kind: summing over kind must not double-count
@@ -192,7 +197,8 @@ def test_untrusted_label_round_trips_exactly(promtool: str) -> None:
     assert {name for name, _ in got} == {name for name, _ in samples(scrape(full_snapshot()))}
     assert all(
         set(dict(labels))
-        <= {"kind", "device", "name", "source", "job_id", "label", "user", "zone", "provider", "state"}
+        <= {"kind", "device", "name", "source", "job_id", "label", "user", "zone", "provider", "state", "uuid",
+            "model_name"}
         for _, labels in got
     )
 
@@ -259,7 +265,7 @@ def test_one_broken_section_leaves_the_rest(promtool: str) -> None:
     body = scrape(snapshot)
     assert_promtool_ok(promtool, body)
     got = samples(body)
-    assert got[series("wattprint_device_power_watts", kind="gpu", device="gpu0")] == 100.0
+    assert got[series("wattprint_device_power_watts", kind="gpu", device="gpu0", uuid="", model_name="A4000")] == 100.0
     assert got[series("wattprint_ticks_total")] == 5.0
     assert got[series("wattprint_exporter_errors_total")] == 1.0
     assert not any(name.startswith("wattprint_job_") for name, _ in got)

@@ -931,7 +931,8 @@ def test_all_zones_renamed_at_once_are_found_in_the_same_read(tree: PowercapTree
         f"intel-rapl:0:1 (dram-0): vanished ({gone[1]} not found)",
     ]
     tree.advance("intel-rapl:1", 4_000_000)
-    assert by_device(src.read(2.0))["package-1"].energy_j == 4.0
+    got = by_device(src.read(2.0))["package-1"]
+    assert (got.energy_j, got.power_w, got.interval_s) == (4.0, 4.0, 1.0)  # timed from the read at 1.0
 
 
 def test_one_of_two_zones_vanishing_keeps_the_other_baseline(tree: PowercapTree) -> None:
@@ -941,3 +942,83 @@ def test_one_of_two_zones_vanishing_keeps_the_other_baseline(tree: PowercapTree)
     tree.remove_zone(z["dram"])
     tree.advance(z["package"], 6_000_000)
     assert [(r.device, r.energy_j) for r in src.read(1.0)] == [("package-0", 6.0)]
+
+
+def test_probe_names_every_readable_zone(tree: PowercapTree) -> None:
+    tree.add_package(0)
+    assert probe_rapl(str(tree.root)) == ("ok", f"package-0, dram-0 under {tree.root}")
+
+
+def test_unlistable_zone_directory_gets_the_default_bound(tree: PowercapTree, monkeypatch: pytest.MonkeyPatch) -> None:
+    tree.add_package(0, dram=False, core=False)
+    tree.set_constraint("intel-rapl:0", 0, power_limit_uw=50_000_000)
+    real_listdir = os.listdir
+
+    def listdir(path: str) -> list[str]:
+        if str(path).endswith("intel-rapl:0"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(rapl_mod.os, "listdir", listdir)
+    (zone,) = discover_zones(str(tree.root))
+    assert (zone.max_power_w, zone.max_power_basis) == (1000.0, DEFAULT_BASIS)
+
+
+def test_a_glitch_right_after_a_zone_comes_back_is_a_new_episode(tree: PowercapTree,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    tree.add_package(0, dram=False, core=False)
+    z1 = tree.add_package(1, dram=False, core=False, start_uj=5_000_000_000)
+    src = RaplSource(str(tree.root))
+    src.read(0.0)
+    tree.advance(z1["package"], 30_000_000)
+    src.read(1.0)  # 30 W trusted
+    tree.set_energy(z1["package"], tree.energy(z1["package"]) - 1_000_000)
+    src.read(2.0)  # an episode, still open when the zone vanishes
+    tree.remove_zone(z1["package"])
+    src.read(3.0)
+    tree.add_package(1, dram=False, core=False, start_uj=7_000_000_000)
+    src.read(4.0)  # back: a baseline
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="wattprint.sources.rapl")
+    tree.set_energy(z1["package"], 6_999_000_000)
+    (r,) = [r for r in src.read(5.0) if r.device == "package-1"]
+    assert (r.energy_j, r.source) == (0.0, "estimate")  # the 30 W from before are forgotten
+    assert [rec.levelname for rec in caplog.records] == ["WARNING"]
+    assert "interval booked as 0 J (no trusted power yet)" in caplog.records[0].getMessage()
+
+
+def test_glitch_hold_keeps_one_episode_across_glitches(tmp_path: Path) -> None:
+    """With glitch_hold_s = 10, glitches 3 s apart stay one episode: the same problem
+    text on every read in between (health does not flap, nothing is logged again), and
+    the episode ends only after 10 s of trusted reads."""
+    tree = PowercapTree(tmp_path)
+    zone = tree.add_zone("intel-rapl:0", "package-0", start_uj=1_000_000_000)
+    src = RaplSource(str(tree.root), include_dram=False, glitch_hold_s=10.0)
+    src.read(0.0)
+    value = 1_000_000_000
+    problems_per_read = []
+    for t in range(1, 20):
+        value += 50_000_000  # 50 J/s: trusted
+        if t in (2, 5):
+            value += 10_000_000_000  # +10 kJ in a second: no package can
+        tree.set_energy(zone, value)
+        src.read(float(t))
+        problems_per_read.append(src.problems())
+    text = problems_per_read[1]
+    assert len(text) == 1 and "faster than the zone's max power" in text[0]
+    # t = 2 .. 14 (10 s after the last glitch at t = 5): the same single problem.
+    assert all(p == text for p in problems_per_read[1:14]), problems_per_read
+    assert all(p == [] for p in problems_per_read[14:]), problems_per_read
+    assert src.counter_glitches() == {("package-0", "jump"): 2}
+
+
+def test_without_a_hold_the_next_trusted_read_ends_the_episode(tree: PowercapTree) -> None:
+    z = tree.add_package(0, dram=False, core=False, start_uj=1_000_000_000)
+    src = RaplSource(str(tree.root))  # glitch_hold_s defaults to 0: no hold
+    src.read(0.0)
+    tree.set_energy(z["package"], 999_000_000)
+    src.read(1.0)
+    assert src.problems() == [glitch_problem("intel-rapl:0 (package-0)", "backwards")]
+    tree.advance(z["package"], 1_000_000)
+    src.read(1.5)  # half a second later: trusted, and the episode is over
+    assert src.problems() == []

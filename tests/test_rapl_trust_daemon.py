@@ -178,7 +178,9 @@ def test_rapl_counter_glitches_in_the_real_daemon(tmp_path: Path) -> None:
     tree = PowercapTree(tmp_path / "powercap")
     tree.add_package(0, dram=False, core=False, start_uj=100_000_000_000)
     feeder = GlitchFeeder(tree, PKG, RATE_W, start_uj=100_000_000_000)
-    daemon = DaemonProcess(tmp_path, sim_file=None, powercap_root=tree.root)
+    # Hold 0: each glitch is an episode of its own here (the hold has its own test).
+    daemon = DaemonProcess(tmp_path, sim_file=None, powercap_root=tree.root,
+                           env={"WATTPRINT_CPU_GLITCH_HOLD_S": "0"})
     poller: HostPoller | None = None
     try:
         daemon.start()
@@ -255,3 +257,36 @@ def test_intel_range_is_the_default_of_the_simulated_tree(tmp_path: Path) -> Non
     tree = PowercapTree(tmp_path / "powercap")
     tree.add_package(0, dram=False, core=False)
     assert tree.max_energy_range_uj(PKG) == INTEL_MAX_ENERGY_RANGE_UJ
+
+
+def test_a_counter_that_keeps_glitching_is_one_episode(tmp_path: Path) -> None:
+    """Four impossible jumps two seconds apart with [cpu] glitch_hold_s = 5: one
+    degraded episode (one warning, one recovery), degraded all along, never the
+    degraded/ok pair per glitch that would flood the log on a flaky counter."""
+    tree = PowercapTree(tmp_path / "powercap")
+    tree.add_package(0, dram=False, core=False, start_uj=100_000_000_000)
+    feeder = GlitchFeeder(tree, PKG, RATE_W, start_uj=100_000_000_000)
+    daemon = DaemonProcess(tmp_path, sim_file=None, powercap_root=tree.root,
+                           env={"WATTPRINT_CPU_GLITCH_HOLD_S": "5"})
+    try:
+        daemon.start()
+        wait_rapl(daemon, "ok")
+        states = []
+        for _ in range(4):
+            feeder.shift(10_000_000_000)  # +10 kJ at once (4 of them stay inside the range: no wrap)
+            wait_rapl(daemon, "degraded", "rose faster than the zone's max power allows")
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                states.append(rapl_part(daemon)["state"])
+                time.sleep(0.2)
+        assert set(states) == {"degraded"}, states  # held between glitches
+        wait_rapl(daemon, "ok")  # 5 s after the last one
+        m = daemon.metrics()
+        assert sample(m, "wattprint_counter_glitches_total", source="rapl", device="package-0", reason="jump") == 4
+        assert len(log_lines(daemon, "wattprint.health: rapl degraded:")) == 1
+        assert len(log_lines(daemon, "wattprint.health: rapl recovered")) == 1
+        source_warnings = [ln for ln in log_lines(daemon, "wattprint.sources.rapl:") if " WARNING " in ln]
+        assert len(source_warnings) == 1, source_warnings
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()

@@ -4,6 +4,8 @@ matching the daemon's API within the printed rounding."""
 
 from __future__ import annotations
 
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,12 +28,16 @@ def test_slurmctld_epilog_writes_energy_into_admin_comment(tmp_path, slurm_facto
                            extra_toml='[grid]\nprovider = "static"\nstatic_g_per_kwh = 300.0\n')
     daemon.start()
     try:
-        epilog = REPO / "deploy" / "slurm" / "wattprint-epilog-slurmctld.sh"
-        # slurmctld's environment reaches EpilogSlurmctld: where the daemon and the CLI are.
-        cluster = slurm_factory(extra_conf=f"EpilogSlurmctld={epilog}", accounting=True,
-                                env={"WATTPRINT_URL": daemon.url,
-                                     "WATTPRINT_BIN": str(Path(sys.executable).parent / "wattprint"),
-                                     "WATTPRINT_SLURM_ENV": str(tmp_path / "none.env")})
+        # slurmctld passes only SLURM_* variables to EpilogSlurmctld (not even PATH): the
+        # site's settings go into wattprint-slurm.env next to the script.
+        hooks = tmp_path / "hooks"
+        hooks.mkdir()
+        epilog = hooks / "wattprint-epilog-slurmctld.sh"
+        shutil.copy(REPO / "deploy" / "slurm" / epilog.name, epilog)
+        cluster = slurm_factory(extra_conf=f"EpilogSlurmctld={epilog}", accounting=True)
+        (hooks / "wattprint-slurm.env").write_text(
+            f"WATTPRINT_URL={daemon.url}\nWATTPRINT_BIN={Path(sys.executable).parent / 'wattprint'}\n"
+            f"SLURM_CONF={cluster.conf}\nWATTPRINT_SLURM_WAIT_S=30\n")
         pid_file = cluster.jobs_dir / "acct.pid"
         job_id = cluster.sbatch(batch_script(pid_file, task_s=3.0), "--uid=nobody")
         task_pid = wait_file(Path(f"{pid_file}.x"), cluster)
@@ -44,8 +50,9 @@ def test_slurmctld_epilog_writes_energy_into_admin_comment(tmp_path, slurm_facto
             if rows and rows[0]["AdminComment"]:
                 break
             time.sleep(0.5)
-        assert rows and rows[0]["AdminComment"], (rows, [l for l in (cluster.dir / "slurmctld.log").read_text().splitlines() if "pilog" in l or "rror" in l])
-        m = SUMMARY.match(rows[0]["AdminComment"])
+        assert rows and rows[0]["AdminComment"], (rows, cluster.log_tails())
+        # sacctmgr stores the value lower-cased ("kwh", "gco2e", "gpu-h").
+        m = re.compile(SUMMARY.pattern, re.IGNORECASE).match(rows[0]["AdminComment"])
         assert m, rows
         (job,) = wait_finished(daemon, job_id)
         assert job["slurm"]["user"] == "nobody"

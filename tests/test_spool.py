@@ -447,8 +447,8 @@ def test_files_cursor_and_counters_follow_a_known_history(tmp_path: Path) -> Non
 
 def test_commit_across_segments_counts_each_line_once(tmp_path: Path) -> None:
     with Spool(str(tmp_path), segment_bytes=2 * REC) as sp:
-        for i in range(0, 6, 2):
-            sp.append(fixed_lines(i, 2))  # segments 1, 2, 3 with two lines each
+        for i in range(6):
+            sp.append(fixed_lines(i, 1))  # segments 1, 2, 3 with two appends of one line each
         assert sp.commit(sp.peek(1)[1]) == 1
         got, cursor = sp.peek(4)
         assert got == fixed_lines(1, 4) and cursor == spool_mod.SpoolCursor(3, REC, 1)
@@ -611,6 +611,8 @@ def test_size_cap_drops_exactly_the_oldest_undelivered_lines(tmp_path: Path) -> 
         assert sp.oldest_age_s == 8.0  # line 4, appended at 102
         assert sp.pending_bytes == 4 * REC
         assert drain(sp) == fixed_lines(4, 4)
+        assert sp.counters() == exact_counters(appended_lines_total=8, committed_lines_total=7,
+                                               dropped_lines_total=1, segments=1)
 
 
 def test_size_cap_with_two_segments(tmp_path: Path) -> None:
@@ -678,12 +680,99 @@ def test_cursor_save_errors_are_counted_and_the_commit_holds(tmp_path: Path, mon
 
 def test_oldest_age_of_one_line_and_of_none_readable(tmp_path: Path) -> None:
     clock = Clock(50.0)
-    with Spool(str(tmp_path), clock=clock) as sp:
+    with Spool(str(tmp_path / "a"), clock=clock) as sp:
         sp.append(fixed_lines(0, 1))
         assert sp.oldest_age_s == 0.0  # appended just now
         clock.t = 55.0
         assert sp.oldest_age_s == 5.0
+        _flip_byte_of_record(segments(tmp_path / "a")[-1], 0)
+        assert sp.peek(5)[0] == [] and sp.pending_lines == 0
+        assert sp.oldest_age_s == 0.0  # nothing pending any more
+    clock.t = 50.0
+    with Spool(str(tmp_path), clock=clock) as sp:
+        sp.append(fixed_lines(0, 1))
+        clock.t = 55.0
     with Spool(str(tmp_path), clock=clock) as sp:
         _flip_byte_of_record(segments(tmp_path)[-1], 0)  # the only line goes bad after open
         assert sp.oldest_age_s == 0.0
         assert sp.pending_lines == 0
+
+
+def test_stray_files_are_not_segments(tmp_path: Path) -> None:
+    for stray in ("seg-00000000000000000007.tmp", "seg-backup.wal", "x-00000000000000000008.wal"):
+        (tmp_path / stray).write_bytes(b"junk")
+    with Spool(str(tmp_path)) as sp:
+        assert sp.counters() == exact_counters()
+        sp.append(fixed_lines(0, 1))
+        assert names(tmp_path) == [seg_name(1), "seg-backup.wal"] and sp.peek(5)[0] == [fixed(0)]
+
+
+def test_segment_ahead_message_names_the_oldest_and_newest(tmp_path: Path) -> None:
+    with Spool(str(tmp_path), segment_bytes=REC) as sp:
+        for i in range(3):
+            sp.append(fixed_lines(i, 1))
+    _write_cursor(tmp_path, 9, 0)
+    with Spool(str(tmp_path)) as sp:
+        assert sp.cursor_repair_counts()[1] == (
+            "cursor names segment 9, which is not on disk, while older segments 1..3 are: replaying them")
+
+
+def test_short_writes_are_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = os.write
+    monkeypatch.setattr(spool_mod.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
+    with Spool(str(tmp_path)) as sp:
+        sp.append(fixed_lines(0, 3))
+        assert sp.size_bytes == 3 * REC and (tmp_path / seg_name(1)).stat().st_size == 3 * REC
+        assert sp.peek(5)[0] == fixed_lines(0, 3)
+
+
+def test_failed_first_append_leaves_no_empty_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    with Spool(str(tmp_path)) as sp:
+        real = os.fdatasync
+        monkeypatch.setattr(spool_mod.os, "fdatasync", full)
+        for _ in range(3):
+            with pytest.raises(OSError):
+                sp.append(fixed_lines(0, 1))
+        assert names(tmp_path) == [] and sp.counters() == exact_counters()
+        monkeypatch.setattr(spool_mod.os, "fdatasync", real)
+        sp.append(fixed_lines(1, 1))
+        assert names(tmp_path) == [seg_name(4)] and sp.peek(5)[0] == [fixed(1)]
+
+
+def test_garbage_shorter_than_a_header_is_a_torn_tail(tmp_path: Path) -> None:
+    with Spool(str(tmp_path)) as sp:
+        sp.append(fixed_lines(0, 2))
+    with open(tmp_path / seg_name(1), "ab") as fh:
+        fh.write(b"\x01\x02")
+    with Spool(str(tmp_path)) as sp:
+        assert sp.counters() == exact_counters(torn_bytes_total=2, pending_lines=2, segments=1)
+
+
+def test_everything_delivered_after_a_restart_then_appends_go_on(tmp_path: Path) -> None:
+    with Spool(str(tmp_path)) as sp:
+        sp.append(fixed_lines(0, 2))
+    with Spool(str(tmp_path), max_bytes=3 * REC, segment_bytes=2 * REC) as sp:
+        assert drain(sp) == fixed_lines(0, 2)
+        assert names(tmp_path) == [] and sp.pending_bytes == 0 and sp.size_bytes == 0
+        sp.append(fixed_lines(2, 2))
+        sp.append(fixed_lines(4, 2))  # 4 * REC > cap: segment 2 goes, with both its lines
+        assert names(tmp_path) == [seg_name(3)]
+        assert sp.counters() == exact_counters(appended_lines_total=4, committed_lines_total=2,
+                                               dropped_lines_total=2, pending_lines=2, segments=1)
+        got, cursor = sp.peek(5)
+        assert got == fixed_lines(4, 2) and sp.commit(cursor) == 2
+
+
+def test_records_gone_bad_after_open_are_not_delivered_nor_counted(tmp_path: Path) -> None:
+    with Spool(str(tmp_path), segment_bytes=3 * REC) as sp:
+        sp.append(fixed_lines(0, 3))
+        sp.append(fixed_lines(3, 3))
+        _flip_byte_of_record(tmp_path / seg_name(1), 1)
+        got, cursor = sp.peek(4)
+        assert got == [fixed(0), fixed(2), fixed(3), fixed(4)] and cursor == spool_mod.SpoolCursor(2, 2 * REC, 2)
+        assert sp.commit(cursor) == 4
+        assert sp.counters() == exact_counters(appended_lines_total=6, committed_lines_total=4,
+                                               corrupt_records_total=1, pending_lines=1, segments=1)

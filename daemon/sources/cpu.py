@@ -93,7 +93,8 @@ def open_cpu_sources(
         use_dram_estimate = True
 
     if use_rapl_cpu or use_rapl_dram:
-        sources.append(RaplSource(root, include_cpu=use_rapl_cpu, include_dram=use_rapl_dram))
+        sources.append(RaplSource(root, include_cpu=use_rapl_cpu, include_dram=use_rapl_dram,
+                                  glitch_hold_s=cpu.glitch_hold_s))
     if use_cpu_estimate:
         sources.append(CpuEstimateSource(cpu.tdp_w))
     if use_dram_estimate:

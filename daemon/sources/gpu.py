@@ -26,7 +26,11 @@ process lists, utilisation) fails alone:
 - ``GPU_IS_LOST`` on any call isolates the GPU: it is not read again until a probe,
   run on its own short-lived thread (so a hanging lost GPU never delays the others),
   finds it back. Probes back off from 2 s by x1.5 up to 300 s. Its counter baseline
-  is kept (the gap is booked when it is back, if the counter survived).
+  is kept (the gap is booked when it is back, if the counter survived). If the
+  counter restarted meanwhile (a GPU reset), its new value (the energy since the
+  restart) is booked unattributed, with a problem for that read: never the last power
+  x the whole gap. A board without a counter is not interpolated across the gap (its
+  power integrator restarts).
 - When nothing can be read at all, ``read()`` raises ``SourceError``.
 
 Energy: the delta of ``nvmlDeviceGetTotalEnergyConsumption`` (millijoules, source
@@ -230,6 +234,14 @@ class PowerIntegrator:
             self.last_t, self.last_w = t, watts
             self.samples_total += 1
 
+    def restart(self) -> None:
+        """Forget the last sample (the board was lost): the next sample starts afresh,
+        so power is never interpolated over a gap nobody measured. What was integrated
+        before is kept for the next ``take``."""
+        with self._lock:
+            self.last_t = self.last_w = None
+            self._from_t = None
+
     def take(self) -> tuple[float, float, float | None]:
         """(joules, seconds covered, last sample in W) since the previous take."""
         with self._lock:
@@ -289,6 +301,8 @@ class _GpuState:
     integrator: PowerIntegrator = field(default_factory=PowerIntegrator)
     lost: _Backoff | None = None  # set while the GPU is lost
     lost_error: str = ""
+    lost_since_read: bool = False  # lost after the last energy read: the next one spans the gap
+    energy_unplaced: bool = False  # this read's energy has no known time span: book it unattributed
 
 
 @dataclass
@@ -452,9 +466,11 @@ class NvmlGpuSource:
         if self._pids_foreign:
             self._problems.append("daemon is not in the host PID namespace: GPU processes cannot be matched; "
                                   "run with --pid=host")
+        # Before giving up on the tick: a probe may have asked for a re-init (a GPU lost
+        # at enumeration is back under its real UUID), which must run with no GPU usable.
+        self._maybe_reinit_after(now_mono_s)
         if self._boards and not usable:
             raise SourceError("no GPU could be read: " + "; ".join(self._problems))
-        self._maybe_reinit_after(now_mono_s)
         return readings
 
     def problems(self) -> list[str]:
@@ -710,8 +726,10 @@ class NvmlGpuSource:
             log.warning("%s (%s) lost: %s: not read until a probe finds it back", board.device, board.name, text)
         st.lost.failed(now, text)
         st.lost_error = text
+        st.lost_since_read = True
         with self._gate:
             self._power_targets.pop(st.uuid, None)
+            st.integrator.restart()  # no trapezoid over the lost gap
 
     def _maybe_probe(self, board: _Board, st: _GpuState, now: float) -> None:
         assert st.lost is not None
@@ -832,7 +850,9 @@ class NvmlGpuSource:
         dt = 0.0 if st.last_read_s is None else max(now - st.last_read_s, 0.0)
         energy_j, source, power_w = self._energy(board, st, now, dt)  # raises: nothing booked
         st.last_read_s = now
-        if source == "counter" and dt > 0:
+        st.lost_since_read = False
+        unplaced, st.energy_unplaced = st.energy_unplaced, False
+        if source == "counter" and dt > 0 and not unplaced:
             st.last_avg_power_w = energy_j / dt
         elif power_w is not None:
             st.last_avg_power_w = power_w
@@ -840,6 +860,8 @@ class NvmlGpuSource:
             power_w = energy_j / dt if dt > 0 else (st.last_avg_power_w or 0.0)
 
         mem: Any = _FAILED
+        if unplaced:  # the whole board (MIG instances too): nobody's, and no idle-floor sample
+            return [_reading(board, energy_j, power_w, source, dt, (), mem, attributable=False)]
         try:
             mem = self._side(board, st, "memory", "memory info",
                              lambda: self._nvml.call("nvmlDeviceGetMemoryInfo", board.handle), now)
@@ -851,6 +873,11 @@ class NvmlGpuSource:
             # Lost after its energy was read: book the energy, skip the GPU from now on.
             self._mark_lost(board, st, lost.text, now)
             self._problems.append(f"{board.device}: skipped from now on: {lost.text} (retrying with backoff)")
+            return [_reading(board, energy_j, power_w, source, dt, (), mem, attributable=False)]
+        except Exception as exc:  # not NVML's (a malformed entry, a pynvml bug): the energy is read, book it
+            log.debug("%s: reading processes failed", board.device, exc_info=True)
+            self._problems.append(f"{board.device}: processes not read ({nvml_error_text(exc)[:200]}): "
+                                  "its energy is booked unattributed")
             return [_reading(board, energy_j, power_w, source, dt, (), mem, attributable=False)]
         return [_reading(board, energy_j, power_w, source, dt, uses, mem, attributable=complete)]
 
@@ -877,6 +904,16 @@ class NvmlGpuSource:
                     return delta / 1000.0, "counter", None
                 if first:  # the baseline; one power sample so the first reading shows a power
                     return 0.0, "counter", self._power_w_quiet(board, st)
+                if st.lost_since_read:
+                    # Back from a loss with the counter restarted (a GPU reset): the
+                    # value is the energy since the restart; before it, nothing was
+                    # measured. Never the last power x the whole gap (phantom energy
+                    # charged to whoever runs on the GPU now).
+                    self._problems.append(f"{board.device}: energy counter restarted while the GPU was lost: "
+                                          "the energy of the gap before the restart is unknown (not booked); "
+                                          "the energy since the restart is booked unattributed")
+                    st.energy_unplaced = True  # when in the gap it was used, and by whom, is unknown
+                    return mj / 1000.0, "counter", None
                 self._problems.append(f"{board.device}: energy counter went backwards (driver reload?): "
                                       "this interval uses the previous average power")
                 fallback_w = st.last_avg_power_w
@@ -1159,12 +1196,17 @@ class NvmlGpuSource:
 
         total = float(total_slices)
         readings: list[DeviceReading] = []
-        assigned = 0.0
+        shares = {gi: instances[gi].slices / total if total > 0 else 0.0 for gi in instances}
+        parts = {gi: energy_j * share for gi, share in shares.items()}
+        rest = energy_j - sum(parts.values())
+        if rest < 0.0 and parts:  # float rounding (all slices assigned): never a negative remainder
+            biggest = max(parts, key=lambda g: parts[g])
+            parts[biggest] = max(0.0, parts[biggest] + rest)
+            rest = max(0.0, energy_j - sum(parts.values()))
         for gi in sorted(instances):
             inst = instances[gi]
-            share = inst.slices / total if total > 0 else 0.0
-            e = energy_j * share
-            assigned += e
+            share = shares[gi]
+            e = parts[gi]
             uses = self._uses(board, st, per_gi[gi], now, 0, util=False)
             used = [u.used_memory_bytes for u in uses]
             readings.append(DeviceReading(
@@ -1172,13 +1214,17 @@ class NvmlGpuSource:
                 interval_s=dt, processes=tuple(uses),
                 memory_used_bytes=sum(used) if all(u is not None for u in used) else None,  # type: ignore[misc]
                 memory_total_bytes=inst.memory_total_bytes, name=inst.name,
-                attributable=gi_complete[gi], parent=board.device,
+                attributable=gi_complete[gi], parent=board.device, uuid=_known_uuid(board),
             ))
-        rest = energy_j - assigned
         stray_uses = self._uses(board, st, stray, now, 0, util=False)
         rest_w = power_w * (rest / energy_j) if energy_j > 0 else 0.0
         readings.append(_reading(board, rest, rest_w, source, dt, stray_uses, mem, attributable=False))
         return readings
+
+
+def _known_uuid(board: _Board) -> str:
+    """The board's NVML UUID for exporters; "" when it could not be read (``index-N``)."""
+    return "" if board.uuid.startswith("index-") else board.uuid
 
 
 def _reading(board: _Board, energy_j: float, power_w: float, source: EnergySource, dt: float,
@@ -1190,7 +1236,7 @@ def _reading(board: _Board, energy_j: float, power_w: float, source: EnergySourc
         processes=tuple(uses),
         memory_used_bytes=int(mem.used) if has_mem else None,
         memory_total_bytes=int(mem.total) if has_mem else None,
-        name=board.name, attributable=attributable,
+        name=board.name, attributable=attributable, uuid=_known_uuid(board),
     )
 
 

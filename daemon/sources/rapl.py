@@ -57,9 +57,12 @@ part). Each reading is classified by ``CounterDiff.step``:
 
 An untrusted step is counted in ``counter_glitches()`` (the engine exports it as
 ``wattprint_counter_glitches_total{source="rapl",device,reason}``), named in
-``problems()`` for that read (so /healthz shows "rapl" degraded with the reason,
-and ok again after the next trusted read), and logged with its numbers once per
-episode per zone (one line when it starts, one when the counter is trusted again).
+``problems()`` (so /healthz shows "rapl" degraded with the episode's first reason),
+and logged with its numbers once per episode per zone (one line when it starts, one
+when the counter is trusted again). An episode ends after ``glitch_hold_s`` (``[cpu]
+glitch_hold_s``, default 60 s) without another untrusted step: a counter that
+glitches every few seconds is one degraded episode, not a degraded/ok pair (and two
+log lines) per glitch.
 No reading ever has negative energy, so no device total ever decreases.
 """
 
@@ -281,6 +284,8 @@ class _ZoneState:
     last_ok_mono_s: float | None = None
     trusted_power_w: float | None = None  # power of the last trusted interval
     glitching: bool = False  # in an episode of untrusted steps (logged once)
+    glitch_text: str = ""  # the episode's problem text (its first reason): stable, so logged once
+    last_glitch_mono_s: float = 0.0  # when the latest untrusted step of the episode was read
 
     def restart(self) -> None:
         """Forget the baseline (the zone vanished: its counter may restart)."""
@@ -288,6 +293,7 @@ class _ZoneState:
         self.last_ok_mono_s = None
         self.trusted_power_w = None
         self.glitching = False
+        self.glitch_text = ""
 
     def max_delta_uj(self, elapsed_s: float) -> int:
         """The most a counter of this zone can rise in ``elapsed_s`` (physics bound)."""
@@ -312,8 +318,10 @@ class RaplSource:
 
     name = "rapl"
 
-    def __init__(self, powercap_root: str, *, include_cpu: bool = True, include_dram: bool = True) -> None:
+    def __init__(self, powercap_root: str, *, include_cpu: bool = True, include_dram: bool = True,
+                 glitch_hold_s: float = 0.0) -> None:
         self.powercap_root = powercap_root
+        self.glitch_hold_s = glitch_hold_s
         self.include_cpu = include_cpu
         self.include_dram = include_dram
         self._states: list[_ZoneState] = []
@@ -380,8 +388,11 @@ class RaplSource:
             if interval_s > 0:
                 st.trusted_power_w = power_w
             if st.glitching:
-                st.glitching = False
-                log.info("%s: counter trusted again", label)
+                if now_mono_s - st.last_glitch_mono_s >= self.glitch_hold_s:
+                    st.glitching = False
+                    log.info("%s: counter trusted again", label)
+                else:  # the episode holds: the same problem, so health neither flaps nor logs again
+                    problems.append(st.glitch_text)
             return self._reading(zone, energy_j, power_w, interval_s, "counter")
 
         # Not trusted: re-baselined (the diff keeps the new value); estimate the interval.
@@ -392,8 +403,11 @@ class RaplSource:
         energy_j = min(power_w * interval_s, max_delta_uj / 1e6)  # never beyond the bound either
         how = (f"the last trusted power ({power_w:.1f} W) x {interval_s:.3g} s" if st.trusted_power_w is not None
                else "0 J (no trusted power yet)")
-        problems.append(f"{label}: {GLITCH_TEXT[reason]}; re-baselined, the interval's energy estimated "
-                        "from the last trusted power (source=estimate)")
+        st.last_glitch_mono_s = now_mono_s
+        if not st.glitching:
+            st.glitch_text = (f"{label}: {GLITCH_TEXT[reason]}; re-baselined, the interval's energy estimated "
+                              "from the last trusted power (source=estimate)")
+        problems.append(st.glitch_text)
         bound = (f"bound {max_delta_uj} uJ = {zone.max_power_w:g} W ({zone.max_power_basis}) "
                  f"x ({PHYSICS_MARGIN:g} x {interval_s:.3g} s + {PHYSICS_SLACK_S:g} s)")
         if not st.glitching:

@@ -9,15 +9,24 @@
 #   scontrol update JobId=N Comment="wattprint: <kWh> kWh, <g> gCO2e (<status>), <h> GPU-h"
 # The daemon is found as the wattprint CLI finds it: /etc/wattprint/wattprint.toml or
 # WATTPRINT_CONFIG, WATTPRINT_<SECTION>_<KEY> overrides, WATTPRINT_URL (the daemon's
-# base URL). Variables the script reads from the task's environment may be set for
-# every job in WATTPRINT_SLURM_ENV (default /etc/wattprint/slurm-epilog.env, sourced
-# when it exists). WATTPRINT_BIN: the wattprint executable (default: wattprint on PATH).
+# base URL), from the task's environment or from wattprint-slurm.env next to this
+# script (WATTPRINT_SLURM_ENV names another file). WATTPRINT_BIN: the wattprint
+# executable (default: wattprint on PATH).
 # Never fails the job: every error is reported on stderr (the slurmd log) and ignored.
 # A Comment is writable by the job's user too: see docs/deploy.md for AdminComment.
 
-env_file=${WATTPRINT_SLURM_ENV:-/etc/wattprint/slurm-epilog.env}
-# shellcheck disable=SC1090
-[ -r "$env_file" ] && . "$env_file"
+# Slurm runs epilogs with a minimal environment (EpilogSlurmctld: SLURM_* only, no PATH).
+PATH=${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin}
+export PATH
+# Site settings (WATTPRINT_URL, WATTPRINT_CONFIG, WATTPRINT_BIN, WATTPRINT_SLURM_WAIT_S,
+# SLURM_CONF, ...): wattprint-slurm.env next to this script, exported when it exists.
+env_file=${WATTPRINT_SLURM_ENV:-$(dirname "$0")/wattprint-slurm.env}
+if [ -r "$env_file" ]; then
+    set -a
+    # shellcheck disable=SC1090
+    . "$env_file"
+    set +a
+fi
 [ -n "${SLURM_JOB_ID:-}" ] || exit 0
 [ -z "${SLURM_STEP_ID:-}" ] || exit 0
 name=$SLURM_JOB_ID
