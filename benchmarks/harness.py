@@ -48,7 +48,7 @@ BENCH = ROOT / "benchmarks"
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
 
-from gpusim import gpu, proc, write_sim  # noqa: E402
+from gpusim import gpu, write_sim  # noqa: E402
 from powercap import PowercapTree  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")

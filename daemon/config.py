@@ -18,7 +18,7 @@ import urllib.parse
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Mapping, get_origin, get_type_hints
 
 DEFAULT_CONFIG_PATH = Path("/etc/wattprint/wattprint.toml")
 ENV_PREFIX = "WATTPRINT_"

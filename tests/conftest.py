@@ -7,10 +7,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import pytest
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from slurm import SlurmCluster
 
 from servers import (
     BackgroundApp,
@@ -113,15 +116,20 @@ def background_app() -> Iterator[BackgroundAppFactory]:
 
 
 @pytest.fixture
-def labelled_process() -> Iterator[Callable[[str], subprocess.Popen]]:
-    """Call with a label to start a real sleeping process with ``WATTPRINT_JOB`` set,
+def labelled_process() -> Iterator[Callable[..., subprocess.Popen]]:
+    """Call with a label to start a real sleeping process with ``WATTPRINT_JOB`` set
+    (``variable=`` names another label variable, ``uid=`` runs it as that uid and gid),
     in its own session; every one is killed (its whole group) afterwards."""
     started: list[subprocess.Popen] = []
 
-    def start(label: str) -> subprocess.Popen:
+    def start(label: str, *, variable: str = "WATTPRINT_JOB", uid: int | None = None) -> subprocess.Popen:
         env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
-        env["WATTPRINT_JOB"] = label
-        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], env=env, start_new_session=True)
+        env[variable] = label
+        if uid is None:
+            argv, drop = [sys.executable, "-c", "import time; time.sleep(600)"], None
+        else:  # the interpreter may live where another uid cannot read it
+            argv, drop = ["sleep", "600"], (lambda: (os.setgid(uid), os.setuid(uid)))
+        p = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=drop)
         started.append(p)
         return p
 

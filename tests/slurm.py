@@ -28,7 +28,6 @@ import json
 import os
 import random
 import secrets
-import shutil
 import socket
 import subprocess
 import sys

@@ -71,16 +71,14 @@ import random
 import re
 import resource
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -660,25 +658,10 @@ def log_problems(text: str, episodes: int) -> list[str]:
 
 
 @pytest.fixture
-def job_process() -> Iterator[Callable[[str, str], subprocess.Popen]]:
+def job_process(labelled_process: Callable[..., subprocess.Popen]) -> Callable[[str, str], subprocess.Popen]:
     """Call with (variable, label) to start a sleeping process whose environment sets
-    ``variable=label``, in its own session; each is killed (its group) afterwards."""
-    started: list[subprocess.Popen] = []
-
-    def start(variable: str, label: str) -> subprocess.Popen:
-        env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
-        env[variable] = label
-        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env=env, start_new_session=True)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait()
+    ``variable=label`` (conftest's labelled_process with a label variable of its own)."""
+    return lambda variable, label: labelled_process(label, variable=variable)
 
 
 def wait_next_tick(port: int, after: int) -> dict:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -34,26 +34,10 @@ CAP = 2
 
 
 @pytest.fixture
-def as_uid() -> Iterator[tuple[int, Any]]:
+def as_uid(labelled_process: Any) -> tuple[int, Any]:
     assert os.geteuid() == 0, "the test suite runs as root (it starts processes as another uid)"
     uid = 43000 + os.getpid() % 1000
-    started: list[subprocess.Popen] = []
-
-    def start(label: str) -> subprocess.Popen:
-        env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
-        env["WATTPRINT_JOB"] = label
-        p = subprocess.Popen(["sleep", "300"], env=env, start_new_session=True,
-                             preexec_fn=lambda: (os.setgid(uid), os.setuid(uid)))
-        started.append(p)
-        return p
-
-    yield uid, start
-    for p in started:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait()
+    return uid, (lambda label: labelled_process(label, uid=uid))
 
 
 def job_of(daemon: DaemonProcess, pid: int, timeout_s: float = 20.0) -> dict[str, Any]:

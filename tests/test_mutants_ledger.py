@@ -309,3 +309,21 @@ def test_duration_is_never_negative_and_may_be_under_a_second(tmp_path):
         assert reader.job(C.job_id, now=B0 + 999.0)["duration_s"] == 0.0
     finally:
         reader.close()
+
+
+def test_host_totals_of_a_store_with_gpu_energy_only(tmp_path):
+    path = str(tmp_path / "s.sqlite3")
+    led = Ledger(path, "h", 60)
+    tick(led, B0 + 1, {A: {"gpu": 40.0}}, None, device_j=[("gpu", "gpu0", 50.0, "counter")],
+         unattributed={"gpu": 10.0})
+    led.close()
+    reader = LedgerReader(path)
+    try:
+        assert reader.host_totals() == {
+            "devices": [{"kind": "gpu", "device": "gpu0", "energy_j": 50.0, "source": "counter"}],
+            "device_energy_j": {"gpu": 50.0, "cpu": 0.0, "dram": 0.0},
+            "attributed_energy_j": {"gpu": 40.0, "cpu": 0.0, "dram": 0.0},
+            "unattributed_energy_j": {"gpu": 10.0, "cpu": 0.0, "dram": 0.0},
+        }
+    finally:
+        reader.close()

@@ -501,13 +501,19 @@ class NvmlGpuSource:
         if self._sampler is not None:
             self._sampler.join(timeout=2.0)
         with self._gate:
-            if self._initialized:
-                self._initialized = False
-                self._generation += 1
-                try:
-                    self._raw.nvmlShutdown()
-                except NVMLError as exc:
-                    log.debug("nvmlShutdown: %s", nvml_error_text(exc))
+            self._shutdown_locked()
+
+    def _shutdown_locked(self) -> None:
+        """nvmlShutdown if initialised (caller holds ``_gate``); handles of the old
+        generation are dead from here on."""
+        if not self._initialized:
+            return
+        self._initialized = False
+        self._generation += 1
+        try:
+            self._raw.nvmlShutdown()
+        except NVMLError as exc:
+            log.debug("nvmlShutdown: %s", nvml_error_text(exc))
 
     # -- init, re-init, enumeration -------------------------------------------------
 
@@ -694,12 +700,7 @@ class NvmlGpuSource:
         with self._gate:
             self._counters["gpu_nvml_reinits_total"] += 1
             if shutdown and self._initialized:
-                self._initialized = False
-                self._generation += 1
-                try:
-                    self._raw.nvmlShutdown()
-                except NVMLError as exc:
-                    log.debug("nvmlShutdown: %s", nvml_error_text(exc))
+                self._shutdown_locked()
                 try:
                     self._raw.nvmlInit()
                 except (NVMLError, OSError) as exc:
