@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.parse
 from datetime import datetime, timezone

@@ -127,7 +127,6 @@ def test_totals_outage_and_crash(tmp_path, labelled, influxdb_server):
         before_kill = daemon.get(f"/api/v1/jobs/{quoted}")["last_seen"]
         run1_end = scrape(daemon)
         daemon.kill()
-        killed_at = time.time()
         daemon.start()
         restarted_at = time.time()
         run2_start = scrape(daemon)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-import pytest
 
 from wattprint.daemon.carbon import FALLBACK_SLOT_S, KEEP_S, IntensityBook
 from wattprint.daemon.config import GridConfig
