@@ -47,7 +47,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .attribution import GpuIdleFloor, attribute
+from .attribution import GpuIdleFloor, attribute, weaker_source
 from .carbon import IntensityBook
 from .health import HealthBoard
 from .ledger import BASIS_RANK, J_PER_KWH, Intensity, JobTick, Ledger, TickRow
@@ -65,7 +65,6 @@ STORE_BACKLOG_MAX_TICKS = 3600  # ticks kept in memory while the store cannot be
 STORE_BACKLOG_CHUNK = 600  # at most this many kept ticks written per tick when it can again
 PRUNE_EVERY_S = 3600.0  # retention runs at most this often (monotonic seconds)
 CLOCK_STEP_PAUSES_PRUNE_S = 86400.0
-_SOURCE_RANK = {"counter": 0, "power": 1, "estimate": 2}
 
 
 class _SourceWorker:
@@ -122,7 +121,7 @@ def _merge_readings(earlier: Sequence[DeviceReading], later: Sequence[DeviceRead
             continue
         interval = e.interval_s + r.interval_s
         energy = e.energy_j + r.energy_j
-        weaker = r.source if _SOURCE_RANK[r.source] >= _SOURCE_RANK[e.source] else e.source
+        weaker = weaker_source(e.source, r.source)
         out[(r.kind, r.device)] = dataclasses.replace(
             r, energy_j=energy, interval_s=interval, source=weaker,
             power_w=energy / interval if interval > 0 else r.power_w)
