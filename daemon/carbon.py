@@ -29,7 +29,16 @@ from typing import Iterable
 from .config import GridConfig
 from .grid.base import IntensityPoint
 from .grid.series import covers, intensity_at, lowest_window, merge, slot_at
-from .ledger import Intensity
+from .model import Intensity
+
+J_PER_KWH = 3.6e6  # joules in a kilowatt-hour: the one copy of this unit
+
+
+def co2e_g(energy_j: float, g_per_kwh: float, pue: float = 1.0) -> float:
+    """The one CO2e formula: IT energy (J) x facility overhead (PUE) x grid intensity
+    (gCO2e/kWh) -> grams CO2e."""
+    return energy_j / J_PER_KWH * g_per_kwh * pue
+
 
 KEEP_S = 4 * 86400  # points older than this are dropped from memory (the store keeps them)
 FALLBACK_SLOT_S = 300  # slot width while no value is known: divides 5, 30 and 60 minutes

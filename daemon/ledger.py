@@ -41,11 +41,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from .model import COMPONENTS
-from .procs import JobIdentity
+from .carbon import J_PER_KWH
+from .model import COMPONENTS, Intensity, JobIdentity
 
 SCHEMA_VERSION = 3  # 2: jobs.pruned_co2e_g (retention); 3: job_slots, bucket_intensity per slot
-J_PER_KWH = 3.6e6
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -167,19 +166,6 @@ def _is_locked(exc: sqlite3.Error) -> bool:
 
 def _has_column(conn: sqlite3.Connection, table: str, column: str) -> bool:
     return any(r[1] == column for r in conn.execute(f"PRAGMA table_info({table})"))
-
-
-@dataclass(frozen=True, slots=True)
-class Intensity:
-    g_per_kwh: float
-    status: str  # provisional | final
-    provider: str
-    zone: str
-    basis: str  # actual | forecast | latest | fallback | static
-    # The provider interval ("slot") the value is for, seconds since the epoch;
-    # None: not tied to one (static values): it holds for the whole bucket.
-    start: float | None = None
-    end: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
+from .slurm import SlurmJob
+
 Component = Literal["gpu", "cpu", "dram"]
 COMPONENTS: tuple[Component, ...] = ("gpu", "cpu", "dram")
 
@@ -162,3 +164,33 @@ class SettledBucket:
     co2e_g: float
     g_per_kwh: float
     status: str  # provisional | final
+
+
+@dataclass(frozen=True, slots=True)
+class Intensity:
+    g_per_kwh: float
+    status: str  # provisional | final
+    provider: str
+    zone: str
+    basis: str  # actual | forecast | latest | fallback | static
+    # The provider interval ("slot") the value is for, seconds since the epoch;
+    # None: not tied to one (static values): it holds for the whole bucket.
+    start: float | None = None
+    end: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobIdentity:
+    """Who a job is. ``job_id`` = leader PID + leader start time: stable across daemon
+    restarts and unique per host even when PIDs are reused."""
+
+    job_id: str
+    label: str  # sanitised label; "" for process-group jobs
+    label_source: str  # env variable, "cgroup:<kind>", or "pgid"
+    uid: int
+    user: str
+    command: str  # executable name of the leader, never the command line
+    root_pid: int
+    started_at: float  # wall time the leader started
+    label_raw: str = ""  # the label exactly as the user set it (API only)
+    slurm: SlurmJob | None = None  # the Slurm job (daemon/slurm.py), for Slurm jobs

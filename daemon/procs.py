@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from . import slurm as slurm_ids
+from .model import JobIdentity
 
 log = logging.getLogger("wattprint.procs")
 
@@ -286,23 +287,6 @@ def user_name(uid: int) -> str:
             name = str(uid)
         _user_cache[uid] = name
     return name
-
-
-@dataclass(frozen=True, slots=True)
-class JobIdentity:
-    """Who a job is. ``job_id`` = leader PID + leader start time: stable across daemon
-    restarts and unique per host even when PIDs are reused."""
-
-    job_id: str
-    label: str  # sanitised label; "" for process-group jobs
-    label_source: str  # env variable, "cgroup:<kind>", or "pgid"
-    uid: int
-    user: str
-    command: str  # executable name of the leader, never the command line
-    root_pid: int
-    started_at: float  # wall time the leader started
-    label_raw: str = ""  # the label exactly as the user set it (API only)
-    slurm: slurm_ids.SlurmJob | None = None  # the Slurm job (daemon/slurm.py), for Slurm jobs
 
 
 @dataclass(frozen=True, slots=True)
