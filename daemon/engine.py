@@ -149,6 +149,7 @@ class _DeviceAcc:
     energy_j_total: float = 0.0
     source: str = "counter"
     uuid: str = ""
+    vendor: str = ""
 
 
 @dataclass
@@ -353,6 +354,7 @@ class Engine:
             acc.energy_j_total += r.energy_j
             acc.source = r.source
             acc.uuid = r.uuid or acc.uuid
+            acc.vendor = r.vendor or acc.vendor
         for c in COMPONENTS:
             self._unattributed_total[c] += att.unattributed_j.get(c, 0.0)
 
@@ -390,7 +392,8 @@ class Engine:
             taken_at=wall,
             tick=self._tick,
             tick_duration_s=time.perf_counter() - started + duration_hint_s,
-            devices=tuple(DeviceState(a.kind, a.device, a.name, a.power_w, a.energy_j_total, a.source, a.uuid)  # type: ignore[arg-type]
+            devices=tuple(DeviceState(a.kind, a.device, a.name, a.power_w, a.energy_j_total, a.source, a.uuid,
+                                      a.vendor)  # type: ignore[arg-type]
                           for a in sorted(self._devices.values(), key=lambda a: (a.kind, a.device))),
             jobs=tuple(JobTotals(job_id=j, label=st.identity.label, user=st.identity.user, uid=st.identity.uid,
                                  energy_j=dict(st.energy_j), co2e_g=st.co2e_g,

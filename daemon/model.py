@@ -60,6 +60,7 @@ class DeviceReading:
     # readings and its own (the remainder not assigned to any part).
     parent: str = ""
     uuid: str = ""  # GPU only: the board's NVML UUID (also on its MIG instances); "" when unknown
+    vendor: str = ""  # GPU only: "nvidia" | "amd"; "" for CPU and DRAM
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,7 @@ class DeviceState:
     energy_j_total: float
     source: EnergySource
     uuid: str = ""  # GPU only: NVML UUID (dcgm-exporter's UUID label); "" when unknown
+    vendor: str = ""  # GPU only: "nvidia" | "amd"; "" for CPU and DRAM
 
 
 @dataclass(frozen=True, slots=True)

@@ -158,7 +158,7 @@ def _devices(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
     for device in snapshot.devices:
         labels = {"kind": _text(device.kind), "device": _text(device.device)}
         if device.kind == "gpu":  # dcgm-exporter's UUID / modelName after the shipped relabelling
-            labels.update(uuid=_text(device.uuid), model_name=_text(device.name))
+            labels.update(uuid=_text(device.uuid), model_name=_text(device.name), vendor=_text(device.vendor))
         power.add_sample(power.name, labels, float(device.power_w))
         energy.add_sample(energy.name + "_total", labels, float(device.energy_j_total))
         info.add_sample(info.name, {**labels, "name": _text(device.name), "source": _text(device.source)}, 1.0)

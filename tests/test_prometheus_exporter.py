@@ -63,6 +63,7 @@ def full_snapshot(label: str = "lora-7b", user: str = "alice", counters: Mapping
                 energy_j_total=2_000_000.0,
                 source="counter",
                 uuid=GPU_UUID,
+                vendor="nvidia",
             ),
             DeviceState(
                 kind="cpu", device="package-0", name="", power_w=35.25, energy_j_total=400_000.0, source="counter"
@@ -106,7 +107,7 @@ def test_full_snapshot_renders_exact_values() -> None:
     got = samples(scrape(full_snapshot()))
     job = {"job_id": "1234-1700000000", "label": "lora-7b", "user": "alice"}
     finished = {"job_id": "99-1699990000", "label": "", "user": "bob"}
-    gpu_ids = {"uuid": GPU_UUID, "model_name": "NVIDIA RTX A4000"}
+    gpu_ids = {"uuid": GPU_UUID, "model_name": "NVIDIA RTX A4000", "vendor": "nvidia"}
     expected: Samples = {
         # GPU series: uuid and model_name (the shipped Prometheus config stores them as UUID, modelName)
         series("wattprint_device_power_watts", kind="gpu", device="gpu0", **gpu_ids): 140.5,
@@ -198,7 +199,7 @@ def test_untrusted_label_round_trips_exactly(promtool: str) -> None:
     assert all(
         set(dict(labels))
         <= {"kind", "device", "name", "source", "job_id", "label", "user", "zone", "provider", "state", "uuid",
-            "model_name"}
+            "model_name", "vendor"}
         for _, labels in got
     )
 
@@ -265,7 +266,7 @@ def test_one_broken_section_leaves_the_rest(promtool: str) -> None:
     body = scrape(snapshot)
     assert_promtool_ok(promtool, body)
     got = samples(body)
-    assert got[series("wattprint_device_power_watts", kind="gpu", device="gpu0", uuid="", model_name="A4000")] == 100.0
+    assert got[series("wattprint_device_power_watts", kind="gpu", device="gpu0", uuid="", model_name="A4000", vendor="")] == 100.0
     assert got[series("wattprint_ticks_total")] == 5.0
     assert got[series("wattprint_exporter_errors_total")] == 1.0
     assert not any(name.startswith("wattprint_job_") for name, _ in got)

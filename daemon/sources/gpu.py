@@ -1215,7 +1215,7 @@ class NvmlGpuSource:
                 interval_s=dt, processes=tuple(uses),
                 memory_used_bytes=sum(used) if all(u is not None for u in used) else None,  # type: ignore[misc]
                 memory_total_bytes=inst.memory_total_bytes, name=inst.name,
-                attributable=gi_complete[gi], parent=board.device, uuid=_known_uuid(board),
+                attributable=gi_complete[gi], parent=board.device, uuid=_known_uuid(board), vendor="nvidia",
             ))
         stray_uses = self._uses(board, st, stray, now, 0, util=False)
         rest_w = power_w * (rest / energy_j) if energy_j > 0 else 0.0
@@ -1237,7 +1237,7 @@ def _reading(board: _Board, energy_j: float, power_w: float, source: EnergySourc
         processes=tuple(uses),
         memory_used_bytes=int(mem.used) if has_mem else None,
         memory_total_bytes=int(mem.total) if has_mem else None,
-        name=board.name, attributable=attributable, uuid=_known_uuid(board),
+        name=board.name, attributable=attributable, uuid=_known_uuid(board), vendor="nvidia",
     )
 
 
