@@ -31,14 +31,15 @@ def main() -> int:
 
     from wattprint.daemon import engine as engine_mod
     from wattprint.daemon.cli import main as cli_main
+    from wattprint.daemon.engine import reader as reader_mod
 
     records: list[tuple[float, float, float]] = []  # (wall, duration s, tick CPU s)
     original = engine_mod.Engine.tick_blocking
-    # Sources may be read on threads of their own (engine._read_source runs there):
+    # Sources may be read on threads of their own (engine/reader.py's _read_source runs there):
     # their CPU is added to the tick that asked for the read.
     source_cpu = [0.0]
     lock = threading.Lock()
-    read_source = getattr(engine_mod, "_read_source", None)
+    read_source = getattr(reader_mod, "_read_source", None)
     if read_source is not None:
         def timed_read_source(*args, **kwargs):  # type: ignore[no-untyped-def]
             c0 = time.thread_time()
@@ -48,7 +49,7 @@ def main() -> int:
                 with lock:
                     source_cpu[0] += time.thread_time() - c0
 
-        engine_mod._read_source = timed_read_source
+        reader_mod._read_source = timed_read_source
 
     def tick_blocking(self, now_mono, wall, duration_hint_s=0.0):  # type: ignore[no-untyped-def]
         s0 = source_cpu[0]

@@ -442,7 +442,6 @@ def main() -> int:
     # Checks.
     text = render(registry)[0].decode()
     families = list(text_string_to_metric_families(text))  # raises if the exposition is broken
-    dev_j = {d.device: d.energy_j_total for d in snap.devices}
     sim_s = (ticks - 1) * args.tick_s  # the first tick is the counters' baseline
     gpu_expected = sum(GPU_W) * sim_s
     gpu_measured = sum(d.energy_j_total for d in snap.devices if d.kind == "gpu")

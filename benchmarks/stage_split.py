@@ -69,7 +69,7 @@ def instrument(engine: Any, timed: _Timed) -> None:
     """Install the stage timers on a built engine (and the engine module's
     ``attribute``). Works whether sources are read on the tick thread or on
     threads of their own: each source's ``read`` is timed where it runs."""
-    from wattprint.daemon import engine as engine_mod
+    from wattprint.daemon.engine import tick as engine_mod  # the tick calls attribute()
 
     for src in engine.sources:
         src.read = timed.wrap("sources", src.read)

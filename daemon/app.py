@@ -18,16 +18,14 @@ import socket
 import stat
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
 
 from aiohttp import web
 
-from wattprint.exporters.influx import InfluxSink, InfluxSinkCollector
-from wattprint.exporters.influx_publish import InfluxPublisher
 from wattprint.exporters.prometheus import add_daemon_collectors, build_registry, render
-from wattprint.exporters.spool import SpoolLockedError
+from wattprint.exporters.sink import Sink, SinkContext, SinkStartupError, feed_all
+from wattprint.exporters.sinks import SINK_TYPES
 
 from . import sdnotify
 from .api import Api, ConnectionLimiter, fitting_max_connections, raise_nofile_limit, start_runner
@@ -43,7 +41,7 @@ from .ledger import Ledger, LedgerError, LedgerReader
 from .procs import ProcessTracker
 from .sources.base import Source
 from .sources.cpu import open_cpu_sources
-from .sources.gpu import open_gpu_source
+from .sources.gpu import open_gpu_sources
 
 log = logging.getLogger("wattprint")
 
@@ -91,13 +89,12 @@ def store_path(cfg: Config) -> str:
 
 @dataclass
 class Daemon:
-    """Everything ``run`` assembles: the engine and the optional outputs."""
+    """Everything ``run`` assembles: the engine, the grid and the sinks that are on."""
 
     engine: Engine
     provider: IntensityProvider
     book: IntensityBook
-    influx: InfluxSink | None = None
-    publisher: InfluxPublisher | None = None
+    sinks: list[Sink] = field(default_factory=list)  # built from exporters/sinks.py, in its order
 
 
 def make_book(cfg: Config, ledger: Ledger) -> tuple[IntensityProvider, IntensityBook]:
@@ -124,51 +121,46 @@ def build_daemon(cfg: Config, health: HealthBoard) -> Daemon:
     engine = build_engine(cfg, health)
     provider, book = make_book(cfg, engine.ledger)
     engine.intensity = book
-    daemon = Daemon(engine=engine, provider=provider, book=book)
-    if cfg.influxdb.enabled:
-        health.register("influxdb")
-        spool_dir = os.path.join(cfg.daemon.state_dir, "influx-spool")
-        try:
-            sink = InfluxSink(cfg.influxdb, spool_dir, health)
-        except (SpoolLockedError, OSError) as exc:
-            raise StartupError(f"[influxdb] spool {spool_dir}: {exc}") from None
-        daemon.influx = sink
-        daemon.publisher = InfluxPublisher(sink, cfg.daemon.host)
-        engine.sinks.append(daemon.publisher.on_tick)
-        engine.settle_sinks.append(daemon.publisher.on_settled)
-        source_counters = engine.extra_counters
-        engine.extra_counters = lambda: {**(source_counters() if source_counters else {}),
-                                         **influx_counters(sink.stats())}
+    daemon = Daemon(engine=engine, provider=provider, book=book, sinks=build_sinks(cfg, health))
+    for sink in daemon.sinks:  # tick and settlement feeds; grid points in on_points
+        engine.sinks.append(sink.on_tick)
+        engine.settle_sinks.append(sink.on_settled)
+        engine.counter_feeds.append(sink.counters)
     return daemon
 
 
-def influx_counters(stats: dict[str, Any]) -> dict[str, float]:
-    """The sink's figures as daemon self-metrics (``wattprint_<key>``)."""
-    out = {
-        "influx_points_written_total": float(stats["points_written_total"]),
-        "influx_points_retried_total": float(stats["points_retried_total"]),
-        "spool_bytes": float(stats["spool_bytes"]),
-        "spool_pending_points": float(stats["spool_pending_points"]),
-        "spool_oldest_age_seconds": float(stats["spool_oldest_age_s"] or 0.0),
-        "spool_unreadable_bytes_total": float(stats["spool_unreadable_bytes_total"]),
-    }
-    for reason, n in stats["points_dropped_total"].items():
-        out[f"influx_points_dropped_{reason}_total"] = float(n)
-    return out
+def build_sinks(cfg: Config, health: HealthBoard) -> list[Sink]:
+    """Every sink of ``SINK_TYPES`` that its config section turns on, in list order,
+    each with its health part registered."""
+    ctx = SinkContext(state_dir=cfg.daemon.state_dir, host=cfg.daemon.host, health=health)
+    sinks: list[Sink] = []
+    for entry in SINK_TYPES:
+        section = cfg.sinks.get(entry.section.name)
+        if section is None:  # a Config made before the entry was listed: its defaults
+            section = entry.section.config_type()
+        try:
+            sink = entry.factory(section, ctx)
+        except SinkStartupError as exc:
+            raise StartupError(str(exc), exc.exit_code) from None
+        if sink is not None:
+            health.register(sink.name)
+            sinks.append(sink)
+    return sinks
 
 
 def build_engine(cfg: Config, health: HealthBoard) -> Engine:
     prepare_state_dir(cfg.daemon.state_dir)
     sources: list[Source] = []
-    gpu, message = open_gpu_source(cfg.gpu)
-    log.info("%s", message)
-    if gpu is not None:
-        sources.append(gpu)
-        waiting = getattr(gpu, "disabled_reason", "")  # no driver yet: disabled until one loads
-        if waiting:
-            health.disable("gpu", waiting)
-    else:
-        health.disable("gpu", message)
+    gpus = open_gpu_sources(cfg.gpu)  # one per GPU vendor present
+    for opened in gpus:
+        log.info("%s", opened.message)
+        if opened.source is not None:
+            sources.append(opened.source)
+            waiting = getattr(opened.source, "disabled_reason", "")  # no driver yet: disabled until one loads
+            if waiting:
+                health.disable(opened.name, waiting)
+        else:
+            health.disable(opened.name, opened.message)
     sources.extend(open_cpu_sources(cfg.cpu, cfg.memory, health))
     try:
         ledger = Ledger(store_path(cfg), host=cfg.daemon.host, bucket_s=cfg.daemon.bucket_s)
@@ -203,9 +195,10 @@ def build_engine(cfg: Config, health: HealthBoard) -> Engine:
             reader.close()
         engine.restore(running, co2e)
         log.info("continuing %d job(s) that were running at the last stop", len(running))
-    gpu_counters = getattr(gpu, "counters", None)  # NVML calls, junk samples, invisible PIDs, ...
-    if callable(gpu_counters):
-        engine.extra_counters = gpu_counters
+    for opened in gpus:
+        gpu_counters = getattr(opened.source, "counters", None)  # library calls, junk samples, invisible PIDs, ...
+        if callable(gpu_counters):
+            engine.counter_feeds.append(gpu_counters)
     return engine
 
 
@@ -213,8 +206,9 @@ async def serve(cfg: Config, daemon: Daemon, stop: asyncio.Event) -> None:
     engine = daemon.engine
     registry = build_registry(lambda: engine.snapshot)
     add_daemon_collectors(registry)  # wattprint_build_info, process_*
-    if daemon.influx is not None:  # dropped lines, failed writes, cursor repairs: by reason (labels)
-        registry.register(InfluxSinkCollector(daemon.influx))
+    for sink in daemon.sinks:  # labelled series of the sinks (InfluxDB: dropped lines by reason, ...)
+        for collector in sink.collectors():
+            registry.register(collector)
     reader = LedgerReader(store_path(cfg), pue=cfg.accounting.pue,
                           price_per_kwh=cfg.accounting.price_per_kwh, currency=cfg.accounting.currency)
     max_connections = fitting_max_connections(cfg.http.max_connections)
@@ -229,8 +223,7 @@ async def serve(cfg: Config, daemon: Daemon, stop: asyncio.Event) -> None:
               book=daemon.book, pue=cfg.accounting.pue, max_request_bytes=cfg.http.max_request_bytes,
               rate_limit_per_s=cfg.http.rate_limit_per_s, limiter=connections,
               max_labels_per_user=cfg.jobs.max_labels_per_user, secrets=tuple(cfg.secrets()))
-    sink_counters = engine.extra_counters
-    engine.extra_counters = lambda: {**connections.counters(), **(sink_counters() if sink_counters else {})}
+    engine.counter_feeds.insert(0, connections.counters)  # first: the sources' and sinks' figures win a clash
     runner = await start_runner(api.app(), connections)
     host, port = parse_listen(cfg.http.listen)
     try:
@@ -255,26 +248,39 @@ async def serve(cfg: Config, daemon: Daemon, stop: asyncio.Event) -> None:
                     "raise WatchdogSec= or lower interval_s", cfg.daemon.interval_s, watchdog_s)
     engine.sinks.append(lambda _record: sdnotify.watchdog_ping())  # WATCHDOG=1 on every tick
 
-    if daemon.influx is not None:
-        daemon.influx.start()
+    started: list[Sink] = []
     fetcher: GridFetcher | None = None
-    if not daemon.book.is_static:
-        fetcher = GridFetcher(daemon.provider, lambda points: on_points(daemon, points), engine.health,
-                              interval_s=cfg.grid.fetch_interval_s,
-                              last_actual_end=last_actual_end(daemon.book))
-        fetcher.start()
     try:
+        for sink in daemon.sinks:
+            try:
+                await sink.start()
+            except Exception as exc:
+                raise StartupError(f"sink {sink.name}: cannot start: {type(exc).__name__}: {exc}") from None
+            started.append(sink)
+        if not daemon.book.is_static:
+            fetcher = GridFetcher(daemon.provider, lambda points: on_points(daemon, points), engine.health,
+                                  interval_s=cfg.grid.fetch_interval_s,
+                                  last_actual_end=last_actual_end(daemon.book))
+            fetcher.start()
         # READY=1 once the listener is up and the first tick has been published.
         await engine.run(stop, on_first_tick=lambda: sdnotify.ready(f"API on {cfg.http.listen}"))
     finally:
         if fetcher is not None:
             fetcher.shutdown()
-        if daemon.influx is not None:
-            await daemon.influx.stop()
+        await stop_sinks(started)
         await runner.cleanup()
         if unix_socket is not None:
             unix_socket.remove()
         reader.close()
+
+
+async def stop_sinks(sinks: list[Sink]) -> None:
+    """Stop ``sinks`` in reverse start order; one that fails is logged and the rest still stop."""
+    for sink in reversed(sinks):
+        try:
+            await sink.stop()
+        except Exception as exc:
+            log.error("sink %s: stop failed: %s: %s", sink.name, type(exc).__name__, exc)
 
 
 class UnixSocket:
@@ -361,8 +367,7 @@ async def on_points(daemon: Daemon, points: list[IntensityPoint]) -> None:
         engine.ledger.store_points(points, now)
         daemon.book.update(points, now)
         engine.settle_blocking()
-        if daemon.publisher is not None:
-            daemon.publisher.on_points(points)
+        feed_all([sink.on_grid for sink in daemon.sinks], points, engine.health)
 
     await engine.run_blocking(store_and_settle)
 

@@ -23,13 +23,14 @@ slot values (looked up again at the slot's middle) when better data arrive.
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Iterable
 
 from .config import GridConfig
 from .grid.base import IntensityPoint
 from .grid.series import covers, intensity_at, lowest_window, merge, slot_at
 from .model import Intensity
+from .timefmt import utc
 
 J_PER_KWH = 3.6e6  # joules in a kilowatt-hour: the one copy of this unit
 
@@ -40,12 +41,16 @@ def co2e_g(energy_j: float, g_per_kwh: float, pue: float = 1.0) -> float:
     return energy_j / J_PER_KWH * g_per_kwh * pue
 
 
+# How sure an intensity value is, by its basis (settlement never replaces a value by a
+# less sure one; a bucket shows the least sure basis of its slots).
+BASIS_RANK = {"fallback": 0, "latest": 1, "forecast": 2, "actual": 3, "static": 3}
+
 KEEP_S = 4 * 86400  # points older than this are dropped from memory (the store keeps them)
 FALLBACK_SLOT_S = 300  # slot width while no value is known: divides 5, 30 and 60 minutes
 
 
 def _utc(wall_s: float) -> datetime:
-    return datetime.fromtimestamp(wall_s, tz=timezone.utc)
+    return utc(wall_s)
 
 
 class IntensityBook:
@@ -89,21 +94,22 @@ class IntensityBook:
             return Intensity(point.g_per_kwh, "final", self.provider, self.zone, "actual", start, end)
         return Intensity(point.g_per_kwh, "provisional", self.provider, self.zone, "forecast", start, end)
 
-    def hint(self, energy_kwh: float, duration_s: float, co2e_g: float, pue: float, now_s: float) -> dict | None:
-        """The CO2e the same job would have had in the lowest-intensity window of its
-        length in the known series (past day and forecast); None when not knowable."""
-        if self.is_static or energy_kwh <= 0 or duration_s <= 0:
+    def hint(self, energy_j: float, duration_s: float, job_co2e_g: float, pue: float, now_s: float) -> dict | None:
+        """The CO2e the same job (``energy_j``, ``job_co2e_g`` as booked) would have had
+        in the lowest-intensity window of its length in the known series (past day and
+        forecast); None when not knowable."""
+        if self.is_static or energy_j <= 0 or duration_s <= 0:
             return None
         with self._lock:
             points = list(self._points)
         window = lowest_window(points, duration_s, _utc(now_s))
         if window is None:
             return None
-        best_g = energy_kwh * window.mean_g_per_kwh * pue
+        best_g = co2e_g(energy_j, window.mean_g_per_kwh, pue)
         return {
             "window_start": window.start.timestamp(),
             "window_end": window.end.timestamp(),
             "g_per_kwh": window.mean_g_per_kwh,
             "co2e_g": best_g,
-            "saving_g": max(0.0, co2e_g - best_g),
+            "saving_g": max(0.0, job_co2e_g - best_g),
         }

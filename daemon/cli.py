@@ -17,12 +17,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from .api import BadRequest, parse_time
 from .config import Config, ConfigError, load_config, parse_listen
 from .report import label_note, printable as _printable
+from .timefmt import human
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
@@ -126,7 +126,7 @@ def stale_running(job: dict[str, Any]) -> dict[str, Any]:
 def _fmt_time(t: float | None) -> str:
     if t is None:
         return "-"
-    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return human(t)
 
 
 def _fmt_duration(s: float) -> str:
@@ -237,7 +237,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from .estimate import estimate, estimate_json
+    from .plan import estimate, estimate_json
     from .grid.static import lookup_static
 
     if args.zone is not None and args.g_per_kwh is not None:
@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--json", action="store_true")
     doc.set_defaults(func=cmd_doctor)
 
-    from .cli_jobs import add_exec_command, add_report_command
+    from .cli_exec import add_exec_command
+    from .cli_report import add_report_command
 
     add_report_command(sub)
     add_exec_command(sub)

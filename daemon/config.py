@@ -5,6 +5,10 @@ Every problem is collected and reported at once, each naming the file (or the
 environment variable), the key and what is wrong. The CLI turns ``ConfigError`` into
 exit code 2. Defaults work unprivileged: the state directory is under the user's
 state directory unless running as root.
+
+The daemon's own sections are declared here; each sink's section is declared next to
+the sink (``SinkSection``, exporters/sink.py) and listed by exporters/sinks.py: this
+module parses those too, in ``Config.sinks`` (``cfg.influxdb`` for ``[influxdb]``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,15 @@ import urllib.parse
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, get_origin, get_type_hints
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Mapping, get_origin, get_type_hints
+
+# The [influxdb] section is declared next to its sink; imported here for cfg.influxdb's
+# callers (doctor, fleet) and old imports.
+from wattprint.exporters.influx_config import InfluxConfig
+
+if TYPE_CHECKING:
+    from wattprint.exporters.sink import SinkSection
 
 DEFAULT_CONFIG_PATH = Path("/etc/wattprint/wattprint.toml")
 ENV_PREFIX = "WATTPRINT_"
@@ -51,7 +63,7 @@ class DaemonConfig:
 
 @dataclass(frozen=True)
 class GpuConfig:
-    backend: str = "auto"  # auto | nvml | sim | none
+    backend: str = "auto"  # auto | nvml | amdsmi | sim | none
     sim_file: str = ""
     power_sample_hz: float = 10.0  # power sampling of boards without an energy counter; 0: once per tick
     reinit_interval_s: float = 300.0  # re-initialise NVML this often to find GPUs added since; 0: never
@@ -114,25 +126,6 @@ class GridConfig:
 
 
 @dataclass(frozen=True)
-class InfluxConfig:
-    enabled: bool = False
-    url: str = "http://127.0.0.1:8086"
-    api: str = "v1"  # v1 | v2
-    database: str = "wattprint"
-    retention_policy: str = ""
-    username: str = ""
-    password: str = ""
-    token: str = ""
-    org: str = ""
-    bucket: str = "wattprint"
-    batch_size: int = 5000
-    flush_interval_s: float = 1.0
-    timeout_s: float = 10.0
-    spool_max_bytes: int = 256 * 1024 * 1024
-    gzip: bool = True
-
-
-@dataclass(frozen=True)
 class HttpConfig:
     listen: str = "127.0.0.1:9877"
     token: str = ""
@@ -160,18 +153,33 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     grid: GridConfig = field(default_factory=GridConfig)
-    influxdb: InfluxConfig = field(default_factory=InfluxConfig)
+    # Each sink's section (exporters/sinks.py), by section name, in SINK_TYPES order.
+    sinks: Mapping[str, Any] = field(default_factory=lambda: default_sink_sections())
     http: HttpConfig = field(default_factory=HttpConfig)
     accounting: AccountingConfig = field(default_factory=AccountingConfig)
     source_path: str = ""  # the file it was read from, "" for embedded defaults
 
+    @property
+    def influxdb(self) -> InfluxConfig:
+        """The ``[influxdb]`` section (the InfluxDB sink's; doctor and fleet read it too)."""
+        section: InfluxConfig = self.sinks["influxdb"]
+        return section
+
+    def sections(self) -> list[tuple[str, Any]]:
+        """(name, section) for every section, the sinks' where ``sinks`` stands."""
+        out: list[tuple[str, Any]] = []
+        for f in fields(self):
+            if f.name == "sinks":
+                out.extend(self.sinks.items())
+            elif f.name != "source_path":
+                out.append((f.name, getattr(self, f.name)))
+        return out
+
     def to_dict(self, redact: bool = True) -> dict[str, dict[str, Any]]:
         """The effective config as plain data; secrets redacted unless asked."""
         out: dict[str, dict[str, Any]] = {}
-        for f in fields(self):
-            if f.name == "source_path":
-                continue
-            section = dataclasses.asdict(getattr(self, f.name))
+        for name, value in self.sections():
+            section = dataclasses.asdict(value)
             for key, value in section.items():
                 if isinstance(value, tuple):
                     section[key] = list(value)
@@ -179,16 +187,14 @@ class Config:
                     section[key] = REDACTED
                 elif redact and key.endswith("url") and isinstance(value, str):
                     section[key] = redact_url(value)
-            out[f.name] = section
+            out[name] = section
         return out
 
     def secrets(self) -> list[str]:
         """Every secret value set (tokens, passwords, passwords in URLs), for redaction."""
         found: list[str] = []
-        for f in fields(self):
-            if f.name == "source_path":
-                continue
-            for key, value in dataclasses.asdict(getattr(self, f.name)).items():
+        for _name, section in self.sections():
+            for key, value in dataclasses.asdict(section).items():
                 if not isinstance(value, str) or not value:
                     continue
                 if key in _SECRET_KEYS:
@@ -283,11 +289,10 @@ def _secret_problem(value: Any, typ: Any) -> str:
 
 # Allowed values for enumerated keys.
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("gpu", "backend"): ("auto", "nvml", "sim", "none"),
+    ("gpu", "backend"): ("auto", "nvml", "amdsmi", "sim", "none"),
     ("cpu", "source"): ("auto", "rapl", "estimate", "none"),
     ("memory", "source"): ("auto", "rapl", "estimate", "none"),
     ("grid", "provider"): ("energidataservice", "carbonintensity_uk", "electricitymaps", "static"),
-    ("influxdb", "api"): ("v1", "v2"),
     ("daemon", "log_level"): ("debug", "info", "warning", "error"),
     ("jobs", "idle_policy"): ("unattributed", "share"),
 }
@@ -316,10 +321,6 @@ _RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("jobs", "max_finished_in_metrics"): (0, 100_000),
     ("grid", "static_g_per_kwh"): (0.0, 5000.0),
     ("grid", "fetch_interval_s"): (1.0, 86400.0),
-    ("influxdb", "batch_size"): (1, 1_000_000),
-    ("influxdb", "flush_interval_s"): (0.05, 3600.0),
-    ("influxdb", "timeout_s"): (0.1, 10.0),
-    ("influxdb", "spool_max_bytes"): (4096, 1 << 40),
     ("accounting", "pue"): (1.0, 5.0),
     ("accounting", "price_per_kwh"): (0.0, 1000.0),
 }
@@ -383,9 +384,50 @@ def _coerce(value: Any, typ: Any, from_env: bool) -> Any:
     raise ValueError(f"unsupported type {typ}")  # pragma: no cover - programming error
 
 
-def _sections() -> dict[str, type]:
+def _sink_sections() -> list[SinkSection[Any]]:
+    """The sections the sink list owns (exporters/sinks.py ``SINK_TYPES``), in its order.
+    Imported here, not at the top: the sinks import the daemon's modules."""
+    from wattprint.exporters.sinks import SINK_TYPES
+
+    return [t.section for t in SINK_TYPES]
+
+
+def default_sink_sections() -> Mapping[str, Any]:
+    """Every sink's section with its defaults (``Config()`` without a file)."""
+    return MappingProxyType({s.name: s.config_type() for s in _sink_sections()})
+
+
+def section_types() -> dict[str, type]:
+    """Every config section's name and dataclass in file order: the daemon's own and,
+    where ``Config.sinks`` stands, each sink's (declared next to the sink)."""
     hints = get_type_hints(Config)
-    return {f.name: hints[f.name] for f in fields(Config) if f.name != "source_path"}
+    out: dict[str, type] = {}
+    for f in fields(Config):
+        if f.name == "sinks":
+            for sink in _sink_sections():
+                if sink.name in out or sink.name in hints:
+                    raise RuntimeError(f"sink section [{sink.name}] collides with another section")
+                out[sink.name] = sink.config_type
+        elif f.name != "source_path":
+            out[f.name] = hints[f.name]
+    return out
+
+
+def choices(section: str, key: str) -> tuple[str, ...] | None:
+    """The allowed values of an enumerated key, None for a free one."""
+    found = _CHOICES.get((section, key))
+    if found is None:
+        sink = next((s for s in _sink_sections() if s.name == section), None)
+        found = sink.choices.get(key) if sink is not None else None
+    return found
+
+
+def _bounds(section: str, key: str) -> tuple[float, float] | None:
+    found = _RANGES.get((section, key))
+    if found is None:
+        sink = next((s for s in _sink_sections() if s.name == section), None)
+        found = sink.ranges.get(key) if sink is not None else None
+    return found
 
 
 def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -419,7 +461,7 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ConfigError([f"{source}: cannot read: {reason}"]) from None
 
-    sections = _sections()
+    sections = section_types()
     built: dict[str, Any] = {}
     where_file = source or "<defaults>"
     # Where each value set by the user came from, for the messages: the file or the variable.
@@ -466,10 +508,10 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
                 values.pop(key, None)
         for key, value in values.items():
             where = f"{origin[(sec_name, key)]}: [{sec_name}] {key}"
-            choices = _CHOICES.get((sec_name, key))
-            if choices and value not in choices:
-                problems.append(f"{where}: {_shown(value)} is not one of {', '.join(choices)}")
-            bounds = _RANGES.get((sec_name, key))
+            allowed = choices(sec_name, key)
+            if allowed and value not in allowed:
+                problems.append(f"{where}: {_shown(value)} is not one of {', '.join(allowed)}")
+            bounds = _bounds(sec_name, key)
             if bounds and not (bounds[0] <= value <= bounds[1]):
                 problems.append(f"{where}: {_shown(value)} is outside {bounds[0]}..{bounds[1]}")
         try:
@@ -477,11 +519,19 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
         except TypeError as exc:  # pragma: no cover - guarded above
             problems.append(f"{where_file}: [{sec_name}]: {exc}")
 
+    sink_sections = _sink_sections()
     if not problems:
-        problems.extend(_cross_checks(built, lambda sec, key: origin.get((sec, key), where_file)))
+        def origin_of(sec: str, key: str) -> str:
+            return origin.get((sec, key), where_file)
+
+        problems.extend(_cross_checks(built, origin_of))
+        for sink in sink_sections:
+            if sink.check is not None:
+                problems.extend(sink.check(built[sink.name], lambda key, sec=sink.name: origin_of(sec, key)))
     if problems:
         raise ConfigError(problems)
-    return Config(**built, source_path=source)
+    sinks = MappingProxyType({s.name: built.pop(s.name) for s in sink_sections})
+    return Config(**built, sinks=sinks, source_path=source)
 
 
 def _cross_checks(c: dict[str, Any], origin: Callable[[str, str], str]) -> list[str]:
@@ -521,13 +571,6 @@ def _cross_checks(c: dict[str, Any], origin: Callable[[str, str], str]) -> list[
         problems.append(f"{origin('grid', 'provider')}: [grid] token: required for provider electricitymaps")
     if grid.provider in ("energidataservice",) and grid.zone and grid.zone not in ("DK1", "DK2"):
         problems.append(f"{origin('grid', 'zone')}: [grid] zone: {_shown(grid.zone)} is not DK1 or DK2 for energidataservice")
-    influx: InfluxConfig = c["influxdb"]
-    if influx.enabled and not influx.url.startswith(("http://", "https://")):
-        problems.append(f"{origin('influxdb', 'url')}: [influxdb] url: must start with http:// or https://")
-    if influx.enabled and influx.api == "v2" and not (influx.org and influx.bucket and influx.token):
-        missing = [k for k in ("org", "bucket", "token") if not getattr(influx, k)]
-        problems.append(f"{origin('influxdb', 'api')}: [influxdb] {', '.join(missing)}: "
-                        f"api = \"v2\" needs org, bucket and token")
     for kind in c["jobs"].cgroup_kinds:
         if kind not in ("slurm", "systemd", "container"):
             problems.append(f"{origin('jobs', 'cgroup_kinds')}: [jobs] cgroup_kinds: {_shown(kind)} is not one of "

@@ -14,10 +14,11 @@ spreadsheet shows it as text instead of running it as a formula (OWASP's advice)
 from __future__ import annotations
 
 import csv
-from datetime import datetime, timezone
 from typing import Any, Iterable, TextIO
 
-J_PER_KWH = 3.6e6
+from .carbon import J_PER_KWH
+from .timefmt import iso_offset
+
 G_PER_KG = 1000.0
 
 # (column, meaning); the order is the file's.
@@ -68,7 +69,7 @@ def iso_time(t: float | None) -> str:
     """Seconds since the epoch as ISO 8601 in UTC; "" for None."""
     if t is None:
         return ""
-    return datetime.fromtimestamp(t, tz=timezone.utc).isoformat()
+    return iso_offset(t)
 
 
 def _text(value: Any) -> str:

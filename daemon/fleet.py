@@ -19,9 +19,9 @@ import urllib.request
 from base64 import b64encode
 from typing import Any
 
+from .carbon import J_PER_KWH
 from .config import InfluxConfig, redact_text, redact_url
-
-J_PER_KWH = 3.6e6
+from .timefmt import iso_z
 
 
 class FleetError(Exception):
@@ -29,9 +29,7 @@ class FleetError(Exception):
 
 
 def _iso(t_s: float) -> str:
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(t_s, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return iso_z(t_s, fraction=True)
 
 
 def _secrets(cfg: InfluxConfig) -> list[str]:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from .carbon import J_PER_KWH
+from .timefmt import human
+
 EQUIVALENTS_FILE = "equivalents.json"
-J_PER_KWH = 3.6e6
 BYTES_PER_GIB = 1 << 30
 COMPONENTS = ("gpu", "cpu", "dram")
 TEXT_WIDTH = 200  # untrusted text is cut (with "…") beyond this many shown characters
@@ -94,7 +95,7 @@ def fmt_duration(seconds: float) -> str:
 def fmt_time(t: float | None) -> str:
     if t is None:
         return "-"
-    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return human(t) + " UTC"
 
 
 def fmt_money(amount: float) -> str:

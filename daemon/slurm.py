@@ -35,7 +35,7 @@ cgroups (``parse_proc_cgroup``), for nodes with ``proctrack/cgroup``:
   step's slurmstepd; steps are ``batch``, ``extern``, ``interactive`` or a number;
 - v1 (Slurm's cgroup/v1 plugin: ``<root>/uid_<uid>/job_<id>/step_<step>[/task_<n>]``
   under each controller, root ``slurm`` or ``slurm_<nodename>``): the freezer line is
-  preferred (``V1_PREFERRED``); daemon/procs.py walks the job's members in that
+  preferred (``V1_PREFERRED``); daemon/procs/cgroups.py walks the job's members in that
   hierarchy.
 Recorded lines of both are in tests/fixtures/slurm/ with their provenance.
 """

@@ -52,7 +52,8 @@ import sys
 import time
 from typing import Any
 
-J_PER_KWH = 3.6e6
+from .carbon import J_PER_KWH
+
 POLL_S = 0.5
 FLEET_WINDOW_S = 31 * 86400.0  # how far before its end the fleet figure looks for a job's points
 FLEET_MARGIN_S = 2.0  # a host's point must be this much after the job's end (clock skew, tick)

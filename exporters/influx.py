@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import gzip
 import json
 import logging
@@ -61,17 +60,18 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Callable, Literal, Sequence
 
 import aiohttp
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from wattprint.daemon.config import InfluxConfig
 from wattprint.daemon.health import HealthBoard
+from wattprint.daemon.httpdates import parse_retry_after
+from wattprint.daemon.timefmt import iso_z
 
 from . import lineprotocol
+from .influx_config import InfluxConfig
 from .spool import Spool, SpoolCursor
 
 log = logging.getLogger("wattprint.influx")
@@ -134,27 +134,6 @@ def classify(status: int | None) -> Action:
     return "retry"  # 429, 5xx, and anything unexpected: keep the data
 
 
-def parse_retry_after(value: str | None, now_s: float | None = None) -> float | None:
-    """``Retry-After`` as seconds from now (delta-seconds or an HTTP date); None if absent
-    or unreadable."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = when.timestamp() - (time.time() if now_s is None else now_s)
-    if seconds != seconds:  # NaN
-        return None
-    return max(0.0, seconds)
-
-
 def backoff_delay_s(attempt: int, base_s: float, cap_s: float, rng: Callable[[], float]) -> float:
     """Exponential backoff with "equal jitter": half fixed, half random, never above cap."""
     ceiling = min(cap_s, base_s * (2 ** min(attempt, 30)))
@@ -215,7 +194,7 @@ class DeadLetterFile:
     def add(self, line: str, reason: str) -> bool:
         """Append one line; False when the file cannot be written (logged once per
         failure spell; the caller counts the line as lost)."""
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = iso_z(time.time())
         entry = f"# {stamp} {_one_line(reason, 1000)}\n{line}\n".encode("utf-8", "replace")
         try:
             try:
@@ -710,7 +689,7 @@ class InfluxSink:
                 started = self._episode_started or time.time()
                 log.info("influxdb: nothing lost for %g s; the episode that began %s lost or set aside %s "
                          "(dead-lettered lines are in %s)", self._loss_hold_s,
-                         datetime.fromtimestamp(started, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                         iso_z(started),
                          summary, self._dead_letter.path)
                 self._episode.clear()
                 self._episode_why.clear()

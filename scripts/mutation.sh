@@ -16,7 +16,7 @@
 # staging directory): the repository is never modified. Prints the score per module
 # (killed / (mutants - argued equivalent, listed in scripts/mutation_equivalent.tsv))
 # and exits 1 when a module is below 90%. A module in ONLY_FOR is mutated only in the
-# functions listed there (the job book of engine.py / ledger.py).
+# functions listed there (the job book's steps in engine/tick.py, the job book of ledger/writer.py and api_views.py).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root="$PWD"
@@ -27,7 +27,8 @@ stage="$root/.mutmut"
 equivalents="$root/scripts/mutation_equivalent.tsv"
 
 DEFAULT_MODULES=(exporters/lineprotocol.py exporters/spool.py daemon/sources/base.py daemon/sources/rapl.py
-                 daemon/attribution.py daemon/carbon.py daemon/engine.py daemon/ledger.py)
+                 daemon/attribution.py daemon/carbon.py daemon/engine/book.py daemon/engine/tick.py
+                 daemon/ledger/writer.py daemon/ledger/co2e_sql.py daemon/api_views.py)
 declare -A TESTS_FOR=(
     [exporters/lineprotocol.py]="tests/test_lineprotocol.py"
     [exporters/spool.py]="tests/test_spool.py"
@@ -35,16 +36,21 @@ declare -A TESTS_FOR=(
     [daemon/sources/rapl.py]="tests/test_rapl.py tests/test_counter_diff.py"
     [daemon/attribution.py]="tests/test_attribution.py tests/test_mutants_attribution.py tests/test_job_numbers.py tests/test_review_numbers.py tests/test_engine.py"
     [daemon/carbon.py]="tests/test_mutants_carbon.py tests/test_carbon_slots.py tests/test_job_numbers.py tests/test_grid_series.py tests/test_review_numbers.py tests/test_engine.py"
-    [daemon/engine.py]="tests/test_mutants_engine.py tests/test_job_numbers.py tests/test_carbon_slots.py tests/test_engine.py tests/test_review_numbers.py tests/test_attribution.py"
-    [daemon/ledger.py]="tests/test_ledger.py tests/test_mutants_ledger.py tests/test_job_numbers.py tests/test_carbon_slots.py tests/test_review_numbers.py tests/test_invariants.py"
+    [daemon/engine/book.py]="tests/test_mutants_engine.py tests/test_job_numbers.py tests/test_carbon_slots.py tests/test_engine.py tests/test_review_numbers.py tests/test_attribution.py"
+    [daemon/engine/tick.py]="tests/test_mutants_engine.py tests/test_job_numbers.py tests/test_carbon_slots.py tests/test_engine.py tests/test_review_numbers.py tests/test_attribution.py"
+    [daemon/ledger/writer.py]="tests/test_ledger.py tests/test_mutants_ledger.py tests/test_job_numbers.py tests/test_carbon_slots.py tests/test_review_numbers.py tests/test_invariants.py"
+    [daemon/ledger/co2e_sql.py]="tests/test_ledger.py tests/test_mutants_ledger.py tests/test_job_numbers.py tests/test_carbon_slots.py tests/test_review_numbers.py tests/test_invariants.py"
+    [daemon/api_views.py]="tests/test_ledger.py tests/test_mutants_ledger.py tests/test_job_numbers.py tests/test_carbon_slots.py tests/test_review_numbers.py tests/test_invariants.py tests/test_openapi.py"
 )
-# The job book: only these functions of engine.py / ledger.py are mutated (mutmut's own
+# The job book: engine/book.py is the job book alone and is mutated whole; of engine/tick.py
+# (the tick's steps), ledger/writer.py and api_views.py only these functions are mutated (mutmut's own
 # mutant-name patterns, `mutmut run NAME-PATTERN...`; the rest of those files is I/O,
 # scheduling and the HTTP reader, covered by slower tests). A module not listed here is
 # mutated whole. Names: x_FUNC for a function, xǁCLASSǁMETHOD for a method.
 declare -A ONLY_FOR=(
-    [daemon/engine.py]="xǁEngineǁrestore xǁEngineǁtick_blocking xǁEngineǁ_intensity_for xǁEngineǁ_bucket_co2e xǁEngineǁ_stored_slot_j xǁEngineǁsettle_blocking"
-    [daemon/ledger.py]="xǁLedgerǁbucket_of xǁLedgerǁslot_of xǁLedgerǁ_book xǁLedgerǁbucket_job_energy xǁLedgerǁset_intensities xǁLedgerǁjob_slot_energy_j xǁLedgerǁjob_co2e_g x__co2e_rows x__bucket_values xǁLedgerReaderǁ_co2e xǁLedgerReaderǁ_job_obj xǁLedgerReaderǁhost_totals"
+    [daemon/engine/tick.py]="xǁEngineǁrestore xǁEngineǁtick_blocking xǁEngineǁ_observe_processes xǁEngineǁ_attribute xǁEngineǁ_counters_now xǁEngineǁsettle_blocking"
+    [daemon/ledger/writer.py]="xǁLedgerǁbucket_of xǁLedgerǁslot_of xǁLedgerǁ_book xǁLedgerǁbucket_job_energy xǁLedgerǁset_intensities xǁLedgerǁjob_slot_energy_j xǁLedgerǁjob_co2e_g"
+    [daemon/api_views.py]="x_job_json x_bucket_values x_series_json x_host_json"
 )
 # Not fast unit tests: a subprocess writer (imports the package afresh, with a 20 s
 # deadline), a timing assertion, a wall-clock feeder thread, a 3 s reader/writer race

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -15,6 +13,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from slurm import SlurmCluster
 
+from processes import Processes
 from servers import (
     BackgroundApp,
     BackgroundAppFactory,
@@ -116,30 +115,88 @@ def background_app() -> Iterator[BackgroundAppFactory]:
 
 
 @pytest.fixture
-def labelled_process() -> Iterator[Callable[..., subprocess.Popen]]:
-    """Call with a label to start a real sleeping process with ``WATTPRINT_JOB`` set
-    (``variable=`` names another label variable, ``uid=`` runs it as that uid and gid),
-    in its own session; every one is killed (its whole group) afterwards."""
-    started: list[subprocess.Popen] = []
+def labelled_process() -> Iterator[Processes]:
+    """Call with a label to start a real sleeping process with ``WATTPRINT_JOB`` set, in
+    its own session, with no other ``WATTPRINT_*`` / ``SLURM_*`` variable of the runner
+    (tests/processes.py: ``variable=``, ``code=``, ``argv=``, ``env=``, ``uid=``,
+    ``cgroup=``, ``new_session=``); ``labelled_process.end(p)`` kills one mid-test.
+    Every one is killed (its whole group) afterwards."""
+    procs = Processes()
+    try:
+        yield procs
+    finally:
+        procs.close()
 
-    def start(label: str, *, variable: str = "WATTPRINT_JOB", uid: int | None = None) -> subprocess.Popen:
-        env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
-        env[variable] = label
-        if uid is None:
-            argv, drop = [sys.executable, "-c", "import time; time.sleep(600)"], None
-        else:  # the interpreter may live where another uid cannot read it
-            argv, drop = ["sleep", "600"], (lambda: (os.setgid(uid), os.setuid(uid)))
-        p = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=drop)
-        started.append(p)
-        return p
 
-    yield start
-    for p in started:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait()
+@pytest.fixture(scope="module")
+def labelled_process_module() -> Iterator[Processes]:
+    """``labelled_process`` for module-scoped fixtures: killed after the test module."""
+    procs = Processes()
+    try:
+        yield procs
+    finally:
+        procs.close()
+
+
+@pytest.fixture
+def tag() -> str:
+    """A per-test tag: every label a test sets carries it, and only those are looked at."""
+    return uuid.uuid4().hex[:8]
+
+
+# ------------------------------------------------------------------------- engine
+
+STATIC_G_PER_KWH = 400.0  # make_engine's default intensity (the static provider)
+
+
+@pytest.fixture
+def make_engine(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Call with ``sources=[...]`` and any other ``Engine`` keyword to get the real
+    in-process Engine with, unless given: a store at ``tmp_path / store`` (``store=
+    "s.sqlite3"``, ``bucket_s=60``, ``host="h"``; ``engine.ledger.path`` names it), a
+    ``ProcessTracker(rescan_interval_s=0, max_labels_per_user=100_000)`` (every tick sees
+    the processes as they are), a static ``IntensityBook`` at 400 g/kWh, a fresh
+    ``HealthBoard`` and ``read_timeout_s=30.0`` (the tests drive a simulated clock: a
+    loaded machine must not time reads out; pass ``read_timeout_s=None`` for the real
+    deadline). Every engine is closed afterwards, once (``engine.close()`` in a test is
+    fine: a closed engine is not closed again)."""
+    from wattprint.daemon.carbon import IntensityBook
+    from wattprint.daemon.config import GridConfig
+    from wattprint.daemon.engine import Engine
+    from wattprint.daemon.health import HealthBoard
+    from wattprint.daemon.ledger import Ledger
+    from wattprint.daemon.procs import ProcessTracker
+
+    made: list[Any] = []
+
+    def make(*, store: str = "s.sqlite3", bucket_s: int = 60, host: str = "h", **kw: Any) -> Engine:
+        kw.setdefault("sources", [])
+        if "ledger" not in kw:
+            kw["ledger"] = Ledger(str(tmp_path / store), host=host, bucket_s=bucket_s)
+        if "tracker" not in kw:
+            kw["tracker"] = ProcessTracker(rescan_interval_s=0, max_labels_per_user=100_000)
+        if "intensity" not in kw:
+            kw["intensity"] = IntensityBook(GridConfig(), "static", "static", STATIC_G_PER_KWH)
+        if "health" not in kw:
+            kw["health"] = HealthBoard()
+        kw.setdefault("read_timeout_s", 30.0)
+        engine = Engine(**kw)
+        close, closed = engine.close, []
+
+        def close_once() -> None:  # a second close would wait on the stopped source threads
+            if not closed:
+                closed.append(True)
+                close()
+
+        engine.close = close_once  # type: ignore[method-assign]
+        made.append(engine)
+        return engine
+
+    try:
+        yield make
+    finally:
+        for engine in reversed(made):
+            engine.close()
 
 
 # ------------------------------------------------------------------------- Slurm

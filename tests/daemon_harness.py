@@ -33,9 +33,11 @@ from servers import free_port
 class DaemonProcess:
     def __init__(self, workdir: Path, *, sim_file: Path | None, powercap_root: Path | None,
                  extra_toml: str = "", env: dict[str, str] | None = None, daemon_toml: str = "",
-                 argv_prefix: tuple[str, ...] = ()):
+                 argv_prefix: tuple[str, ...] = (), launcher: Path | None = None):
         # argv_prefix: a command that runs the daemon, e.g. ("prlimit", "--nofile=1024:1024", "--")
         self.argv_prefix = tuple(argv_prefix)
+        # launcher: a script run instead of ``-m wattprint.daemon`` (tests/sink_launcher.py)
+        self.launcher = launcher
         self.workdir = workdir
         self.port = free_port()
         self.config_path = workdir / "wattprint.toml"
@@ -68,7 +70,9 @@ class DaemonProcess:
     def start(self, timeout_s: float = 20.0) -> None:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [*self.argv_prefix, sys.executable, "-m", "wattprint.daemon", "run", "--config", str(self.config_path)],
+            [*self.argv_prefix, sys.executable,
+             *([str(self.launcher)] if self.launcher is not None else ["-m", "wattprint.daemon"]),
+             "run", "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, env=self.env,
         )
         log.close()

@@ -1,11 +1,13 @@
-"""Test helper: write the simulated-NVML sim file (see daemon/sources/nvml_sim.py).
+"""Test helper: write the sim file of the simulated NVML and amdsmi (see
+daemon/sources/nvml_sim.py and daemon/sources/amdsmi_sim.py).
 
 ``write_sim`` replaces the file atomically (temp file in the same directory, then
 ``os.replace``), so a reader never sees half a file; its keyword arguments are the
-top-level keys (``realistic``, ``driver_loaded``, ``pid_namespace``). ``gpu``, ``proc``
-and ``mig_instance`` build the entries with the defaults tests usually want. The keys are
-documented in the simulator's module docstring; tests/nvml_captures.py builds GPU entries
-from real captures.
+top-level keys (``realistic``, ``driver_loaded``, ``pid_namespace``, ``vendor``,
+``amdgpu_loaded``, ``amdsmi_api``). ``gpu`` (either vendor), ``proc`` (NVIDIA),
+``amd_proc`` and ``mig_instance`` build the entries with the defaults tests usually
+want. The keys are documented in the simulators' module docstrings;
+tests/nvml_captures.py builds GPU entries from real captures.
 """
 
 from __future__ import annotations
@@ -30,23 +32,45 @@ def gpu(
     index: int = 0,
     power_w: float = 250.0,
     *,
-    name: str = "NVIDIA H100 80GB HBM3",
+    vendor: str = "nvidia",
+    name: str | None = None,
     energy_counter: bool = True,
-    memory_total_bytes: int = 80 * (1 << 30),
+    memory_total_bytes: int | None = None,
     processes: list[dict[str, Any]] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """One GPU entry; ``extra`` takes the other GPU keys (architecture, errors,
-    mig_errors, field_errors, power_pattern, mig, mig_instances, counter_epoch, lost,
-    util_supported, util_garbage, hang_s, memory_used_bytes)."""
+    """One GPU entry. ``vendor`` "nvidia" (the default; ``name`` defaults to an H100)
+    or "amd" (an AMD Instinct MI300X with 192 GiB, shown only by the amdsmi simulator;
+    ``index`` is then the AMD board's index and its UUID differs from an NVIDIA one of
+    the same index). ``extra`` takes the other GPU keys: NVIDIA's (architecture,
+    errors, mig_errors, field_errors, power_pattern, mig, mig_instances, counter_epoch,
+    lost, util_supported, util_garbage, hang_s, memory_used_bytes) or AMD's (see
+    daemon/sources/amdsmi_sim.py: power_sensor, compute_partition, memory_partition,
+    counter_resolution_uj, errors, ...)."""
+    if vendor not in ("nvidia", "amd"):
+        raise ValueError(f"vendor: {vendor!r}")
+    amd = vendor == "amd"
     entry: dict[str, Any] = {
-        "name": name,
-        "uuid": f"GPU-{index:08d}-sim",
+        "name": name or ("AMD Instinct MI300X" if amd else "NVIDIA H100 80GB HBM3"),
+        "uuid": f"{index:08x}-74a1-1000-80ff-0000000a{index:04x}" if amd else f"GPU-{index:08d}-sim",
         "power_w": power_w,
         "energy_counter": energy_counter,
-        "memory_total_bytes": memory_total_bytes,
+        "memory_total_bytes": memory_total_bytes if memory_total_bytes is not None else (192 if amd else 80) * (1 << 30),
         "processes": list(processes or []),
     }
+    if amd:
+        entry = {"vendor": "amd", **entry}
+    entry.update(extra)
+    return entry
+
+
+def amd_proc(pid: int, used_memory_bytes: int = 1 << 30, gfx_util: float | None = None, **extra: Any) -> dict[str, Any]:
+    """One process entry of a simulated AMD GPU (``gfx_util``/``enc_util`` in %, turned
+    into cumulative engine nanoseconds by the simulator; ``partition``;
+    ``fdinfo_readable``)."""
+    entry: dict[str, Any] = {"pid": pid, "used_memory_bytes": used_memory_bytes}
+    if gfx_util is not None:
+        entry["gfx_util"] = gfx_util
     entry.update(extra)
     return entry
 

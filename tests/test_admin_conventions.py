@@ -186,7 +186,7 @@ def _count(text: str) -> tuple[int, int, int, int, int]:
 
 
 @pytest.mark.slow
-def test_series_stay_bounded_with_3000_short_lived_labelled_processes(tmp_path: Path) -> None:
+def test_series_stay_bounded_with_3000_short_lived_labelled_processes(tmp_path: Path, labelled_process) -> None:
     """Docs/api.md: one scrape holds at most 5 x (running jobs + [jobs]
     max_finished_in_metrics) per-job series. 3,000 labelled processes of one user, 100
     alive at a time, each living across at least one tick; before the bound, every job
@@ -195,7 +195,6 @@ def test_series_stay_bounded_with_3000_short_lived_labelled_processes(tmp_path: 
     d = DaemonProcess(tmp_path, sim_file=None, powercap_root=None,
                       extra_toml=f"[jobs]\nmax_finished_in_metrics = {max_finished}\nfinished_grace_s = 3600.0\n")
     d.start()
-    env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
     scrapes: list[tuple[int, int, int, int]] = []
     started = 0
     since = time.time() - 1
@@ -203,8 +202,7 @@ def test_series_stay_bounded_with_3000_short_lived_labelled_processes(tmp_path: 
         while started < TOTAL:
             batch = []
             for i in range(started, min(TOTAL, started + BATCH)):
-                batch.append(subprocess.Popen(["sleep", "1.3"], env={**env, "WATTPRINT_JOB": f"short-{i}"},
-                                              stdin=subprocess.DEVNULL))
+                batch.append(labelled_process(f"short-{i}", argv=["sleep", "1.3"], new_session=False))
             started += len(batch)
             wait_ticks(d, 1)  # every process of the batch is alive across this tick
             for p in batch:

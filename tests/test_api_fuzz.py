@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -38,6 +35,7 @@ from schemathesis.checks import positive_data_acceptance  # noqa: E402
 from daemon_harness import DaemonProcess  # noqa: E402
 from gpusim import gpu, proc, write_sim  # noqa: E402
 from own_jobs import ENV as OWN_JOBS_ENV, wait_for_pid_job  # noqa: E402
+from processes import Processes  # noqa: E402
 from wattprint.daemon.api import BadRequest, parse_time  # noqa: E402
 from wattprint.daemon.openapi import openapi_spec  # noqa: E402
 from wattprint.daemon.procs import sanitize_label  # noqa: E402
@@ -52,17 +50,11 @@ HOSTILE_LABEL = 'fuzz "evil"\tlabel, x=1 {a="b"} \\ ünï 💡 #' + "y" * 40
 schema = schemathesis.openapi.from_dict(openapi_spec())
 
 
-def _start_labelled(label: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
-    env["WATTPRINT_JOB"] = label
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env=env,
-                            start_new_session=True)
-
-
 @pytest.fixture(scope="module")
-def fuzz_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+def fuzz_daemon(tmp_path_factory: pytest.TempPathFactory,
+                labelled_process_module: Processes) -> Iterator[DaemonProcess]:
     tmp: Path = tmp_path_factory.mktemp("api-fuzz")
-    procs = [_start_labelled(FUZZ_LABEL), _start_labelled(HOSTILE_LABEL)]
+    procs = [labelled_process_module(FUZZ_LABEL), labelled_process_module(HOSTILE_LABEL)]
     sim = tmp / "sim.json"
     write_sim(sim, [gpu(0, power_w=200.0, processes=[proc(procs[0].pid, sm_util=70), proc(procs[1].pid, sm_util=30)])])
     daemon = DaemonProcess(tmp, sim_file=sim, powercap_root=None,
@@ -76,11 +68,7 @@ def fuzz_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProc
     finally:
         daemon.stop()
         for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
+            labelled_process_module.end(p)
     log = daemon.log_path.read_text(errors="replace")
     assert "Traceback" not in log, log[-4000:]
 

@@ -20,12 +20,10 @@ import pytest
 from gpusim import gpu, proc, write_sim
 from wattprint.daemon.carbon import FALLBACK_SLOT_S, IntensityBook
 from wattprint.daemon.config import GridConfig
-from wattprint.daemon.engine import Engine
 from wattprint.daemon.grid.base import IntensityPoint
-from wattprint.daemon.health import HealthBoard
 from wattprint.daemon.ledger import Intensity, JobTick, Ledger, LedgerReader
 from wattprint.daemon.model import SettledBucket, TickRecord
-from wattprint.daemon.procs import JobIdentity, ProcessTracker
+from wattprint.daemon.procs import JobIdentity
 from wattprint.daemon.sources.gpu import NvmlGpuSource
 from wattprint.daemon.sources.nvml_sim import SimulatedNvml
 
@@ -59,18 +57,17 @@ def slot_of(wall: float) -> int:
 class Run:
     """One engine over the simulated GPUs; records what the test controls per tick."""
 
-    def __init__(self, tmp_path, book: IntensityBook, a_pid: int, b_pid: int, clock: dict):
+    def __init__(self, make_engine, tmp_path, book: IntensityBook, a_pid: int, b_pid: int, clock: dict):
         self.sim = tmp_path / "sim.json"
         self.clock = clock
         self.a_pid, self.b_pid = a_pid, b_pid
         self.records: list[TickRecord] = []
         self.settled: list[list[SettledBucket]] = []
-        self.ledger = Ledger(str(tmp_path / "store.sqlite3"), host="h", bucket_s=BUCKET_S)
         self.write(a_on=True)
-        self.engine = Engine(
-            sources=[NvmlGpuSource(SimulatedNvml(str(self.sim), clock=lambda: clock["mono"]))],
-            tracker=ProcessTracker(rescan_interval_s=0), ledger=self.ledger, intensity=book, health=HealthBoard(),
-            pue=PUE, read_timeout_s=30.0)  # simulated time: a loaded machine must not time reads out
+        # conftest's make_engine: the store tmp_path/store.sqlite3 (a restart finds it again)
+        self.engine = make_engine(sources=[NvmlGpuSource(SimulatedNvml(str(self.sim), clock=lambda: clock["mono"]))],
+                                  store="store.sqlite3", bucket_s=BUCKET_S, intensity=book, pue=PUE)
+        self.ledger = self.engine.ledger
         self.engine.sinks.append(self.records.append)
         self.engine.settle_sinks.append(self.settled.append)
         self.first = True
@@ -115,11 +112,11 @@ def jobs(labelled_process):
     return labelled_process("slot-a"), labelled_process("slot-b")
 
 
-def test_each_tick_is_booked_at_its_slot_value_at_write_time_and_after_settlement(tmp_path, jobs):
+def test_each_tick_is_booked_at_its_slot_value_at_write_time_and_after_settlement(tmp_path, jobs, make_engine):
     a, b = jobs
     book = IntensityBook(GridConfig(), "energidataservice", "DK1")
     book.update(points(FORECAST, OTHER_FORECAST, "forecast"), T0)
-    run = Run(tmp_path, book, a.pid, b.pid, {"mono": 1000.0, "wall": T0})
+    run = Run(make_engine, tmp_path, book, a.pid, b.pid, {"mono": 1000.0, "wall": T0})
     truth: dict[str, dict[int, float]] = {"A": {}, "B": {}}
     try:
         for k in range(60):  # ten minutes: slots 0 and 1 of the hour
@@ -176,11 +173,11 @@ def test_each_tick_is_booked_at_its_slot_value_at_write_time_and_after_settlemen
         run.engine.close()
 
 
-def test_settlement_with_unchanged_values_gives_the_write_time_figure(tmp_path, jobs):
+def test_settlement_with_unchanged_values_gives_the_write_time_figure(tmp_path, jobs, make_engine):
     a, b = jobs
     book = IntensityBook(GridConfig(), "energidataservice", "DK1")
     book.update(points(FORECAST, OTHER_FORECAST, "forecast"), T0)
-    run = Run(tmp_path, book, a.pid, b.pid, {"mono": 1000.0, "wall": T0})
+    run = Run(make_engine, tmp_path, book, a.pid, b.pid, {"mono": 1000.0, "wall": T0})
     truth: dict[str, dict[int, float]] = {"A": {}, "B": {}}
     try:
         for k in range(45):  # slots 0 and 1 (B spans them)
@@ -196,13 +193,13 @@ def test_settlement_with_unchanged_values_gives_the_write_time_figure(tmp_path, 
         assert after["co2e_status"] == "final"
         assert after["co2e_g"] == pytest.approx(written, rel=1e-12)
         assert {s.job.job_id: s.co2e_g for s in run.settled[0]}[job_id] == pytest.approx(written, rel=1e-12)
-        assert run.engine._jobs[job_id].co2e_g == pytest.approx(written, rel=1e-12)
+        assert run.engine.book.jobs[job_id].co2e_g == pytest.approx(written, rel=1e-12)
         reader.close()
     finally:
         run.engine.close()
 
 
-def test_restart_inside_a_bucket_keeps_the_earlier_slots(tmp_path, jobs):
+def test_restart_inside_a_bucket_keeps_the_earlier_slots(tmp_path, jobs, make_engine):
     """The daemon stops in slot 0 and starts again in slot 1 of the same bucket: the
     bucket's earlier energy keeps its slot's value; both runs add up, before and
     after settlement."""
@@ -211,7 +208,7 @@ def test_restart_inside_a_bucket_keeps_the_earlier_slots(tmp_path, jobs):
     book.update(points(FORECAST, OTHER_FORECAST, "forecast"), T0)
     clock = {"mono": 1000.0, "wall": T0}
     truth: dict[str, dict[int, float]] = {"A": {}, "B": {}}
-    run = Run(tmp_path, book, a.pid, b.pid, clock)
+    run = Run(make_engine, tmp_path, book, a.pid, b.pid, clock)
     try:
         for k in range(20):  # slot 0
             run.tick(T0 + 60 + DT * k, a_on=True, truth=truth)
@@ -219,7 +216,8 @@ def test_restart_inside_a_bucket_keeps_the_earlier_slots(tmp_path, jobs):
         run.engine.close()
     assert set(truth["B"]) == {0}
 
-    run = Run(tmp_path, book, a.pid, b.pid, clock)  # the same store; a new source: its first read is a baseline
+    # the same store; a new source: its first read is a baseline
+    run = Run(make_engine, tmp_path, book, a.pid, b.pid, clock)
     reader = LedgerReader(str(tmp_path / "store.sqlite3"), pue=PUE)
     running = run.ledger.running_jobs()
     run.engine.restore(running, {j["id"]: j["co2e_g"] for j in reader.jobs(state="running", now=0.0)})

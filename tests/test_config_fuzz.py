@@ -23,7 +23,6 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -32,11 +31,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wattprint.daemon import cli
-from wattprint.daemon.config import _CHOICES, ENV_PREFIX, Config, ConfigError, load_config
+from wattprint.daemon.config import ENV_PREFIX, Config, ConfigError, choices, load_config, section_types
 
-SECTIONS: dict[str, dict[str, Any]] = {
-    f.name: get_type_hints(get_type_hints(Config)[f.name]) for f in fields(Config) if f.name != "source_path"
-}
+# Every section: the daemon's own and each sink's (declared next to the sink).
+SECTIONS: dict[str, dict[str, Any]] = {name: get_type_hints(typ) for name, typ in section_types().items()}
 # Cross checks blame the key that makes another one a problem.
 TRIGGERS = {("gpu", "sim_file"): ("gpu", "backend"), ("grid", "token"): ("grid", "provider")}
 
@@ -100,9 +98,9 @@ def key_value(draw: st.DrawFn, section: str) -> tuple[str, Any]:
     hints = SECTIONS.get(section, {})
     if hints and draw(st.integers(0, 9)) < 8:
         key = draw(st.sampled_from(sorted(hints)))
-        choices = _CHOICES.get((section, key))
-        if choices and draw(st.booleans()):
-            return key, draw(st.sampled_from(choices))
+        allowed = choices(section, key)
+        if allowed and draw(st.booleans()):
+            return key, draw(st.sampled_from(allowed))
         typ = hints[key]
         plausible = {bool: st.booleans(), int: st.integers(-10, 10**7), float: st.floats(-10, 10**5),
                      str: TEXT}.get(typ, st.lists(TEXT, max_size=3))

@@ -1,6 +1,6 @@
-"""CounterDiff (daemon/sources/base.py), on its own: every boundary of ``update`` and
-``step`` with the expected increase worked out here from the counter values written,
-and a property test that a counter advanced by known amounts (wrapping like RAPL's)
+"""CounterDiff (daemon/sources/base.py), on its own: every boundary of ``step``, with
+and without a physics bound, with the expected increase worked out here from the
+counter values written, and a property test that a counter advanced by known amounts (wrapping like RAPL's)
 is read back exactly. The RAPL source's use of it is in tests/test_rapl.py."""
 
 from __future__ import annotations
@@ -19,41 +19,42 @@ def counts(d: CounterDiff) -> tuple[int, int, int]:
     return (d.wraps, d.resets, d.implausible)
 
 
-# -- update (NVML's path: every wrap accepted, None on first reading and reset) ---------
+# -- step without a physics bound (the GPU sources' path: every wrap accepted) ----------
 
 
-def test_update_first_reading_is_the_baseline() -> None:
+def test_unbounded_first_reading_is_the_baseline() -> None:
     d = CounterDiff(max_value=1000)
-    assert d.update(400) is None
+    assert d.step(400) == CounterStep(FIRST)
     assert d.last == 400 and counts(d) == (0, 0, 0)
 
 
-def test_update_equal_value_is_zero_not_a_wrap() -> None:
+def test_unbounded_equal_value_is_zero_not_a_wrap() -> None:
     d = CounterDiff(max_value=1000, last=400)
-    assert d.update(400) == 0
+    assert d.step(400) == CounterStep(DIFFERENCE, 0)
     assert counts(d) == (0, 0, 0)
 
 
-def test_update_increase_and_wrap_are_exact() -> None:
+def test_unbounded_increase_and_wrap_are_exact() -> None:
     d = CounterDiff(max_value=1000, last=400)
-    assert d.update(650) == 250
-    assert d.update(30) == (1000 - 650) + 30  # 380
+    assert d.step(650) == CounterStep(DIFFERENCE, 250)
+    assert d.step(30) == CounterStep(WRAPPED, (1000 - 650) + 30)  # 380
     assert d.last == 30 and counts(d) == (1, 0, 0)
 
 
-def test_update_without_a_range_treats_going_down_as_a_reset() -> None:
+def test_without_a_range_going_down_is_a_reset_not_a_first_reading() -> None:
+    # The old ``update`` said None for both: a caller could not tell them apart.
     for max_value in (None, 0):  # 0: an unusable range, as good as none
         d = CounterDiff(max_value=max_value, last=500)
-        assert d.update(499) is None
+        assert d.step(499) == CounterStep(RESET)
         assert d.last == 499 and counts(d) == (0, 1, 0)
-        assert d.update(510) == 11  # the value after the reset is the new baseline
+        assert d.step(510) == CounterStep(DIFFERENCE, 11)  # the value after the reset is the new baseline
 
 
-def test_update_smallest_positive_range_still_wraps_and_resets_add_up() -> None:
+def test_unbounded_smallest_positive_range_still_wraps_and_resets_add_up() -> None:
     d = CounterDiff(max_value=1, last=1)
-    assert d.update(0) == (1 - 1) + 0 and counts(d) == (1, 0, 0)
+    assert d.step(0) == CounterStep(WRAPPED, (1 - 1) + 0) and counts(d) == (1, 0, 0)
     never = CounterDiff(max_value=None, last=9)
-    assert never.update(5) is None and never.update(2) is None
+    assert never.step(5) == CounterStep(RESET) and never.step(2) == CounterStep(RESET)
     assert counts(never) == (0, 2, 0)
 
 
@@ -127,10 +128,9 @@ def test_counter_step_defaults() -> None:
     assert (step.delta, step.reason) == (None, "")
 
 
-def test_source_error_carries_detail_and_permanence() -> None:
+def test_source_error_carries_detail() -> None:
     err = SourceError("zone gone")
-    assert (str(err), err.detail, err.permanent) == ("zone gone", "zone gone", False)
-    assert SourceError("denied", permanent=True).permanent is True
+    assert (str(err), err.detail) == ("zone gone", "zone gone")
 
 
 # -- property: a wrapping counter advanced by known amounts reads back exactly -----------
@@ -142,11 +142,12 @@ def test_source_error_carries_detail_and_permanence() -> None:
     start=st.integers(0, 10**6),
     steps=st.lists(st.integers(0, 10**6), min_size=1, max_size=40),
 )
-def test_known_increments_are_recovered_by_both_paths(max_value: int, start: int, steps: list[int]) -> None:
+def test_known_increments_are_recovered_with_and_without_a_bound(max_value: int, start: int,
+                                                                 steps: list[int]) -> None:
     start %= max_value + 1
     steps = [s % max_value for s in steps]  # less than one whole range between two reads
     upd, stp = CounterDiff(max_value=max_value), CounterDiff(max_value=max_value)
-    assert upd.update(start) is None and stp.step(start).kind is FIRST
+    assert upd.step(start).kind is FIRST and stp.step(start).kind is FIRST
     value, wraps = start, 0
     for inc in steps:
         # The counter wraps modulo max_value: the increase is (max - prev) + new.
@@ -154,7 +155,8 @@ def test_known_increments_are_recovered_by_both_paths(max_value: int, start: int
         if new > max_value:
             new -= max_value
             wraps += 1
-        assert upd.update(new) == inc
+        free = upd.step(new)
+        assert free.delta == inc and free.kind in (DIFFERENCE, WRAPPED)
         got = stp.step(new, max_delta=inc)
         assert got.delta == inc and got.kind in (DIFFERENCE, WRAPPED)
         value = new

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -201,17 +200,9 @@ def check_api(daemon: DaemonProcess, label: str, job_id: str, floor: dict[str, f
 
 
 @pytest.fixture
-def job_process():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WATTPRINT_") and k != "SLURM_JOB_ID"}
+def job_process(labelled_process):
     label = f"crash-loop-{os.getpid()}"
-    env[LABEL_VAR] = label
-    p = subprocess.Popen([sys.executable, "-c", JOB_CODE], env=env, start_new_session=True)
-    yield p, label
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    p.wait()
+    return labelled_process(label, variable=LABEL_VAR, code=JOB_CODE), label
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import signal
 import subprocess
 import sys
 from datetime import datetime
@@ -20,6 +19,7 @@ import pytest
 
 from daemon_harness import DaemonProcess, wait_ticks
 from gpusim import gpu, proc, write_sim
+from processes import Processes
 from wattprint.daemon.csvout import CODECARBON, HEADER, job_row
 from wattprint.daemon.report import format_report
 
@@ -60,12 +60,9 @@ def assert_row_matches(row: dict[str, str], job: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-def test_jobs_and_report_csv_match_the_api(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
+def test_jobs_and_report_csv_match_the_api(tmp_path: Path, labelled_process: Processes) -> None:
     # "@..." is a legal label that a spreadsheet would take for a formula.
-    procs = {label: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
-                                     env={**env, "WATTPRINT_JOB": label}, start_new_session=True)
-             for label in ("csv-train", "@csv-eval")}
+    procs = {label: labelled_process(label) for label in ("csv-train", "@csv-eval")}
     sim = write_sim(tmp_path / "sim.json", [gpu(0, 300.0, processes=[proc(procs["csv-train"].pid, sm_util=80),
                                                                       proc(procs["@csv-eval"].pid, sm_util=20)])])
     daemon = DaemonProcess(tmp_path, sim_file=sim, powercap_root=None)
@@ -74,8 +71,7 @@ def test_jobs_and_report_csv_match_the_api(tmp_path: Path) -> None:
         for label in procs:
             daemon.wait_for_job(label)
         wait_ticks(daemon, 3)
-        os.killpg(procs["csv-train"].pid, signal.SIGKILL)  # one finished, one still running
-        procs["csv-train"].wait()
+        labelled_process.end(procs["csv-train"])  # one finished, one still running
         wait_ticks(daemon, 2)
 
         cfg = ("--url", daemon.url)
@@ -102,11 +98,7 @@ def test_jobs_and_report_csv_match_the_api(tmp_path: Path) -> None:
         assert_row_matches(row, daemon.get(f"/api/v1/jobs/{by_label['csv-train']['id']}"))
     finally:
         for p in procs.values():
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
+            labelled_process.end(p)
         daemon.stop()
 
     # No daemon answering: the same rows from the store.

@@ -23,11 +23,7 @@ else, so the files cannot silently drift out of what it understands).
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -36,6 +32,7 @@ from typing import Any, Callable, Iterator
 import pytest
 from aiohttp import web
 
+from processes import Processes
 from servers import BackgroundAppFactory, InfluxServer, PrometheusFactory, PrometheusServer, http_request
 from wattprint.daemon.model import (
     DeviceReading,
@@ -701,19 +698,6 @@ def fake_uk_grid_api(now: float) -> web.Application:
     return app
 
 
-@pytest.fixture
-def labelled_process() -> Iterator[subprocess.Popen[bytes]]:
-    env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
-    env["WATTPRINT_JOB"] = "grafana-e2e"
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], env=env, start_new_session=True)
-    yield proc
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
 def _poll(what: str, check: Callable[[], Any], timeout_s: float) -> Any:
     deadline = time.monotonic() + timeout_s
     last: Any = None
@@ -733,7 +717,7 @@ def test_panels_return_data_end_to_end(
     influxdb_server: InfluxServer,
     prometheus_factory: PrometheusFactory,
     background_app: BackgroundAppFactory,
-    labelled_process: subprocess.Popen[bytes],
+    labelled_process: Processes,
 ) -> None:
     from daemon_harness import DaemonProcess
     from gpusim import gpu, proc, write_sim
@@ -743,7 +727,8 @@ def test_panels_return_data_end_to_end(
     tree = PowercapTree(tmp_path / "powercap")
     zones = tree.add_package(0, dram=True)
     sim = tmp_path / "sim.json"
-    write_sim(sim, [gpu(0, power_w=250.0, processes=[proc(labelled_process.pid, sm_util=90)])])
+    worker = labelled_process("grafana-e2e")
+    write_sim(sim, [gpu(0, power_w=250.0, processes=[proc(worker.pid, sm_util=90)])])
     started = time.time()
     grid = background_app(fake_uk_grid_api(started))  # actual and forecast for the grid panel
     daemon = DaemonProcess(
@@ -760,8 +745,7 @@ def test_panels_return_data_end_to_end(
         job = daemon.wait_for_job("grafana-e2e")
         time.sleep(8)
         # End the job, so that its totals stop moving, and let it settle.
-        os.killpg(labelled_process.pid, signal.SIGKILL)
-        labelled_process.wait()
+        labelled_process.end(worker)
 
         def finished() -> dict[str, Any]:
             j = daemon.get(f"/api/v1/jobs/{urllib.parse.quote(job['id'], safe='')}")

@@ -19,6 +19,7 @@ import pytest
 from daemon_harness import DaemonProcess, wait_ticks
 from gpusim import gpu, proc, write_sim
 from powercap import PowercapTree
+from processes import Processes
 from servers import BackgroundAppFactory, InfluxServer, free_port
 
 TOKEN = "doctor-test-token"
@@ -63,9 +64,9 @@ class TokenDaemon(DaemonProcess):
         return super().get(path, allow_error, {"Authorization": f"Bearer {TOKEN}", **(headers or {})})
 
 
-def box(tmp_path: Path, *, sim_gpu: dict[str, Any], extra_toml: str, rapl: bool = True) -> DaemonProcess:
-    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
-                              env={**os.environ, "WATTPRINT_JOB": "doctor-job"}, start_new_session=True)
+def box(tmp_path: Path, worker: subprocess.Popen, *, sim_gpu: dict[str, Any], extra_toml: str,
+        rapl: bool = True) -> DaemonProcess:
+    """The daemon over one simulated GPU with ``worker`` (a labelled process) on it."""
     sim_gpu["processes"] = [proc(worker.pid, sm_util=50)]
     sim = write_sim(tmp_path / "sim.json", [sim_gpu])
     powercap = tmp_path / "powercap"
@@ -76,7 +77,6 @@ def box(tmp_path: Path, *, sim_gpu: dict[str, Any], extra_toml: str, rapl: bool 
     # the harness writes [http] listen; the token goes into the same section
     text = daemon.config_path.read_text().replace("[http]\n", f'[http]\ntoken = "{TOKEN}"\n', 1)
     daemon.config_path.write_text(text + extra_toml)
-    daemon.worker = worker  # type: ignore[attr-defined]
     return daemon
 
 
@@ -85,18 +85,18 @@ def healthz(daemon: DaemonProcess) -> dict[str, Any]:
 
 
 def stop(daemon: DaemonProcess) -> None:
-    daemon.stop()
-    daemon.worker.kill()  # type: ignore[attr-defined]
-    daemon.worker.wait()  # type: ignore[attr-defined]
+    daemon.stop()  # (the worker is labelled_process's: killed after the test)
 
 
 @pytest.mark.slow
 def test_complete_setup_exits_0_and_agrees_with_healthz(tmp_path: Path, influxdb_server: InfluxServer,
-                                                        background_app: BackgroundAppFactory) -> None:
+                                                        background_app: BackgroundAppFactory,
+                                                        labelled_process: Processes) -> None:
     influxdb_server.create_database("wattprint")
     extra = (f'[influxdb]\nenabled = true\nurl = "{influxdb_server.url}"\ndatabase = "wattprint"\n'
              f'[grid]\nprovider = "carbonintensity_uk"\nzone = "GB"\nbase_url = "{uk_grid(background_app)}"\n')
-    daemon = box(tmp_path, sim_gpu=gpu(0, 250.0, name="NVIDIA H100 80GB HBM3"), extra_toml=extra)
+    daemon = box(tmp_path, labelled_process("doctor-job"), sim_gpu=gpu(0, 250.0, name="NVIDIA H100 80GB HBM3"),
+                 extra_toml=extra)
     try:
         daemon.start()
         wait_ticks(daemon, 3)
@@ -122,13 +122,14 @@ def test_complete_setup_exits_0_and_agrees_with_healthz(tmp_path: Path, influxdb
 
 
 @pytest.mark.slow
-def test_broken_setup_exits_1_names_each_problem_and_agrees_with_healthz(tmp_path: Path) -> None:
+def test_broken_setup_exits_1_names_each_problem_and_agrees_with_healthz(tmp_path: Path,
+                                                                          labelled_process: Processes) -> None:
     dead = free_port()
     extra = (f'[influxdb]\nenabled = true\nurl = "http://127.0.0.1:{dead}"\ndatabase = "wattprint"\n'
              f'[grid]\nprovider = "carbonintensity_uk"\nzone = "GB"\nbase_url = "http://127.0.0.1:{dead}"\n')
     broken_gpu = gpu(0, 250.0, errors={"nvmlDeviceGetComputeRunningProcesses": "NO_PERMISSION"})
     # [cpu] source = "rapl" (the harness's) over a powercap tree with no zones
-    daemon = box(tmp_path, sim_gpu=broken_gpu, extra_toml=extra, rapl=False)
+    daemon = box(tmp_path, labelled_process("doctor-job"), sim_gpu=broken_gpu, extra_toml=extra, rapl=False)
     try:
         daemon.start()
         wait_ticks(daemon, 3)

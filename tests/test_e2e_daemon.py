@@ -16,7 +16,6 @@ hostile job label survives exactly.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -69,32 +68,14 @@ def assert_power(got_j: float, power_w: float, seconds: float, what: str) -> Non
     assert abs(got_j - want) <= power_tol_j(power_w, seconds), f"{what}: {got_j:.2f} J, want {want:.2f} J"
 
 
-def start_labelled(code: str, label: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
-    env[LABEL_VAR] = label
-    return subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
-
-
-def kill_group(p: subprocess.Popen) -> None:
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    p.wait()
+@pytest.fixture
+def job_process(labelled_process):
+    return labelled_process(NASTY, variable=LABEL_VAR)
 
 
 @pytest.fixture
-def job_process():
-    p = start_labelled("import time; time.sleep(300)", NASTY)
-    yield p
-    kill_group(p)
-
-
-@pytest.fixture
-def burner():
-    p = start_labelled(BURNER, "e2e-burner")
-    yield p
-    kill_group(p)
+def burner(labelled_process):
+    return labelled_process("e2e-burner", variable=LABEL_VAR, code=BURNER)
 
 
 def check_window(w, a_id: str, b_id: str, why: str) -> None:
@@ -138,7 +119,7 @@ def check_window(w, a_id: str, b_id: str, why: str) -> None:
     assert w.unattributed("dram") == pytest.approx(w.dram_unattributed_j(DRAM_W), rel=0.05)
 
 
-def test_daemon_end_to_end(tmp_path, job_process, burner, promtool):
+def test_daemon_end_to_end(tmp_path, job_process, burner, promtool, labelled_process):
     tree = PowercapTree(tmp_path / "powercap")
     zones = tree.add_package(0, max_energy_range_uj=100_000_000, dram=True)  # wraps every ~3 s at 30 W
     sim = tmp_path / "sim.json"
@@ -211,8 +192,7 @@ def test_daemon_end_to_end(tmp_path, job_process, burner, promtool):
         assert len(dup) == 1, [(j["id"], j["root_pid"], j["command"], j["started_at"], j["state"]) for j in dup]
 
         # 6. The job ends when its process exits, totals intact.
-        os.killpg(job_process.pid, signal.SIGKILL)
-        job_process.wait()
+        labelled_process.end(job_process)
         write_sim(sim, [gpu(0, power_w=GPU_W, counter_epoch=1, processes=[]),
                         gpu(1, power_w=GPU1_W, counter_epoch=1, processes=[])])
         deadline = time.monotonic() + 10

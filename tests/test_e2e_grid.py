@@ -15,8 +15,6 @@ on forecasts, and is revised and marked final when realised values arrive.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 import urllib.parse
 from datetime import datetime, timezone
@@ -121,18 +119,16 @@ def test_co2e_follows_intensity_and_settles(tmp_path, labelled, background_app):
         daemon.kill()
 
 
-def test_co2e_over_an_hour_of_changing_intensity_accelerated(tmp_path, labelled, background_app):
+def test_co2e_over_an_hour_of_changing_intensity_accelerated(tmp_path, labelled, background_app, make_engine):
     """Engine in-process; the clock is simulated at its boundaries (NVML simulator,
     sampling wall time, provider 'now'); the process, the HTTP fetch, attribution
     and the ledger are real."""
     from wattprint.daemon.carbon import IntensityBook
     from wattprint.daemon.config import GridConfig
-    from wattprint.daemon.engine import Engine
     from wattprint.daemon.grid import make_provider
     from wattprint.daemon.grid.scheduler import GridFetcher
     from wattprint.daemon.health import HealthBoard
-    from wattprint.daemon.ledger import Ledger, LedgerReader
-    from wattprint.daemon.procs import ProcessTracker
+    from wattprint.daemon.ledger import LedgerReader
     from wattprint.daemon.sources.gpu import NvmlGpuSource
     from wattprint.daemon.sources.nvml_sim import SimulatedNvml
 
@@ -146,13 +142,9 @@ def test_co2e_over_an_hour_of_changing_intensity_accelerated(tmp_path, labelled,
     grid = GridConfig(provider="energidataservice", zone="DK1", base_url=server.url)
     provider = make_provider(grid, now=lambda: datetime.fromtimestamp(clock["wall"], timezone.utc))
     book = IntensityBook(grid, provider.name, provider.zone)
-    ledger = Ledger(str(tmp_path / "store.sqlite3"), host="h", bucket_s=60)
     health = HealthBoard()
-    engine = Engine(
-        sources=[NvmlGpuSource(SimulatedNvml(str(sim), clock=lambda: clock["mono"]))],
-        tracker=ProcessTracker(), ledger=ledger, intensity=book, health=health,
-        read_timeout_s=30.0,  # simulated time: a loaded machine must not time reads out
-    )
+    engine = make_engine(sources=[NvmlGpuSource(SimulatedNvml(str(sim), clock=lambda: clock["mono"]))],
+                         store="store.sqlite3", intensity=book, health=health)
 
     def fetch() -> None:
         fetcher = GridFetcher(provider, lambda pts: book.update(pts, clock["wall"]), health,
@@ -251,8 +243,7 @@ def _one_interval_job(workdir: Path, labelled_process, background_app, slot: flo
             time.sleep(0.2)
         time.sleep(2.0)
         write_sim(sim, [gpu(0, power_w=200.0, processes=[])])  # the job stops using the GPU, then ends
-        os.killpg(job_proc.pid, signal.SIGKILL)
-        job_proc.wait()
+        labelled_process.end(job_proc)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             job = daemon.get(f"/api/v1/jobs/{quoted}")

@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -136,8 +134,7 @@ def test_totals_outage_and_crash(tmp_path, labelled, influxdb_server):
 
         # 3. The job ends; after a clean stop (which flushes), InfluxDB's totals equal the API's.
         run2_end = scrape(daemon)
-        os.killpg(job_proc.pid, signal.SIGKILL)
-        job_proc.wait()
+        labelled.end(job_proc)
         write_sim(sim, [gpu(0, power_w=150.0, processes=[])])
         # The job's GPU energy in each run: 150 W x its 80 % share x the daemon's tick time;
         # the invisible process's 20 % is the unattributed GPU energy.

@@ -18,10 +18,7 @@ by the daemon's tick counter, never fixed sleeps.
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 import urllib.parse
 
@@ -32,7 +29,6 @@ from e2e_truth import CPU_ABS_S, CPU_REL, INVISIBLE_PID, descendants, follow
 from gpusim import gpu, proc, write_sim
 from powercap import PowercapTree
 
-SLEEP = "import time; time.sleep(300)"
 BURN = "import time\nwhile True: pass"
 # A label variable only this module's jobs carry, and the daemons read only it: labelled
 # processes of other tests on the machine (outside the suite's PID namespace) are then no
@@ -41,36 +37,6 @@ BURN = "import time\nwhile True: pass"
 LABEL_VAR = f"WATTPRINT_E2E_{os.getpid()}"
 JOBS_TOML = f'[jobs]\nlabel_env = ["{LABEL_VAR}"]\n'
 HALF_BURN = "import time\nwhile True:\n    t = time.time()\n    while time.time() - t < 0.05: pass\n    time.sleep(0.05)"
-
-
-class Procs:
-    """Real processes started in their own sessions; all killed at teardown."""
-
-    def __init__(self) -> None:
-        self.started: list[subprocess.Popen] = []
-
-    def start(self, code: str, label: str | None = None, var: str = LABEL_VAR) -> subprocess.Popen:
-        env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID", LABEL_VAR)}
-        if label is not None:
-            env[var] = label
-        p = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
-        self.started.append(p)
-        return p
-
-    def kill_all(self) -> None:
-        for p in self.started:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
-
-
-@pytest.fixture
-def procs():
-    p = Procs()
-    yield p
-    p.kill_all()
 
 
 def children(pid: int) -> list[int]:
@@ -112,16 +78,16 @@ def assert_conserved_per_bucket(state_dir) -> int:
     return len({b for b, _ in dev})
 
 
-def test_launcher_with_gpu_workers_and_dataloaders_is_one_job(tmp_path, procs):
+def test_launcher_with_gpu_workers_and_dataloaders_is_one_job(tmp_path, labelled_process):
     # torchrun-like: launcher -> 2 workers -> 2 DataLoader children each; no label.
     worker = ("import subprocess, sys, time\n"
               "kids = [subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']) for _ in range(2)]\n"
               "time.sleep(300)")
-    launcher = procs.start(
+    launcher = labelled_process(code=(
         "import subprocess, sys, time\n"
         f"ws = [subprocess.Popen([sys.executable, '-c', {worker!r}]) for _ in range(2)]\n"
         "time.sleep(300)"
-    )
+    ))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         workers = children(launcher.pid)
@@ -174,10 +140,10 @@ def power_tol_j(power_w: float, seconds: float) -> float:
     return power_w * 0.2 + 0.01 * power_w * seconds
 
 
-def test_two_jobs_share_a_gpu_three_to_one(tmp_path, procs):
-    a = procs.start(SLEEP, label="job-a")
-    b = procs.start(SLEEP, label="job-b")
-    c = procs.start(SLEEP, label="job-c")
+def test_two_jobs_share_a_gpu_three_to_one(tmp_path, labelled_process):
+    a = labelled_process("job-a", variable=LABEL_VAR)
+    b = labelled_process("job-b", variable=LABEL_VAR)
+    c = labelled_process("job-c", variable=LABEL_VAR)
     sim = tmp_path / "sim.json"
     # gpu0: a 75 % SM (memory not available), b 25 % SM, c memory-only (no samples, no
     # memory reported): 3:1:0. gpu1: a and c, neither with samples nor memory: 1:1.
@@ -207,7 +173,7 @@ def test_two_jobs_share_a_gpu_three_to_one(tmp_path, procs):
         daemon.kill()
 
 
-def test_cpu_energy_follows_cpu_time_and_is_conserved_per_bucket(tmp_path, procs):
+def test_cpu_energy_follows_cpu_time_and_is_conserved_per_bucket(tmp_path, labelled_process):
     """Each job's CPU energy is the package's feed rate x its share of the machine's CPU
     capacity (utime + stime read from /proc by the test), its DRAM energy the dram feed
     rate x RSS share; unattributed CPU equals idle and other processes' share; and
@@ -215,8 +181,8 @@ def test_cpu_energy_follows_cpu_time_and_is_conserved_per_bucket(tmp_path, procs
     pkg_w, dram_w = 40.0, 6.0
     tree = PowercapTree(tmp_path / "powercap")
     zones = tree.add_package(0, dram=True)
-    full = procs.start(BURN, label="burn-full")
-    half = procs.start(HALF_BURN, label="burn-half")
+    full = labelled_process("burn-full", variable=LABEL_VAR, code=BURN)
+    half = labelled_process("burn-half", variable=LABEL_VAR, code=HALF_BURN)
     # Only this test's processes are jobs (its own label variable), so the expected
     # unattributed CPU energy is known: labelled processes of other tests on the machine
     # would otherwise take their share of it.
@@ -246,22 +212,21 @@ def test_cpu_energy_follows_cpu_time_and_is_conserved_per_bucket(tmp_path, procs
             daemon.kill()
 
 
-def test_pid_reuse_gives_two_jobs_end_to_end(tmp_path, procs):
+def test_pid_reuse_gives_two_jobs_end_to_end(tmp_path, labelled_process):
     if os.geteuid() != 0 or not os.path.exists("/proc/sys/kernel/ns_last_pid"):
         pytest.skip("needs root and /proc/sys/kernel/ns_last_pid to force a PID to be reused")
     daemon = DaemonProcess(tmp_path, sim_file=None, powercap_root=None, extra_toml=JOBS_TOML)
     try:
         daemon.start()
-        first = procs.start(SLEEP, label="reused")
+        first = labelled_process("reused", variable=LABEL_VAR)
         until(daemon, lambda: len(job_by(daemon, label="reused", state="running")) == 1, "first job running")
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+        labelled_process.end(first)
         until(daemon, lambda: [j["state"] for j in job_by(daemon, label="reused")] == ["finished"], "first job finished")
         second = None
         for _ in range(20):
             with open("/proc/sys/kernel/ns_last_pid", "w") as fh:
                 fh.write(str(first.pid - 1))
-            cand = procs.start(SLEEP, label="reused")
+            cand = labelled_process("reused", variable=LABEL_VAR)
             if cand.pid == first.pid:
                 second = cand
                 break
@@ -276,8 +241,8 @@ def test_pid_reuse_gives_two_jobs_end_to_end(tmp_path, procs):
         daemon.kill()
 
 
-def test_job_that_ends_while_daemon_is_down_is_finished_after_restart(tmp_path, procs):
-    job_proc = procs.start(SLEEP, label="short-lived")
+def test_job_that_ends_while_daemon_is_down_is_finished_after_restart(tmp_path, labelled_process):
+    job_proc = labelled_process("short-lived", variable=LABEL_VAR)
     sim = tmp_path / "sim.json"
     # The job at 50 % SM next to an invisible process at 50 %: it gets half of 100 W.
     write_sim(sim, [gpu(0, power_w=100.0, processes=[proc(job_proc.pid, used_memory_bytes=None, sm_util=50),
@@ -292,8 +257,7 @@ def test_job_that_ends_while_daemon_is_down_is_finished_after_restart(tmp_path, 
         db = sqlite3.connect(f"file:{tmp_path}/state/wattprint.sqlite3?mode=ro", uri=True)
         stored_gpu_j, last_seen = db.execute("SELECT gpu_j, last_seen FROM jobs WHERE label='short-lived'").fetchone()
         db.close()
-        os.killpg(job_proc.pid, signal.SIGKILL)
-        job_proc.wait()
+        labelled_process.end(job_proc)
         write_sim(sim, [gpu(0, power_w=100.0, processes=[])])
         daemon.start()
         until(daemon, lambda: [j["state"] for j in job_by(daemon, label="short-lived")] == ["finished"], "finished")

@@ -4,21 +4,11 @@ a failing source degrading alone, and a failing store not stopping the ticks."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from gpusim import gpu, proc, write_sim
-from wattprint.daemon.carbon import IntensityBook
-from wattprint.daemon.config import GridConfig
-from wattprint.daemon.engine import Engine
-from wattprint.daemon.health import HealthBoard
-from wattprint.daemon.ledger import Ledger
-from wattprint.daemon.procs import ProcessTracker
 from wattprint.daemon.sources.base import SourceError
 from wattprint.daemon.sources.gpu import NvmlGpuSource
 from wattprint.daemon.sources.nvml_sim import SimulatedNvml
@@ -38,27 +28,17 @@ class Broken:
 
 
 @pytest.fixture
-def job():
-    env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
-    env["WATTPRINT_JOB"] = "engine-test"
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], env=env, start_new_session=True)
+def job(labelled_process):
+    p = labelled_process("engine-test")
     time.sleep(0.3)
-    yield p
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    p.wait()
+    return p
 
 
-def make_engine(tmp_path, sim, clock, grace_s=10.0):
-    health = HealthBoard()
-    return Engine(
-        sources=[NvmlGpuSource(SimulatedNvml(str(sim), clock=lambda: clock["mono"])), Broken()],
-        tracker=ProcessTracker(rescan_interval_s=0), ledger=Ledger(str(tmp_path / "s.sqlite3"), "h", 60),
-        intensity=IntensityBook(GridConfig(), "static", "static", 400.0), health=health,
-        finished_grace_s=grace_s, read_timeout_s=30.0,  # a loaded machine must not time reads out here
-    )
+def gpu_engine(make_engine, sim, clock, grace_s=10.0):
+    """The simulated GPUs of ``sim`` on ``clock`` and a broken source, over the store
+    tmp_path/s.sqlite3 (conftest's make_engine: a restart finds the same store)."""
+    return make_engine(sources=[NvmlGpuSource(SimulatedNvml(str(sim), clock=lambda: clock["mono"])), Broken()],
+                       finished_grace_s=grace_s)
 
 
 def tick(engine, clock, dt=1.0):
@@ -67,11 +47,11 @@ def tick(engine, clock, dt=1.0):
     return engine.tick_blocking(clock["mono"], clock["wall"])
 
 
-def test_lifecycle_grace_and_degraded_source(tmp_path, job):
+def test_lifecycle_grace_and_degraded_source(tmp_path, job, labelled_process, make_engine):
     sim = tmp_path / "sim.json"
     write_sim(sim, [gpu(0, power_w=100.0, processes=[proc(job.pid, sm_util=50)])])
     clock = {"mono": 100.0, "wall": 1_795_000_000.0}
-    engine = make_engine(tmp_path, sim, clock)
+    engine = gpu_engine(make_engine, sim, clock)
     for _ in range(4):
         snap = tick(engine, clock)
     mine = [j for j in snap.jobs if j.label == "engine-test"]
@@ -83,8 +63,7 @@ def test_lifecycle_grace_and_degraded_source(tmp_path, job):
     assert health["broken"].errors_total == 4
     assert health["gpu"].state == "ok"
 
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    labelled_process.end(job)
     write_sim(sim, [gpu(0, power_w=100.0, processes=[])])
     snap = tick(engine, clock)
     [done] = [j for j in snap.jobs if j.label == "engine-test"]
@@ -96,11 +75,11 @@ def test_lifecycle_grace_and_degraded_source(tmp_path, job):
     engine.close()
 
 
-def test_store_failure_degrades_and_ticks_go_on(tmp_path, job):
+def test_store_failure_degrades_and_ticks_go_on(tmp_path, job, make_engine):
     sim = tmp_path / "sim.json"
     write_sim(sim, [gpu(0, power_w=100.0, processes=[proc(job.pid, sm_util=50)])])
     clock = {"mono": 100.0, "wall": 1_795_000_000.0}
-    engine = make_engine(tmp_path, sim, clock)
+    engine = gpu_engine(make_engine, sim, clock)
     tick(engine, clock)
     engine.ledger.conn.execute("DROP TABLE job_buckets")  # the store breaks under the daemon
     snap = tick(engine, clock)
@@ -122,13 +101,13 @@ def job_gpu_j(snap, label):
     return j.energy_j["gpu"]
 
 
-def test_job_sources_name_its_own_gpu_not_an_idle_power_only_one(tmp_path, job):
+def test_job_sources_name_its_own_gpu_not_an_idle_power_only_one(tmp_path, job, make_engine):
     # The job alone on gpu0 (energy counter); gpu1 has no counter and nobody on it.
     sim = tmp_path / "sim.json"
     write_sim(sim, [gpu(0, power_w=100.0, processes=[proc(job.pid, sm_util=50)]),
                     gpu(1, power_w=40.0, energy_counter=False)])
     clock = {"mono": 100.0, "wall": 1_795_000_000.0}
-    engine = make_engine(tmp_path, sim, clock)
+    engine = gpu_engine(make_engine, sim, clock)
     for _ in range(3):
         snap = tick(engine, clock)
     assert job_gpu_j(snap, "engine-test") == pytest.approx(200.0, rel=1e-6)
@@ -136,13 +115,13 @@ def test_job_sources_name_its_own_gpu_not_an_idle_power_only_one(tmp_path, job):
     engine.close()
 
 
-def test_job_sources_keep_the_weakest_over_the_jobs_life_across_a_restart(tmp_path, job):
+def test_job_sources_keep_the_weakest_over_the_jobs_life_across_a_restart(tmp_path, job, make_engine):
     # 3 ticks on a power-only GPU, then the job moves to a counter GPU: still "power".
     sim = tmp_path / "sim.json"
     write_sim(sim, [gpu(0, power_w=100.0), gpu(1, power_w=50.0, energy_counter=False,
                                                 processes=[proc(job.pid, sm_util=50)])])
     clock = {"mono": 100.0, "wall": 1_795_000_000.0}
-    engine = make_engine(tmp_path, sim, clock)
+    engine = gpu_engine(make_engine, sim, clock)
     for _ in range(3):
         tick(engine, clock)
     assert job_sources(engine, "engine-test") == {"gpu": "power"}
@@ -158,7 +137,7 @@ def test_job_sources_keep_the_weakest_over_the_jobs_life_across_a_restart(tmp_pa
     engine.close()
 
     # The daemon restarts; the job goes on, on the counter GPU only: still "power".
-    engine = make_engine(tmp_path, sim, clock)
+    engine = gpu_engine(make_engine, sim, clock)
     engine.restore(engine.ledger.running_jobs(), {})
     for _ in range(3):
         tick(engine, clock)
@@ -166,7 +145,8 @@ def test_job_sources_keep_the_weakest_over_the_jobs_life_across_a_restart(tmp_pa
     engine.close()
 
 
-def test_memory_only_process_pays_its_share_of_the_learned_idle_floor(tmp_path, job, labelled_process):
+def test_memory_only_process_pays_its_share_of_the_learned_idle_floor(tmp_path, job, labelled_process,
+                                                                   make_engine):
     # gpu0 empty at 60 W (the idle floor is learned), then at 300 W with the job at 80 % SM
     # and a memory-only process of another job (no utilisation samples), 1 GiB each.
     holder = labelled_process("engine-holder")
@@ -174,7 +154,7 @@ def test_memory_only_process_pays_its_share_of_the_learned_idle_floor(tmp_path, 
     sim = tmp_path / "sim.json"
     write_sim(sim, [gpu(0, power_w=60.0)])
     clock = {"mono": 100.0, "wall": 1_795_000_000.0}
-    engine = make_engine(tmp_path, sim, clock)
+    engine = gpu_engine(make_engine, sim, clock)
     tick(engine, clock)
     tick(engine, clock)  # 60 J with no process on it: floor 60 W
     write_sim(sim, [gpu(0, power_w=300.0, processes=[proc(job.pid, sm_util=80), proc(holder.pid)])])

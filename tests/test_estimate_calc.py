@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from wattprint.daemon.estimate import (
+from wattprint.daemon.plan import (
     DeviceSpec,
     estimate,
     estimate_json,
@@ -128,7 +128,7 @@ def test_table_values_and_sources():
     assert {k: by_model[k]["rated_w"] for k in expected} == expected
     for m in table["models"]:
         assert m["source"] in table["sources"], m["model"]
-        assert m["rating"] in ("TDP", "TGP")
+        assert m["rating"] in ("TDP", "TGP", "TBP")  # TBP: AMD's Total Board Power
         assert 10 <= m["rated_w"] <= 1500
     assert find_model("v100-sxm2").source.startswith("NVIDIA Tesla V100")
     assert "H100-SXM" in known_models()

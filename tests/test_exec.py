@@ -352,14 +352,12 @@ def test_report_reads_the_local_store_when_no_daemon_answers(daemon, exec_run):
     assert missing.returncode == 1 and "no job with id or label nope" in missing.stderr
 
 
-def test_exec_finds_its_job_when_the_daemon_files_it_under_the_overflow_label(tmp_path):
+def test_exec_finds_its_job_when_the_daemon_files_it_under_the_overflow_label(tmp_path, labelled_process):
     """With the user's label limit reached, the daemon books the job as "_overflow";
     exec still finds it, by the child's PID."""
     d = DaemonProcess(tmp_path, sim_file=None, powercap_root=None,
                       extra_toml="[jobs]\nrescan_interval_s = 0.5\nmax_labels_per_user = 1\n")
-    env = clean_env()
-    env["WATTPRINT_JOB"] = "holds-the-only-slot"
-    holder = subprocess.Popen([sys.executable, "-c", SLEEP], env=env, start_new_session=True)
+    holder = labelled_process("holds-the-only-slot")
     try:
         d.start()
         # By PID: outside the suite's PID namespace another labelled process of this user
@@ -372,6 +370,5 @@ def test_exec_finds_its_job_when_the_daemon_files_it_under_the_overflow_label(tm
         assert job["label"] == "_overflow" and job["label_raw"] == "mine" and job["state"] == "finished"
         assert job == api_job(d, job["id"])
     finally:
-        holder.kill()
-        holder.wait()
+        labelled_process.end(holder)
         d.kill()

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from wattprint.daemon.config import GpuConfig
 from wattprint.daemon.model import DeviceReading
 from wattprint.daemon.sources import gpu as gpu_mod
+from wattprint.daemon.sources.gpu import nvidia as nvidia_mod
 from wattprint.daemon.sources.base import SourceDisabled, SourceError
 from wattprint.daemon.sources.gpu import NvmlGpuSource, open_gpu_source
 from wattprint.daemon.sources.nvml_sim import SimFileError, SimulatedNvml
@@ -341,18 +341,13 @@ def test_gpu_replaced_at_an_index_is_seen_at_the_next_reinit_with_a_new_baseline
 
 
 @pytest.fixture
-def live_pid():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        yield child.pid
-    finally:
-        child.kill()
-        child.wait()
+def live_pid(labelled_process) -> int:
+    return labelled_process().pid  # unlabelled; killed after the test
 
 
 @pytest.fixture
-def dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
+def dead_pid(labelled_process) -> int:
+    child = labelled_process(code="pass")
     child.wait()  # reaped: its /proc entry is gone
     assert not os.path.exists(f"/proc/{child.pid}")
     return child.pid
@@ -606,7 +601,7 @@ def test_scrambling_process_struct_is_detected_and_lists_not_used(sim_path, cloc
         c_nvmlProcessInfo_t = Scrambled
 
     assert not gpu_mod.process_struct_ok(Old)
-    monkeypatch.setattr(gpu_mod, "process_struct_ok", lambda module=None: False)
+    monkeypatch.setattr(nvidia_mod, "process_struct_ok", lambda module=None: False)
     write_sim(sim_path, [gpu(0, 200.0, processes=[proc(101, sm_util=50)])])
     src, _ = make_source(sim_path, clock)
     tick(src, clock, 1000.0)
@@ -702,7 +697,7 @@ def test_junk_utilisation_samples_are_discarded_and_never_move_the_window(sim_pa
         r = tick(src, clock, float(t))["gpu0"]
         assert {p.pid: p.sm_util_pct for p in r.processes} == {a: 75.0, b: 25.0}, t
         st = next(iter(src._states.values()))
-        assert st.last_util_ts_us <= wall() * 1e6 + gpu_mod.FUTURE_TOLERANCE_S * 1e6
+        assert st.util.last_ts_us <= wall() * 1e6 + gpu_mod.FUTURE_TOLERANCE_S * 1e6
     # One garbage entry per call (stray PID, 37100 %), none of the padding: counted.
     assert src.counters()["gpu_util_samples_discarded_total"] >= 20
 

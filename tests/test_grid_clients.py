@@ -716,14 +716,14 @@ def test_429_retry_after_http_date():
 
 
 def test_parse_retry_after_forms():
-    now = T("2024-01-12T09:00")
+    now = T("2024-01-12T09:00").timestamp()
     assert parse_retry_after("30", now) == 30
     assert parse_retry_after(" 0 ", now) == 0
     assert parse_retry_after("Fri, 12 Jan 2024 09:00:10 GMT", now) == 10
     assert parse_retry_after("Fri, 12 Jan 2024 08:00:00 GMT", now) == 0  # in the past
     assert parse_retry_after("soon", now) is None
     assert parse_retry_after(None, now) is None
-    assert parse_retry_after("-5", now) == 0
+    assert parse_retry_after("-5", now) is None  # not delay-seconds (tests/test_retry_after.py)
 
 
 def test_500_with_json_error():

@@ -32,12 +32,9 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Sequence
 
 import pytest
@@ -46,8 +43,7 @@ from wattprint.daemon.carbon import IntensityBook
 from wattprint.daemon.config import GridConfig
 from wattprint.daemon.engine import Engine
 from wattprint.daemon.grid.base import IntensityPoint
-from wattprint.daemon.health import HealthBoard
-from wattprint.daemon.ledger import Ledger, LedgerReader
+from wattprint.daemon.ledger import LedgerReader
 from wattprint.daemon.model import DeviceReading, GpuProcessUse
 from wattprint.daemon.procs import JobIdentity, JobUsage, ProcessTracker, ProcessView
 
@@ -117,14 +113,13 @@ def view(cpu_s: dict[str, float], rss: dict[str, int], busy_s: float, total_s: f
                        scanned=True, cpu_total_s=total_s)
 
 
-def make(tmp_path: Path, intensity: IntensityBook, idle_policy: str = "unattributed",
+def make(make_engine, intensity: IntensityBook, idle_policy: str = "unattributed",
          bucket_s: int = 3600) -> tuple[Engine, FakeSource, FakeTracker, str]:
+    """An engine over the fakes (conftest's make_engine) and the path of its store."""
     src, tracker = FakeSource(), FakeTracker()
-    path = str(tmp_path / "store.sqlite3")
-    engine = Engine(sources=[src], tracker=tracker, ledger=Ledger(path, "h", bucket_s),  # type: ignore[arg-type]
-                    intensity=intensity, health=HealthBoard(), pue=PUE, idle_policy=idle_policy,
-                    finished_grace_s=1e9, read_timeout_s=30.0)
-    return engine, src, tracker, path
+    engine = make_engine(sources=[src], tracker=tracker, store="store.sqlite3", bucket_s=bucket_s,
+                         intensity=intensity, pue=PUE, idle_policy=idle_policy, finished_grace_s=1e9)
+    return engine, src, tracker, engine.ledger.path
 
 
 def static_book() -> IntensityBook:
@@ -172,8 +167,8 @@ UNATTRIBUTED_DRAM_J = 12 * 4 / 8  # 4 GiB used by processes in no job
 UNATTRIBUTED_CPU_J = {"unattributed": 50.0 + 30.0 * 0.3 / 1.5, "share": 30.0 * 0.3 / 1.5}
 
 
-def run_scene(tmp_path: Path, idle_policy: str):
-    engine, src, tracker, path = make(tmp_path, static_book(), idle_policy)
+def run_scene(make_engine, idle_policy: str):
+    engine, src, tracker, path = make(make_engine, static_book(), idle_policy)
     wall = T0 + 10.0
     for i in range(TICKS):
         src.queue.append(scene_readings())
@@ -185,8 +180,8 @@ def run_scene(tmp_path: Path, idle_policy: str):
 
 
 @pytest.mark.parametrize("idle_policy", ["unattributed", "share"])
-def test_per_job_energy_co2e_and_cost_exactly(tmp_path, idle_policy):
-    snap, path, last_wall = run_scene(tmp_path, idle_policy)
+def test_per_job_energy_co2e_and_cost_exactly(make_engine, idle_policy):
+    snap, path, last_wall = run_scene(make_engine, idle_policy)
     cpu_j = CPU_UNATTRIBUTED_POLICY_J if idle_policy == "unattributed" else CPU_SHARE_POLICY_J
     reader = LedgerReader(path, pue=PUE, price_per_kwh=PRICE, currency="EUR")
     try:
@@ -230,11 +225,11 @@ def test_per_job_energy_co2e_and_cost_exactly(tmp_path, idle_policy):
         reader.close()
 
 
-def test_idle_floor_goes_by_memory_and_the_rest_by_activity(tmp_path):
+def test_idle_floor_goes_by_memory_and_the_rest_by_activity(make_engine):
     """gpu0 empty at 100 W for one tick (the floor is learned), then 400 J with A at 60 %
     SM holding 3 GiB and C memory-only holding 1 GiB: idle 100 J by memory 3:1, the
     active 300 J all to A."""
-    engine, src, tracker, path = make(tmp_path, static_book())
+    engine, src, tracker, path = make(make_engine, static_book())
     src.queue.append([gpu("gpu0", 100.0)])
     tracker.queue.append(scene_view())
     engine.tick_blocking(100.0, T0 + 10)
@@ -251,7 +246,7 @@ def test_idle_floor_goes_by_memory_and_the_rest_by_activity(tmp_path):
     assert snap.unattributed_j_total["gpu"] == pytest.approx(100.0, rel=1e-9)  # the empty interval
 
 
-def test_co2e_and_cost_follow_the_intensity_of_each_slot(tmp_path):
+def test_co2e_and_cost_follow_the_intensity_of_each_slot(make_engine):
     """A live series: 200 g/kWh for the first half hour, 500 g/kWh for the second (both
     actual). Two ticks in each slot: each tick's energy is weighted by its own slot."""
     book = IntensityBook(GridConfig(), "energidataservice", "DK1")
@@ -260,7 +255,7 @@ def test_co2e_and_cost_follow_the_intensity_of_each_slot(tmp_path):
     end = datetime.fromtimestamp(T0 + 3600, timezone.utc)
     book.update([IntensityPoint(t0, half, 200.0, "actual", "DK1", "energidataservice"),
                  IntensityPoint(half, end, 500.0, "actual", "DK1", "energidataservice")], now_s=T0 + 1798)
-    engine, src, tracker, path = make(tmp_path, book)
+    engine, src, tracker, path = make(make_engine, book)
     walls = [T0 + 1798, T0 + 1799, T0 + 1800, T0 + 1801]
     for i, wall in enumerate(walls):
         src.queue.append(scene_readings())
@@ -302,14 +297,12 @@ def proc_cpu_ticks_and_rss(pid: int) -> tuple[int, int]:
     return int(rest[11]) + int(rest[12]), int(rest[21]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def test_tracker_books_the_cpu_time_and_rss_proc_shows(tmp_path):
+def test_tracker_books_the_cpu_time_and_rss_proc_shows(labelled_process):
     """A real labelled process burning CPU, stopped (SIGSTOP) while the tracker and the
     test read /proc, so both see the same counters: the job's CPU seconds in the
     interval are exactly its utime + stime delta / CLK_TCK, and its RSS exactly its
     resident pages."""
-    env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
-    env["WATTPRINT_JOB"] = f"numbers-{os.getpid()}"
-    p = subprocess.Popen([sys.executable, "-c", BURN_AND_HOLD], env=env, start_new_session=True)
+    p = labelled_process(f"numbers-{os.getpid()}", code=BURN_AND_HOLD)
     tracker = ProcessTracker(rescan_interval_s=0)
     clk = os.sysconf("SC_CLK_TCK")
     try:
@@ -333,8 +326,7 @@ def test_tracker_books_the_cpu_time_and_rss_proc_shows(tmp_path):
         time.sleep(0.8)
         cpu_2, ticks_2, rss_2, job_rss_2 = stopped_observe(3.0)
     finally:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
+        labelled_process.end(p)
         tracker.close()
     assert ticks_2 - ticks_1 >= 5, "the burner got almost no CPU: the machine is starved"
     assert cpu_2 == pytest.approx((ticks_2 - ticks_1) / clk, rel=1e-9)

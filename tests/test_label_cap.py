@@ -19,7 +19,6 @@ else on the machine do not count toward the cap.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -57,7 +56,7 @@ def report(daemon: DaemonProcess, ref: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_label_cap_counts_logs_once_and_lookups_find_the_job(tmp_path: Path, as_uid) -> None:
+def test_label_cap_counts_logs_once_and_lookups_find_the_job(tmp_path: Path, as_uid, labelled_process) -> None:
     uid, start = as_uid
     daemon = DaemonProcess(tmp_path, sim_file=None, powercap_root=None,
                            env={"WATTPRINT_JOBS_MAX_LABELS_PER_USER": str(CAP),
@@ -92,8 +91,7 @@ def test_label_cap_counts_logs_once_and_lookups_find_the_job(tmp_path: Path, as_
 
         # Below the cap for a moment: a new label is its own, and the user is at the
         # cap again at once: still one episode (hovering at the cap logs nothing more).
-        os.killpg(a.pid, signal.SIGKILL)
-        a.wait()
+        labelled_process.end(a)
         e = start("cap-e")
         assert job_of(daemon, e.pid)["label"] == "cap-e"
         text = daemon.log_path.read_text(errors="replace")
@@ -101,8 +99,7 @@ def test_label_cap_counts_logs_once_and_lookups_find_the_job(tmp_path: Path, as_
         assert sample(daemon.metrics(), "wattprint_labels_overflow_total") == 2
 
         # Below the cap for longer than [jobs] label_cap_hold_s (3 s): the episode ends, once.
-        os.killpg(e.pid, signal.SIGKILL)
-        e.wait()
+        labelled_process.end(e)
         deadline = time.monotonic() + 15
         while "below the label cap again" not in daemon.log_path.read_text(errors="replace"):
             assert time.monotonic() < deadline, daemon.log_tail()

@@ -163,9 +163,9 @@ def test_prometheus_exposition_stays_valid_and_exact(promtool_bin: str, jobs: li
     info = [dict(labels) for name, labels in got if name == "wattprint_device_info"]
     # GPU series also carry uuid and model_name (dcgm-exporter's UUID / modelName).
     assert info == [{"kind": "gpu", "device": "gpu0", "name": _text(device_name), "source": "counter",
-                     "uuid": "", "model_name": _text(device_name)}]
+                     "uuid": "", "model_name": _text(device_name), "vendor": ""}]
     allowed = {"kind", "device", "name", "source", "job_id", "label", "user", "zone", "provider", "state",
-               "uuid", "model_name"}
+               "uuid", "model_name", "vendor"}
     assert all(set(dict(labels)) <= allowed for _, labels in got)
     # nothing a user wrote made a series of its own
     assert len([k for k in got if k[0].startswith("wattprint_job_")]) == sum(2 + len(j.energy_j) for j in jobs)

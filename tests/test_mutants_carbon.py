@@ -31,7 +31,7 @@ def test_static_book_is_final_without_slot_and_has_no_hint():
     b = IntensityBook(GridConfig(static_g_per_kwh=999.0), "static", "DE", static_g_per_kwh=321.0)
     assert b.is_static is True
     assert b.lookup(T0 + 17.0) == Intensity(321.0, "final", "static", "DE", "static", None, None)
-    assert b.hint(energy_kwh=2.0, duration_s=600.0, co2e_g=642.0, pue=1.0, now_s=T0) is None
+    assert b.hint(energy_j=7200000.0, duration_s=600.0, job_co2e_g=642.0, pue=1.0, now_s=T0) is None
     assert book().is_static is False
 
 
@@ -75,21 +75,21 @@ def test_hint_is_the_lowest_window_of_the_jobs_length():
     b = book()
     b.update([pt(0, 400.0), pt(1, 100.0), pt(2, 300.0), pt(3, 500.0)], now_s=T0)
     now = T0 + 4 * STEP
-    # A 10-minute job: the lowest 600 s window is [T0 + 300, T0 + 900) at (100 + 300) / 2.
-    h = b.hint(energy_kwh=2.0, duration_s=600.0, co2e_g=1000.0, pue=1.5, now_s=now)
+    # A 10-minute job of 2 kWh (7.2 MJ): the lowest 600 s window is [T0 + 300, T0 + 900) at (100 + 300) / 2.
+    h = b.hint(energy_j=7200000.0, duration_s=600.0, job_co2e_g=1000.0, pue=1.5, now_s=now)
     assert h == {"window_start": float(T0 + STEP), "window_end": float(T0 + 3 * STEP),
                  "g_per_kwh": 200.0, "co2e_g": 2.0 * 200.0 * 1.5, "saving_g": 1000.0 - 600.0}
     # A job that did better than the window saves nothing (never negative).
-    h = b.hint(energy_kwh=2.0, duration_s=600.0, co2e_g=500.0, pue=1.5, now_s=now)
+    h = b.hint(energy_j=7200000.0, duration_s=600.0, job_co2e_g=500.0, pue=1.5, now_s=now)
     assert h is not None and h["saving_g"] == 0.0 and h["co2e_g"] == 600.0
     # No energy, no duration, a window longer than the series: no hint.
-    assert b.hint(energy_kwh=0.0, duration_s=600.0, co2e_g=1.0, pue=1.0, now_s=now) is None
-    assert b.hint(energy_kwh=-1.0, duration_s=600.0, co2e_g=1.0, pue=1.0, now_s=now) is None
-    assert b.hint(energy_kwh=1.0, duration_s=0.0, co2e_g=1.0, pue=1.0, now_s=now) is None
-    assert b.hint(energy_kwh=1.0, duration_s=-5.0, co2e_g=1.0, pue=1.0, now_s=now) is None
-    assert b.hint(energy_kwh=1.0, duration_s=4 * STEP + 1.0, co2e_g=1.0, pue=1.0, now_s=now) is None
+    assert b.hint(energy_j=0.0, duration_s=600.0, job_co2e_g=1.0, pue=1.0, now_s=now) is None
+    assert b.hint(energy_j=-3600000.0, duration_s=600.0, job_co2e_g=1.0, pue=1.0, now_s=now) is None
+    assert b.hint(energy_j=3600000.0, duration_s=0.0, job_co2e_g=1.0, pue=1.0, now_s=now) is None
+    assert b.hint(energy_j=3600000.0, duration_s=-5.0, job_co2e_g=1.0, pue=1.0, now_s=now) is None
+    assert b.hint(energy_j=3600000.0, duration_s=4 * STEP + 1.0, job_co2e_g=1.0, pue=1.0, now_s=now) is None
     # A tiny energy and duration still get a hint (the bounds are > 0, not >= 1).
-    h = b.hint(energy_kwh=0.5, duration_s=0.5, co2e_g=1.0, pue=1.0, now_s=now)
+    h = b.hint(energy_j=1800000.0, duration_s=0.5, job_co2e_g=1.0, pue=1.0, now_s=now)
     assert h is not None and h["g_per_kwh"] == 100.0 and h["co2e_g"] == 50.0
     # "now" sets the look-back: a day after the series' end, nothing is left to look at.
-    assert b.hint(energy_kwh=1.0, duration_s=600.0, co2e_g=1.0, pue=1.0, now_s=T0 + 4 * STEP + 86400) is None
+    assert b.hint(energy_j=3600000.0, duration_s=600.0, job_co2e_g=1.0, pue=1.0, now_s=T0 + 4 * STEP + 86400) is None

@@ -21,8 +21,7 @@ from wattprint.daemon.carbon import IntensityBook
 from wattprint.daemon.config import GridConfig
 from wattprint.daemon.engine import Engine
 from wattprint.daemon.grid.base import IntensityPoint
-from wattprint.daemon.health import HealthBoard
-from wattprint.daemon.ledger import Ledger, LedgerReader
+from wattprint.daemon.ledger import LedgerReader
 from wattprint.daemon.model import DeviceReading, DeviceState, GpuProcessUse, JobRef, SettledBucket, TickRecord
 from wattprint.daemon.procs import JobIdentity, JobUsage, ProcessView
 
@@ -48,10 +47,11 @@ def view(*idents: JobIdentity) -> ProcessView:
                        scanned=True)
 
 
-def engine_on(path: str, book: IntensityBook) -> tuple[Engine, FakeSource, FakeTracker]:
+def engine_on(make_engine, book: IntensityBook) -> tuple[Engine, FakeSource, FakeTracker]:
+    """An engine over the fakes and the store tmp_path/s.sqlite3 (conftest's make_engine;
+    a second one, after a restart, finds the same store)."""
     src, tracker = FakeSource(), FakeTracker()
-    engine = Engine(sources=[src], tracker=tracker, ledger=Ledger(path, "h", 3600),  # type: ignore[arg-type]
-                    intensity=book, health=HealthBoard(), pue=PUE, finished_grace_s=1e9, read_timeout_s=30.0)
+    engine = make_engine(sources=[src], tracker=tracker, bucket_s=3600, intensity=book, pue=PUE, finished_grace_s=1e9)
     return engine, src, tracker
 
 
@@ -68,17 +68,17 @@ def point(k: int, g: float, kind: str) -> IntensityPoint:
                           "energidataservice")
 
 
-def test_restored_job_not_found_again_ends_when_last_seen(tmp_path):
+def test_restored_job_not_found_again_ends_when_last_seen(tmp_path, make_engine):
     path = str(tmp_path / "s.sqlite3")
     book = IntensityBook(GridConfig(), "static", "static", 400.0)
-    engine, src, tracker = engine_on(path, book)
+    engine, src, tracker = engine_on(make_engine, book)
     tick(engine, src, tracker, T0 + 10.0, 100.0, A, R)
     tick(engine, src, tracker, T0 + 11.0, 100.0, A, R)
     engine.close()
     engine.ledger.close()
 
     # The next daemon run: both jobs were running; R's process is gone.
-    engine, src, tracker = engine_on(path, book)
+    engine, src, tracker = engine_on(make_engine, book)
     running = engine.ledger.running_jobs()
     engine.restore(running, {A.job_id: 1.0})  # R has no CO2e figure: it starts at 0 g
     snap = tick(engine, src, tracker, T0 + 500.0, 100.0, A)
@@ -99,9 +99,8 @@ def test_restored_job_not_found_again_ends_when_last_seen(tmp_path):
         reader.close()
 
 
-def test_tick_goes_on_when_the_bucket_values_cannot_be_read(tmp_path, caplog):
-    path = str(tmp_path / "s.sqlite3")
-    engine, src, tracker = engine_on(path, IntensityBook(GridConfig(), "static", "static", 400.0))
+def test_tick_goes_on_when_the_bucket_values_cannot_be_read(caplog, make_engine):
+    engine, src, tracker = engine_on(make_engine, IntensityBook(GridConfig(), "static", "static", 400.0))
 
     def failing(bucket_start: int):
         raise OSError("disk I/O error")
@@ -121,11 +120,10 @@ def test_tick_goes_on_when_the_bucket_values_cannot_be_read(tmp_path, caplog):
     assert snap.counters["tick_errors_total"] == 0.0
 
 
-def test_settlement_skips_a_less_sure_value_and_settles_the_rest(tmp_path, caplog):
-    path = str(tmp_path / "s.sqlite3")
+def test_settlement_skips_a_less_sure_value_and_settles_the_rest(caplog, make_engine):
     book = IntensityBook(GridConfig(static_g_per_kwh=250.0), "energidataservice", "DK1")
     book.update([point(0, 100.0, "forecast"), point(1, 200.0, "forecast"), point(2, 300.0, "forecast")], now_s=T0)
-    engine, src, tracker = engine_on(path, book)
+    engine, src, tracker = engine_on(make_engine, book)
     settled: list[list[SettledBucket]] = []
     engine.settle_sinks.append(settled.append)
     records: list[TickRecord] = []
@@ -188,13 +186,10 @@ class RecordingTracker(FakeTracker):
         return self.problem
 
 
-def test_process_health_label_problems_and_a_failing_scan(tmp_path, caplog):
-    path = str(tmp_path / "s.sqlite3")
+def test_process_health_label_problems_and_a_failing_scan(caplog, make_engine):
     src, tracker = FakeSource(), RecordingTracker()
-    health = HealthBoard()
-    engine = Engine(sources=[src], tracker=tracker, ledger=Ledger(path, "h", 3600),  # type: ignore[arg-type]
-                    intensity=IntensityBook(GridConfig(), "static", "static", 400.0), health=health, pue=PUE,
-                    finished_grace_s=1e9, read_timeout_s=30.0)
+    engine = make_engine(sources=[src], tracker=tracker, bucket_s=3600, pue=PUE, finished_grace_s=1e9)
+    health = engine.health
     # The tracker is told the visible GPU PIDs only (not the invisible one, not CPU readings').
     readings = [DeviceReading("gpu", "gpu0", 100.0, 100.0, "counter", 1.0,
                               (GpuProcessUse(A.root_pid, 1, 50), GpuProcessUse(4_194_313, 1, 50, visible=False))),
@@ -245,17 +240,17 @@ class GlitchySource(FakeSource):
         return {("package-0", "stepped_back"): 3}
 
 
-def test_what_a_tick_hands_out_field_by_field(tmp_path):
+def test_what_a_tick_hands_out_field_by_field(make_engine):
     """The snapshot's devices, jobs and glitch counts, and the TickRecord the sinks get,
     whole, for two ticks of known readings; a job that ended and the finished-job cap."""
-    path = str(tmp_path / "s.sqlite3")
     src, tracker = GlitchySource(name="rapl"), FakeTracker()
     records: list = []
-    engine = Engine(sources=[src], tracker=tracker, ledger=Ledger(path, "h", 3600),  # type: ignore[arg-type]
-                    intensity=IntensityBook(GridConfig(), "static", "DK", 400.0), health=HealthBoard(), pue=PUE,
-                    finished_grace_s=1e9, read_timeout_s=30.0, max_finished_in_metrics=1, interval_s=7.0)
+    engine = make_engine(sources=[src], tracker=tracker, bucket_s=3600,
+                         intensity=IntensityBook(GridConfig(), "static", "DK", 400.0), pue=PUE,
+                         finished_grace_s=1e9, max_finished_in_metrics=1, interval_s=7.0)
+    path = engine.ledger.path
     engine.sinks.append(records.append)
-    engine.extra_counters = lambda: {"spool_pending_points": 12.0}
+    engine.counter_feeds.append(lambda: {"spool_pending_points": 12.0})
     g0 = DeviceReading("gpu", "gpu0", 200.0, 200.0, "counter", 2.0, (GpuProcessUse(A.root_pid, 1 << 30, 50),),
                        name="H100", uuid="GPU-1")
     c0 = DeviceReading("cpu", "package-0", 30.0, 30.0, "power", 1.0, name="package-0")
@@ -307,11 +302,11 @@ def test_what_a_tick_hands_out_field_by_field(tmp_path):
         reader.close()
 
 
-def test_slurm_steps_of_the_view_reach_the_store_and_a_tick_without_hint_is_short(tmp_path):
+def test_slurm_steps_of_the_view_reach_the_store_and_a_tick_without_hint_is_short(tmp_path, make_engine):
     from wattprint.daemon.slurm import SlurmJob
 
     path = str(tmp_path / "s.sqlite3")
-    engine, src, tracker = engine_on(path, IntensityBook(GridConfig(), "static", "static", 400.0))
+    engine, src, tracker = engine_on(make_engine, IntensityBook(GridConfig(), "static", "static", 400.0))
     s = JobIdentity(job_id="slurm-9", label="9", label_source="SLURM_JOB_ID", uid=5, user="sue", command="srun",
                     root_pid=301, started_at=T0, label_raw="9", slurm=SlurmJob(job_id="9", name="9"))
     records: list[TickRecord] = []
@@ -332,12 +327,9 @@ def test_slurm_steps_of_the_view_reach_the_store_and_a_tick_without_hint_is_shor
         reader.close()
 
 
-def test_a_finished_job_stays_for_exactly_the_grace_period(tmp_path):
-    path = str(tmp_path / "s.sqlite3")
+def test_a_finished_job_stays_for_exactly_the_grace_period(make_engine):
     src, tracker = FakeSource(), FakeTracker()
-    engine = Engine(sources=[src], tracker=tracker, ledger=Ledger(path, "h", 3600),  # type: ignore[arg-type]
-                    intensity=IntensityBook(GridConfig(), "static", "static", 400.0), health=HealthBoard(),
-                    finished_grace_s=2.0, read_timeout_s=30.0)
+    engine = make_engine(sources=[src], tracker=tracker, bucket_s=3600, finished_grace_s=2.0)
     for wall, idents in ((T0, (A,)), (T0 + 1.0, ()), (T0 + 3.0, ()), (T0 + 3.5, ())):
         src.queue.append([reading(10.0, [i.root_pid for i in idents])])
         tracker.queue.append(view(*idents))

@@ -1,4 +1,4 @@
-"""The job book's read side field by field (daemon/ledger.py: ``LedgerReader.job``,
+"""The job book's read side field by field (daemon/ledger/, daemon/api_views.py: ``LedgerReader.job``,
 ``job_series``, ``host_totals``, ``Ledger.bucket_job_energy`` / ``job_co2e_g``), found
 unguarded by mutation testing (issue 13, scripts/mutation.sh). The test books ticks
 with the Ledger directly (known joules, known slot values) and compares whole answers
@@ -8,10 +8,12 @@ bucket's intensity the energy-weighted mean, the least sure basis, the status
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 
 import pytest
 
+from wattprint.daemon.api_views import job_json
 from wattprint.daemon.ledger import Intensity, JobTick, Ledger, LedgerReader
 from wattprint.daemon.procs import JobIdentity
 from wattprint.daemon.slurm import SlurmJob
@@ -142,8 +144,9 @@ def test_duration_of_a_finished_job_without_end_and_sources_left_empty(tmp_path)
         b = reader.job(B.job_id, now=B0 + 999.0)
         assert (b["state"], b["ended_at"], b["duration_s"]) == ("finished", None, (B0 + 10) - (B0 + 1.0))
         assert b["energy_sources"] == {}
-        r = reader.conn.execute("SELECT * FROM jobs WHERE id = ?", (B.job_id,)).fetchone()
-        no_co2 = reader._job_obj(r, None, now=B0 + 999.0)
+        rec = reader.job_record(B.job_id)
+        assert rec is not None
+        no_co2 = job_json(dataclasses.replace(rec, carbon=None), B0 + 999.0, PUE, 0.0, "EUR")
         assert (no_co2["co2e_g"], no_co2["co2e_status"], no_co2["zone"]) == (0.0, "final", "")
         assert no_co2["intensity_g_per_kwh_avg"] == 0.0
     finally:

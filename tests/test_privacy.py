@@ -19,9 +19,7 @@ Each place is also checked to hold the job's label, so the absence means somethi
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -41,12 +39,6 @@ DB = "wattprint_privacy"
 LABEL = "canary-job"
 
 
-def _env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
-    env.update(extra)
-    return env
-
-
 def _http(url: str) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=10) as resp:
@@ -55,18 +47,15 @@ def _http(url: str) -> bytes:
         return exc.read()
 
 
-def test_canary_secrets_appear_nowhere(tmp_path: Path, influxdb_server) -> None:
+def test_canary_secrets_appear_nowhere(tmp_path: Path, influxdb_server, labelled_process) -> None:
     arg_secret, env_secret = secrets.token_hex(16), secrets.token_hex(16)
     pg_arg_secret, pg_env_secret = secrets.token_hex(16), secrets.token_hex(16)
     canaries = [arg_secret, env_secret, pg_arg_secret, pg_env_secret]
     sleeper = "import time; time.sleep(600)"
-    labelled = subprocess.Popen(
-        [sys.executable, "-c", sleeper, f"--token={arg_secret}", "--password", arg_secret],
-        env=_env({"WATTPRINT_JOB": LABEL, "API_KEY": env_secret, "WATTPRINT_SECRET": env_secret}),
-        start_new_session=True)
-    unlabelled = subprocess.Popen(
-        [sys.executable, "-c", sleeper, f"--api-key={pg_arg_secret}"],
-        env=_env({"AWS_SECRET_ACCESS_KEY": pg_env_secret}), start_new_session=True)
+    labelled = labelled_process(LABEL, code=sleeper, args=[f"--token={arg_secret}", "--password", arg_secret],
+                                env={"API_KEY": env_secret, "WATTPRINT_SECRET": env_secret})
+    unlabelled = labelled_process(code=sleeper, args=[f"--api-key={pg_arg_secret}"],
+                                  env={"AWS_SECRET_ACCESS_KEY": pg_env_secret})
     sim = tmp_path / "sim.json"
     write_sim(sim, [gpu(0, processes=[proc(labelled.pid, sm_util=60), proc(unlabelled.pid, sm_util=40)])])
     influx_toml = (f'[influxdb]\nenabled = true\nurl = "{influxdb_server.url}"\ndatabase = "{DB}"\n'
@@ -128,11 +117,7 @@ def test_canary_secrets_appear_nowhere(tmp_path: Path, influxdb_server) -> None:
     finally:
         daemon.stop()
         for p in (labelled, unlabelled):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
+            labelled_process.end(p)
 
     # ---- the log and every byte the daemon left in its state directory
     outputs["log"] = daemon.log_path.read_bytes()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -14,27 +13,6 @@ from wattprint.daemon.procs import ProcessTracker, parse_stat, read_label
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
 BURN = [sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<60: pass"]
-
-
-@pytest.fixture
-def procs():
-    started: list[subprocess.Popen] = []
-
-    def start(cmd, env_extra=None, **kw):
-        env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
-        env.update(env_extra or {})
-        kw.setdefault("start_new_session", True)  # so teardown can kill the whole group
-        p = subprocess.Popen(cmd, env=env, **kw)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait()
 
 
 def test_parse_stat_with_spaces_and_parens_in_comm():
@@ -47,21 +25,21 @@ def test_parse_stat_with_spaces_and_parens_in_comm():
     assert st.rss_bytes == 25 * os.sysconf("SC_PAGE_SIZE")
 
 
-def test_label_found_and_rest_of_environment_discarded(procs):
-    p = procs(SLEEP, {"SLURM_JOB_ID": "777", "SECRET_TOKEN": "canary"})
+def test_label_found_and_rest_of_environment_discarded(labelled_process):
+    p = labelled_process(argv=SLEEP, env={"SLURM_JOB_ID": "777", "SECRET_TOKEN": "canary"})
     time.sleep(0.2)
     assert read_label(p.pid, ("WATTPRINT_JOB", "SLURM_JOB_ID")) == ("SLURM_JOB_ID", "777")
-    q = procs(SLEEP, {"SLURM_JOB_ID": "777", "WATTPRINT_JOB": "mine"})
+    q = labelled_process(argv=SLEEP, env={"SLURM_JOB_ID": "777", "WATTPRINT_JOB": "mine"})
     time.sleep(0.2)
     assert read_label(q.pid, ("WATTPRINT_JOB", "SLURM_JOB_ID")) == ("WATTPRINT_JOB", "mine")
 
 
-def test_labelled_tree_is_one_job_and_gpu_process_group_is_another(procs):
-    launcher = procs(["bash", "-c", f"{sys.executable} -c 'import time; time.sleep(60)' & "
-                      f"{sys.executable} -c 'import time; time.sleep(60)' & wait"],
-                     {"WATTPRINT_JOB": "train, \"x\"=1"})
-    gpu_proc = procs(SLEEP)
-    other = procs(SLEEP)  # its own process group, not on a GPU: no job
+def test_labelled_tree_is_one_job_and_gpu_process_group_is_another(labelled_process):
+    launcher = labelled_process(argv=["bash", "-c", f"{sys.executable} -c 'import time; time.sleep(60)' & "
+                                      f"{sys.executable} -c 'import time; time.sleep(60)' & wait"],
+                                env={"WATTPRINT_JOB": "train, \"x\"=1"})
+    gpu_proc = labelled_process(argv=SLEEP)
+    other = labelled_process(argv=SLEEP)  # its own process group, not on a GPU: no job
     time.sleep(0.5)
     t = ProcessTracker(rescan_interval_s=1000)
     v = t.observe(time.monotonic(), [gpu_proc.pid])
@@ -79,8 +57,8 @@ def test_labelled_tree_is_one_job_and_gpu_process_group_is_another(procs):
     assert len([j for j in v.jobs if j.identity.root_pid in mine]) == 2
 
 
-def test_cpu_time_is_measured_and_job_id_is_stable(procs):
-    burner = procs(BURN, {"WATTPRINT_JOB": "burn"})
+def test_cpu_time_is_measured_and_job_id_is_stable(labelled_process):
+    burner = labelled_process(argv=BURN, env={"WATTPRINT_JOB": "burn"})
     time.sleep(0.3)
     t = ProcessTracker(rescan_interval_s=1000)
     v1 = t.observe(time.monotonic(), [])
@@ -97,9 +75,9 @@ def test_cpu_time_is_measured_and_job_id_is_stable(procs):
     assert job.identity.job_id in {j.identity.job_id for j in v1.jobs if j.identity.root_pid == burner.pid}
 
 
-def test_job_keeps_its_id_when_the_leader_exits_first(procs):
-    launcher = procs(["bash", "-c", f"{sys.executable} -c 'import time; time.sleep(60)' & sleep 1; exit 0"],
-                     {"WATTPRINT_JOB": "orphan"})
+def test_job_keeps_its_id_when_the_leader_exits_first(labelled_process):
+    launcher = labelled_process("orphan", argv=["bash", "-c",
+                                                f"{sys.executable} -c 'import time; time.sleep(60)' & sleep 1; exit 0"])
     time.sleep(0.4)
     t = ProcessTracker(rescan_interval_s=0)
     first = next(j for j in t.observe(time.monotonic(), []).jobs if j.identity.label == "orphan")
@@ -111,18 +89,18 @@ def test_job_keeps_its_id_when_the_leader_exits_first(procs):
     assert launcher.pid not in later[0].pids
 
 
-def test_pid_reuse_is_a_new_process_identity(procs):
+def test_pid_reuse_is_a_new_process_identity(labelled_process):
     # Same pid number cannot be forced, so check that identity includes start time.
-    a = procs(SLEEP, {"WATTPRINT_JOB": "same"})
+    a = labelled_process(argv=SLEEP, env={"WATTPRINT_JOB": "same"})
     time.sleep(0.05)
-    b = procs(SLEEP, {"WATTPRINT_JOB": "same"})
+    b = labelled_process(argv=SLEEP, env={"WATTPRINT_JOB": "same"})
     time.sleep(0.3)
     jobs = [j for j in ProcessTracker().observe(time.monotonic(), []).jobs if j.identity.label == "same"]
     assert len(jobs) == 2
     assert {j.identity.root_pid for j in jobs} == {a.pid, b.pid}
 
 
-def test_sanitize_and_overflow_per_user(procs):
+def test_sanitize_and_overflow_per_user(labelled_process):
     from wattprint.daemon.procs import MAX_LABEL_LEN, OVERFLOW_LABEL, sanitize_label
 
     assert sanitize_label("llama-7b/lora.run:3@a+b") == "llama-7b/lora.run:3@a+b"
@@ -134,8 +112,7 @@ def test_sanitize_and_overflow_per_user(procs):
     if os.geteuid() != 0:
         pytest.skip("needs root to start processes as another uid")
     uid = 54321 + os.getpid() % 1000
-    ps = [procs(["sleep", "60"], {"WATTPRINT_JOB": f"many-{i}"}, preexec_fn=lambda: (os.setgid(uid), os.setuid(uid)))
-          for i in range(4)]
+    ps = [labelled_process(f"many-{i}", uid=uid) for i in range(4)]
     time.sleep(0.4)
     t = ProcessTracker(max_labels_per_user=2)
     mine = [j for j in t.observe(time.monotonic(), []).jobs if j.identity.root_pid in {p.pid for p in ps}]
@@ -145,10 +122,10 @@ def test_sanitize_and_overflow_per_user(procs):
     assert {j.identity.label_raw for j in mine} == {f"many-{i}" for i in range(4)}
 
 
-def test_new_children_are_found_between_full_scans(procs):
-    parent = procs([sys.executable, "-c", "import subprocess, sys, time\ntime.sleep(1.0)\n"
-                    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\ntime.sleep(60)"],
-                   {"WATTPRINT_JOB": "spawner"})
+def test_new_children_are_found_between_full_scans(labelled_process):
+    parent = labelled_process("spawner", code="import subprocess, sys, time\ntime.sleep(1.0)\n"
+                              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                              "time.sleep(60)")
     time.sleep(0.4)
     t = ProcessTracker(rescan_interval_s=1000)
     first = next(j for j in t.observe(time.monotonic(), []).jobs if j.identity.root_pid == parent.pid)
@@ -160,12 +137,12 @@ def test_new_children_are_found_between_full_scans(procs):
     assert len(job.pids) == 2
 
 
-def test_cpu_of_a_child_that_exits_between_ticks_is_booked(procs):
+def test_cpu_of_a_child_that_exits_between_ticks_is_booked(labelled_process):
     # The child burns ~0.8 s of CPU and exits between two ticks; the parent reaps it.
     code = ("import subprocess, sys, time\ntime.sleep(0.8)\n"
             "subprocess.run([sys.executable, '-c', 'import time\\nt=time.process_time()\\n"
             "while time.process_time()-t<0.8: pass'])\ntime.sleep(60)")
-    parent = procs([sys.executable, "-c", code], {"WATTPRINT_JOB": "reaper"})
+    parent = labelled_process(argv=[sys.executable, "-c", code], env={"WATTPRINT_JOB": "reaper"})
     time.sleep(0.4)
     t = ProcessTracker(rescan_interval_s=1000)
     t.observe(time.monotonic(), [])
@@ -192,7 +169,7 @@ def test_classify_cgroup_paths():
     assert classify_cgroup("/", kinds) is None
 
 
-def test_cgroup_job_with_real_cgroup(procs, tmp_path):
+def test_cgroup_job_with_real_cgroup(labelled_process, tmp_path):
     from wattprint.daemon.procs import detect_cgroup2_root
 
     root = detect_cgroup2_root()
@@ -202,11 +179,8 @@ def test_cgroup_job_with_real_cgroup(procs, tmp_path):
     except OSError as exc:
         pytest.skip(f"cannot create a cgroup v2 directory under {root}: {exc}")
     try:
-        a = procs(SLEEP)
-        b = procs(SLEEP)
-        for p in (a, b):
-            with open(os.path.join(unit, "cgroup.procs"), "w") as fh:
-                fh.write(str(p.pid))
+        a = labelled_process(argv=SLEEP, cgroup=unit)  # in the unit's cgroup from its start
+        b = labelled_process(argv=SLEEP, cgroup=unit)
         time.sleep(0.2)
         t = ProcessTracker(cgroup_kinds=("systemd",), cgroup_root=root, rescan_interval_s=1000)
         v = t.observe(time.monotonic(), [a.pid])
@@ -214,9 +188,7 @@ def test_cgroup_job_with_real_cgroup(procs, tmp_path):
         assert job.identity.label_source == "cgroup:systemd"
         assert job.identity.label == f"wattprint-test-{os.getpid()}.service"
         assert job.pids == {a.pid, b.pid}  # b is not on a GPU and in another process group
-        c = procs(SLEEP)
-        with open(os.path.join(unit, "cgroup.procs"), "w") as fh:
-            fh.write(str(c.pid))
+        c = labelled_process(argv=SLEEP, cgroup=unit)  # joins after the full scan
         v = t.observe(time.monotonic(), [a.pid])
         assert not v.scanned
         assert next(j for j in v.jobs if a.pid in j.pids).pids == {a.pid, b.pid, c.pid}
@@ -230,16 +202,15 @@ def test_cgroup_job_with_real_cgroup(procs, tmp_path):
             pass
 
 
-def test_pid_reuse_gives_two_jobs(procs):
+def test_pid_reuse_gives_two_jobs(labelled_process):
     """Force the kernel to hand out the same PID again (ns_last_pid, root only)."""
     if os.geteuid() != 0 or not os.path.exists("/proc/sys/kernel/ns_last_pid"):
         pytest.skip("needs root and /proc/sys/kernel/ns_last_pid")
-    first = procs(SLEEP, {"WATTPRINT_JOB": "reuse"})
+    first = labelled_process(argv=SLEEP, env={"WATTPRINT_JOB": "reuse"})
     time.sleep(0.3)
     t = ProcessTracker(rescan_interval_s=0)
     a = next(j for j in t.observe(time.monotonic(), []).jobs if j.identity.root_pid == first.pid)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    labelled_process.end(first)
     second = None
     for _ in range(20):
         try:
@@ -247,7 +218,7 @@ def test_pid_reuse_gives_two_jobs(procs):
                 fh.write(str(first.pid - 1))
         except OSError as exc:
             pytest.skip(f"cannot set ns_last_pid: {exc}")
-        cand = procs(SLEEP, {"WATTPRINT_JOB": "reuse"})
+        cand = labelled_process(argv=SLEEP, env={"WATTPRINT_JOB": "reuse"})
         if cand.pid == first.pid:
             second = cand
             break
@@ -259,7 +230,7 @@ def test_pid_reuse_gives_two_jobs(procs):
     assert a.identity.job_id != b.identity.job_id
 
 
-def test_label_set_at_exec_wins_over_the_parents_process_group(procs):
+def test_label_set_at_exec_wins_over_the_parents_process_group(labelled_process):
     """A child first seen between fork and exec carries its parent's environment; when
     it execs with a label of its own (same executable name), the label decides."""
     code = ("import os, sys, time\n"
@@ -269,7 +240,7 @@ def test_label_set_at_exec_wins_over_the_parents_process_group(procs):
             "    os.execve(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)'],\n"
             "              {**os.environ, 'WATTPRINT_JOB': 'late-label'})\n"
             "time.sleep(60)\n")
-    parent = procs([sys.executable, "-c", code])
+    parent = labelled_process(argv=[sys.executable, "-c", code])
     time.sleep(0.5)
     t = ProcessTracker(rescan_interval_s=1000)
     v = t.observe(time.monotonic(), [parent.pid])  # the parent is on a GPU: its process group is a job

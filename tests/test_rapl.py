@@ -206,7 +206,7 @@ def test_all_zones_vanish_then_come_back(tree: PowercapTree) -> None:
     tree.remove_zone(z["package"])
     with pytest.raises(SourceError) as err:
         src.read(1.0)
-    assert "intel-rapl:0" in err.value.detail and not err.value.permanent
+    assert "intel-rapl:0" in err.value.detail
     with pytest.raises(SourceError):
         src.read(2.0)  # still nothing: rediscovery finds no zones
     tree.add_package(0, dram=False, core=False, start_uj=500)
@@ -301,7 +301,7 @@ def _as_nobody(fn: Callable[[], Any]) -> Any:
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to drop privileges")
-def test_permission_denied_is_a_loud_permanent_error() -> None:
+def test_permission_denied_is_a_loud_error() -> None:
     # tmp_path sits under a 0700 directory, so the tree goes in a world-traversable one.
     with tempfile.TemporaryDirectory(prefix="wattprint-powercap-") as d:
         os.chmod(d, 0o755)
@@ -319,14 +319,13 @@ def test_permission_denied_is_a_loud_permanent_error() -> None:
             try:
                 src.read(0.0)
             except SourceError as exc:
-                return {"devices": devices, "detail": exc.detail, "permanent": exc.permanent,
+                return {"devices": devices, "detail": exc.detail,
                         "probe": list(probe_rapl(str(tree.root))), "uid": os.getuid()}
             return {"devices": devices, "detail": None}
 
         got = _as_nobody(attempt)
     assert got["uid"] == 65534
     assert got["devices"] == ["package-0", "dram-0"]
-    assert got["permanent"] is True
     assert got["detail"] == (
         f"{energy_path}: permission denied — energy_uj is root-only since Linux 5.10 "
         "(CVE-2020-8694); run wattprint as root or with CAP_DAC_READ_SEARCH"
@@ -497,15 +496,15 @@ def test_counter_diff_step_typed_results() -> None:
     assert never.step(100) == CounterStep(RESET) and never.resets == 1 and never.last == 100
 
 
-def test_counter_diff_update_contract_unchanged() -> None:
-    # daemon/sources/gpu.py relies on it: None for the first reading and after a reset.
+def test_counter_diff_tells_first_reading_from_reset() -> None:
+    # The GPU sources rely on it: the first reading is the baseline, a reset is not.
     d = CounterDiff(max_value=None)
-    assert d.update(100) is None
-    assert d.update(150) == 50
-    assert d.update(20) is None and d.resets == 1
-    assert d.update(25) == 5
+    assert d.step(100) == CounterStep(CounterStepKind.FIRST)
+    assert d.step(150) == CounterStep(CounterStepKind.DIFFERENCE, 50)
+    assert d.step(20) == CounterStep(CounterStepKind.RESET) and d.resets == 1
+    assert d.step(25) == CounterStep(CounterStepKind.DIFFERENCE, 5)
     w = CounterDiff(max_value=100, last=90)
-    assert w.update(5) == 15 and w.wraps == 1
+    assert w.step(5) == CounterStep(CounterStepKind.WRAPPED, 15) and w.wraps == 1
 
 
 def test_step_back_by_one_joule_is_not_a_wrap(tree: PowercapTree) -> None:
@@ -775,7 +774,7 @@ def test_energy_file_problems_are_named_exactly(tree: PowercapTree) -> None:
         f"intel-rapl:1 (package-1): {pkg1}: negative energy -5",
     ]
     assert src.problems() == problems
-    assert err.value.detail == "; ".join(problems) and not err.value.permanent
+    assert err.value.detail == "; ".join(problems)
     assert probe_rapl(str(tree.root)) == ("absent", f"no readable RAPL zone under {tree.root}: " + "; ".join([
         f"{pkg0}: not an integer: " + repr(("\ufffd\ufffd" + "7" * 60)[:40]),
         f"{dram0}: Is a directory",
@@ -800,8 +799,8 @@ def test_a_failing_zone_does_not_stop_the_ones_after_it(tree: PowercapTree) -> N
     assert [(r.device, r.energy_j) for r in src.read(2.0)] == [("dram-0", 1.0)]
 
 
-def test_permission_denied_maps_to_a_permanent_error(tree: PowercapTree, monkeypatch: pytest.MonkeyPatch) -> None:
-    # In-process twin of test_permission_denied_is_a_loud_permanent_error (which drops
+def test_permission_denied_maps_to_a_loud_error(tree: PowercapTree, monkeypatch: pytest.MonkeyPatch) -> None:
+    # In-process twin of test_permission_denied_is_a_loud_error (which drops
     # privileges in a forked child): the PermissionError is raised where open() would.
     tree.add_package(0, dram=False, core=False)
     real_read_text = rapl_mod._read_text
@@ -819,7 +818,7 @@ def test_permission_denied_maps_to_a_permanent_error(tree: PowercapTree, monkeyp
     assert probe_rapl(str(tree.root)) == ("denied", detail)
     with pytest.raises(SourceError) as err:
         RaplSource(str(tree.root)).read(0.0)
-    assert (err.value.detail, err.value.permanent) == (detail, True)
+    assert err.value.detail == detail
 
 
 def test_nothing_to_read_is_named_by_the_kinds_asked_for(tmp_path: Path) -> None:

@@ -22,14 +22,10 @@ from datetime import datetime, timezone
 import pytest
 
 from daemon_harness import DaemonProcess
-from wattprint.daemon.carbon import IntensityBook
-from wattprint.daemon.config import GridConfig
-from wattprint.daemon.engine import Engine
 from wattprint.daemon.grid.base import IntensityPoint
-from wattprint.daemon.health import HealthBoard
 from wattprint.daemon.ledger import Intensity, JobTick, Ledger, LedgerReader
 from wattprint.daemon.model import DeviceReading
-from wattprint.daemon.procs import JobIdentity, ProcessTracker
+from wattprint.daemon.procs import JobIdentity
 
 DAY = 86400.0
 T0 = 1_700_000_040.0  # a minute boundary
@@ -145,15 +141,8 @@ class Constant:
         pass
 
 
-def make_engine(tmp_path, retention_days: float) -> Engine:
-    return Engine(sources=[Constant()], tracker=ProcessTracker(),
-                  ledger=Ledger(str(tmp_path / "s.sqlite3"), host="h", bucket_s=60),
-                  intensity=IntensityBook(GridConfig(), "static", "static", 400.0), health=HealthBoard(),
-                  retention_days=retention_days)
-
-
-def test_engine_prunes_at_start_then_at_most_hourly(tmp_path, monkeypatch):
-    engine = make_engine(tmp_path, retention_days=1.0)
+def test_engine_prunes_at_start_then_at_most_hourly(tmp_path, monkeypatch, make_engine):
+    engine = make_engine(sources=[Constant()], retention_days=1.0)  # the store: tmp_path/s.sqlite3
     calls: list[float] = []
     real = engine.ledger.prune
     monkeypatch.setattr(engine.ledger, "prune", lambda before: calls.append(before) or real(before))
@@ -176,8 +165,8 @@ def test_engine_prunes_at_start_then_at_most_hourly(tmp_path, monkeypatch):
         engine.close()
 
 
-def test_retention_pauses_when_the_wall_clock_steps_by_days(tmp_path, monkeypatch, caplog):
-    engine = make_engine(tmp_path, retention_days=1.0)
+def test_retention_pauses_when_the_wall_clock_steps_by_days(monkeypatch, caplog, make_engine):
+    engine = make_engine(sources=[Constant()], retention_days=1.0)
     calls: list[float] = []
     monkeypatch.setattr(engine.ledger, "prune", lambda before: calls.append(before) or {})
     try:
@@ -192,8 +181,8 @@ def test_retention_pauses_when_the_wall_clock_steps_by_days(tmp_path, monkeypatc
         engine.close()
 
 
-def test_retention_off(tmp_path, monkeypatch):
-    engine = make_engine(tmp_path, retention_days=0.0)
+def test_retention_off(monkeypatch, make_engine):
+    engine = make_engine(sources=[Constant()], retention_days=0.0)
     monkeypatch.setattr(engine.ledger, "prune", lambda before: pytest.fail("pruned with retention off"))
     try:
         engine.tick_blocking(1000.0, T0)

@@ -281,7 +281,7 @@ def test_power_only_gpu_back_from_loss_does_not_interpolate_over_the_gap():
 # --- settlement never trades a provider's value for the static fallback --------------
 
 
-def test_settlement_keeps_a_forecast_value_the_book_no_longer_holds(tmp_path):
+def test_settlement_keeps_a_forecast_value_the_book_no_longer_holds(tmp_path, make_engine):
     """A slot booked with a provider forecast (300 g/kWh) is still provisional when
     the book no longer holds that interval (points older than 4 days leave memory; a
     restart loads only the last 4 days). Settlement looked the slot up again, got the
@@ -291,11 +291,8 @@ def test_settlement_keeps_a_forecast_value_the_book_no_longer_holds(tmp_path):
 
     from wattprint.daemon.carbon import IntensityBook
     from wattprint.daemon.config import GridConfig
-    from wattprint.daemon.engine import Engine
     from wattprint.daemon.grid.base import IntensityPoint
-    from wattprint.daemon.health import HealthBoard
     from wattprint.daemon.ledger import Intensity, JobTick, Ledger
-    from wattprint.daemon.procs import ProcessTracker
 
     t0 = 1_795_003_200
     led = Ledger(str(tmp_path / "s.sqlite3"), host="h", bucket_s=3600)
@@ -313,8 +310,7 @@ def test_settlement_keeps_a_forecast_value_the_book_no_longer_holds(tmp_path):
                                 end=datetime.fromtimestamp(now, timezone.utc), g_per_kwh=90.0, kind="actual",
                                 zone="DK1", provider="energidataservice")], now)
     assert book.lookup(t0 + 150).basis == "fallback"
-    engine = Engine(sources=[], tracker=ProcessTracker(rescan_interval_s=0), ledger=led, intensity=book,
-                    health=HealthBoard())
+    engine = make_engine(ledger=led, intensity=book)
     try:
         engine.settle_blocking()
         assert led.job_co2e_g([job.job_id], pue=1.0)[job.job_id] == pytest.approx(300.0)

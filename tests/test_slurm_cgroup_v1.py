@@ -16,9 +16,6 @@ and a fake freezer hierarchy whose ``cgroup.procs`` files list the real PIDs.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,11 +29,6 @@ JOB_DIR = "slurm/uid_2101171/job_280678"
 
 def v1_lines(step: str) -> str:
     return V1_LINES.replace("step_interactive", f"step_{step}")
-
-
-def start() -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WATTPRINT_JOB"))}
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env, start_new_session=True)
 
 
 def fake_proc(root: Path, pids: dict[int, str]) -> None:
@@ -58,8 +50,9 @@ def procs_file(freezer: Path, step: str, pids: list[int]) -> None:
     (d / "cgroup.procs").write_text("".join(f"{p}\n" for p in pids))
 
 
-def test_v1_slurm_job_membership_is_walked_in_the_v1_hierarchy(tmp_path):
-    gpu_task, batch, adopted = start(), start(), start()
+def test_v1_slurm_job_membership_is_walked_in_the_v1_hierarchy(tmp_path, labelled_process):
+    # Unlabelled sleepers (no WATTPRINT_* or SLURM_* variable): only the cgroup files name the job.
+    gpu_task, batch, adopted = labelled_process(), labelled_process(), labelled_process()
     try:
         proc = tmp_path / "proc"
         fake_proc(proc, {gpu_task.pid: V1_LINES, batch.pid: v1_lines("batch"), adopted.pid: NO_JOB_LINES})
@@ -88,14 +81,13 @@ def test_v1_slurm_job_membership_is_walked_in_the_v1_hierarchy(tmp_path):
         assert job2.pids == {gpu_task.pid, batch.pid, adopted.pid}
     finally:
         for p in (gpu_task, batch, adopted):
-            p.kill()
-            p.wait()
+            labelled_process.end(p)
 
 
-def test_v1_hierarchy_not_mounted_is_no_walk_and_no_error(tmp_path):
+def test_v1_hierarchy_not_mounted_is_no_walk_and_no_error(tmp_path, labelled_process):
     """A v1 job whose hierarchy is not mounted here: the job is still found from the
     processes' own lines on a full scan; the walk finds nothing and raises nothing."""
-    task = start()
+    task = labelled_process()
     try:
         proc = tmp_path / "proc"
         fake_proc(proc, {task.pid: V1_LINES})
@@ -106,5 +98,4 @@ def test_v1_hierarchy_not_mounted_is_no_walk_and_no_error(tmp_path):
         (job,) = tracker.observe(1.0, [task.pid]).jobs
         assert job.pids == {task.pid}
     finally:
-        task.kill()
-        task.wait()
+        labelled_process.end(task)

@@ -5,9 +5,6 @@ lines of cgroup v2 and v1 nodes (tests/fixtures/slurm/, see PROVENANCE.md)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -83,19 +80,13 @@ def test_cgroups_without_a_job(fixture):
     assert slurm.parse_proc_cgroup((FIXTURES / fixture).read_text()) is None
 
 
-def _start(env_extra: dict[str, str]) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WATTPRINT_JOB"))}
-    env.update(env_extra)
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env, start_new_session=True)
-
-
-def test_tracker_joins_separate_process_trees_of_one_slurm_job_and_skips_scripts():
+def test_tracker_joins_separate_process_trees_of_one_slurm_job_and_skips_scripts(labelled_process):
     """Two unrelated processes (as a batch script and a step task under different
     slurmstepds) with one SLURM_JOB_ID are one job; a process with an epilog context
     is in no job (the old code made each tree a job of its own, epilog included)."""
-    batch = _start(ENVIRON["batch"]["env"])
-    task = _start(ENVIRON["step_task"]["env"])
-    script = _start(ENVIRON["task_epilog"]["env"])
+    batch = labelled_process(env=ENVIRON["batch"]["env"])
+    task = labelled_process(env=ENVIRON["step_task"]["env"])
+    script = labelled_process(env=ENVIRON["task_epilog"]["env"])
     try:
         tracker = ProcessTracker()
         view = tracker.observe(0.0, [])
@@ -111,8 +102,7 @@ def test_tracker_joins_separate_process_trees_of_one_slurm_job_and_skips_scripts
         assert script.pid not in view.pid_to_job
     finally:
         for p in (batch, task, script):
-            p.kill()
-            p.wait()
+            labelled_process.end(p)
 
 
 HET = json.loads((FIXTURES / "environ-22.05-het.json").read_text())

@@ -19,11 +19,8 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import stat
-import subprocess
-import sys
 import tempfile
 import urllib.parse
 import urllib.request
@@ -35,6 +32,7 @@ import pytest
 from daemon_harness import DaemonProcess
 from gpusim import gpu, proc, write_sim
 from own_jobs import ENV as OWN_JOBS_ENV, wait_for_pid_job
+from processes import Processes
 from unix_http import unix_get, unix_get_as, unix_get_json
 
 pytestmark = pytest.mark.slow
@@ -66,20 +64,6 @@ class TokenDaemon(DaemonProcess):
             return r.read().decode()
 
 
-def _env(label: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("WATTPRINT_JOB", "SLURM_JOB_ID")}
-    env["WATTPRINT_JOB"] = label
-    return env
-
-
-def _kill(p: subprocess.Popen) -> None:
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    p.wait()
-
-
 class Setup:
     def __init__(self, daemon: TokenDaemon, sock: str, root_job: dict, nobody_job: dict) -> None:
         self.daemon = daemon
@@ -96,18 +80,16 @@ def _public_tmpdir() -> Path:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+def setup(tmp_path_factory: pytest.TempPathFactory, labelled_process_module: Processes) -> Iterator[Setup]:
     setpriv = _require_root_and_setpriv()
     tmp = tmp_path_factory.mktemp("unix-socket")
     base = _public_tmpdir()
     sock = str(base / "run" / "api.sock")  # run/ does not exist yet: the daemon makes it
     tag = secrets.token_hex(4)
     root_label, nobody_label = f"sock-root-{tag}", f"sock-nobody-{tag}"
-    root_proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env=_env(root_label),
-                                 start_new_session=True)
-    nobody_proc = subprocess.Popen(
-        [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sleep", "600"],
-        env=_env(nobody_label), start_new_session=True)
+    root_proc = labelled_process_module(root_label)
+    nobody_proc = labelled_process_module(
+        nobody_label, argv=[setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sleep", "600"])
     sim = tmp / "sim.json"
     write_sim(sim, [gpu(0, processes=[proc(root_proc.pid, sm_util=50), proc(nobody_proc.pid, sm_util=50)])])
     daemon = TokenDaemon(tmp, sim_file=sim, powercap_root=None,
@@ -123,8 +105,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
             yield Setup(daemon, sock, root_job, nobody_job)
         finally:
             rc = daemon.stop()
-            _kill(root_proc)
-            _kill(nobody_proc)
+            labelled_process_module.end(root_proc)
+            labelled_process_module.end(nobody_proc)
         assert rc == 0, daemon.log_tail()
         assert not os.path.exists(sock), "the socket file stays after a clean stop"
     finally:

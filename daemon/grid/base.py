@@ -11,7 +11,6 @@ message; no traceback, HTML page or body dump ever reaches health or logs.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import math
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Any, Iterable, Literal, Mapping, Protocol
 
 import aiohttp
 from yarl import URL
+
+from ..httpdates import parse_retry_after  # the one Retry-After parser (also importable from here)
 
 Kind = Literal["actual", "forecast"]
 Reason = Literal["timeout", "rate_limited", "http_error", "bad_body", "auth", "no_data"]
@@ -101,6 +102,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _epoch_s(now: datetime | None) -> float | None:
+    """``now`` (a test's clock) as seconds since the epoch for parse_retry_after."""
+    return None if now is None else as_utc(now, "now").timestamp()
+
+
 def as_utc(t: datetime, what: str = "time") -> datetime:
     """``t`` in UTC; naive datetimes are refused rather than guessed."""
     if t.tzinfo is None or t.utcoffset() is None:
@@ -117,32 +123,6 @@ def floor_time(t: datetime, step_s: int) -> datetime:
 def ceil_time(t: datetime, step_s: int) -> datetime:
     floored = floor_time(t, step_s)
     return floored if floored == as_utc(t) else floored + timedelta(seconds=step_s)
-
-
-def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date.
-    None when absent or unreadable; never negative."""
-    if value is None:
-        return None
-    value = value.strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)  # RFC 9110: HTTP dates are GMT
-    now = now or utcnow()
-    return max(0.0, (when - now).total_seconds())
 
 
 def parse_number(value: Any) -> float | None:
@@ -255,14 +235,14 @@ async def get_json(
         raise ProviderError("http_error", f"{where}: {type(exc).__name__}: {_short(str(exc), 100)}") from None
 
     if status == 429:
-        wait_s = parse_retry_after(retry_after, now)
+        wait_s = parse_retry_after(retry_after, _epoch_s(now))
         hint = f", Retry-After {wait_s:g} s" if wait_s is not None else ""
         raise ProviderError("rate_limited", f"{where}: HTTP 429 Too Many Requests{hint}",
                             retry_after_s=wait_s, status=status)
     if status in (401, 403):
         detail = _json_error_message(body)
         raise ProviderError("auth", f"{where}: HTTP {status}" + (f": {detail}" if detail else ""),
-                            status=status, retry_after_s=parse_retry_after(retry_after, now))
+                            status=status, retry_after_s=parse_retry_after(retry_after, _epoch_s(now)))
     if not 200 <= status < 300:
         detail = _json_error_message(body)
         raise ProviderError("http_error", f"{where}: HTTP {status}" + (f": {detail}" if detail else ""), status=status)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import aiohttp
 
+from ..timefmt import iso_z
 from .base import (
     MAX_TIMEOUT_S,
     IntensityPoint,
@@ -46,7 +47,7 @@ MAX_PAST_RANGE = timedelta(days=10)  # split longer past-range requests
 
 
 def _fmt(t: datetime) -> str:
-    return as_utc(t).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_z(as_utc(t))
 
 
 def _check_legacy(body: Any) -> None:

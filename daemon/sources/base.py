@@ -19,12 +19,13 @@ from ..model import DeviceReading
 
 
 class SourceError(Exception):
-    """A source could not be read this tick. ``detail`` is shown in /healthz."""
+    """A source could not be read this tick. ``detail`` is shown in /healthz. The
+    engine retries every tick whatever the cause (a read is cheap, and a permission or
+    driver fixed by hand is then picked up without a restart)."""
 
-    def __init__(self, detail: str, *, permanent: bool = False):
+    def __init__(self, detail: str):
         super().__init__(detail)
         self.detail = detail
-        self.permanent = permanent  # True: retrying is pointless until config changes
 
 
 class SourceDisabled(SourceError):
@@ -86,13 +87,14 @@ class CounterDiff:
     """Difference of a monotonically increasing hardware counter between reads.
 
     ``max_value`` is the value at which the counter wraps to zero (RAPL's
-    ``max_energy_range_uj``); ``None`` for counters that never wrap (NVML's u64
-    millijoules), where going backwards means a reset (driver reload).
+    ``max_energy_range_uj``, a GPU vendor's counter width); ``None`` for counters that
+    never wrap (NVML's u64 millijoules), where going backwards means a reset (driver
+    reload).
 
-    Two ways to feed it: ``update`` (the increase, or None for the first reading and
-    after a reset; every wrap accepted) and ``step`` (a typed ``CounterStep``: first,
-    difference, wrapped, reset or implausible, with a physics bound on the increase;
-    used by the RAPL source). Both make the new reading the baseline.
+    Fed by ``step``, which says what each new reading means as a typed
+    ``CounterStep`` (first, difference, wrapped, reset, or implausible with a physics
+    bound on the increase), so "no previous reading" and "the counter was reset" are
+    never confused. Used by the RAPL and GPU sources.
     """
 
     max_value: int | None = None
@@ -100,20 +102,6 @@ class CounterDiff:
     wraps: int = 0
     resets: int = 0
     implausible: int = 0
-
-    def update(self, value: int) -> int | None:
-        """Feed a new reading; return the increase since the previous one, or None for
-        the first reading and after a reset (the caller substitutes a fallback)."""
-        prev, self.last = self.last, value
-        if prev is None:
-            return None
-        if value >= prev:
-            return value - prev
-        if self.max_value is not None and self.max_value > 0:
-            self.wraps += 1
-            return (self.max_value - prev) + value
-        self.resets += 1
-        return None
 
     def step(self, value: int, max_delta: int | None = None) -> CounterStep:
         """Feed a new reading; say what it means (``CounterStep``). The new reading
@@ -125,8 +113,7 @@ class CounterDiff:
         is within it; a counter that went down by less than that is ``backwards``.
         A value above ``max_value`` is ``above_range``, and so is any step from such
         a value that is not a plain increase (a wrap from outside the range has no
-        meaningful size). Unlike ``update``, nothing here ever returns a negative
-        delta."""
+        meaningful size). Nothing here ever returns a negative delta."""
         prev, self.last = self.last, value
         if prev is None:
             return CounterStep(CounterStepKind.FIRST)

@@ -23,6 +23,11 @@ JSON, for example::
 Top-level keys (all but ``gpus`` optional):
 
 - ``gpus``: list of GPU objects (below), in NVML index order.
+- ``vendor`` ("nvidia" | "amd", default "nvidia"): the vendor of GPU objects without a
+  ``vendor`` key of their own. This simulator shows only NVIDIA GPUs: a GPU object with
+  ``"vendor": "amd"`` is the amdsmi simulator's (``amdsmi_sim.py``, which documents its
+  keys and the top-level ``amdgpu_loaded`` and ``amdsmi_api``); it is skipped here, not
+  validated, and takes no NVML index (NVML indices count NVIDIA GPUs only).
 - ``realistic`` (bool, default false): behave as the captures and NVML's documentation
   say real drivers do (see "Realistic mode"). Off, the simulator is the idealised one
   the older tests were written against.
@@ -40,6 +45,7 @@ Top-level keys (all but ``gpus`` optional):
 
 GPU keys (all optional but ``power_w``, which ``power_pattern`` may replace):
 
+- ``vendor`` ("nvidia" | "amd"): see the top-level key.
 - ``name`` (str, default "Simulated GPU"), ``uuid`` (str, default "GPU-sim-<index>").
 - ``power_w`` (number >= 0): constant power draw, watts.
 - ``power_pattern``: ``[[watts, seconds], ...]``: power cycles through these steps,
@@ -266,9 +272,12 @@ _BOARD_SMS = {"pascal": 56, "volta": 80, "ampere": 108, "ada": 142, "hopper": 13
 _GA100_NAME = re.compile(r"\bA(100|30)\b")
 _PROFILE = re.compile(r"^(\d+)g\.(\d+)gb")
 
-_TOP_KEYS = {"gpus", "realistic", "driver_loaded", "pid_namespace"}
+# "vendor" picks the GPUs shown here; "amdgpu_loaded" and "amdsmi_api" belong to the
+# amdsmi simulator (amdsmi_sim.py), which reads the same file.
+_TOP_KEYS = {"gpus", "realistic", "driver_loaded", "pid_namespace", "vendor", "amdgpu_loaded", "amdsmi_api"}
+VENDORS = ("nvidia", "amd")
 _GPU_KEYS = {
-    "name", "uuid", "power_w", "power_pattern", "architecture", "energy_counter",
+    "vendor", "name", "uuid", "power_w", "power_pattern", "architecture", "energy_counter",
     "memory_total_bytes", "memory_used_bytes", "processes", "errors", "mig_errors",
     "field_errors", "counter_epoch", "lost", "mig", "mig_instances", "util_supported",
     "util_garbage", "hang_s",
@@ -701,7 +710,17 @@ def parse_sim_doc(path: str) -> _SimDoc:
         gpus = doc.get("gpus")
         if not isinstance(gpus, list):
             raise ValueError(f"gpus: expected a list, got {type(gpus).__name__ if 'gpus' in doc else 'nothing'}")
-        parsed = [_parse_gpu(f"gpus[{i}]", i, g) for i, g in enumerate(gpus)]
+        default_vendor = doc.get("vendor", "nvidia")
+        if default_vendor not in VENDORS:
+            raise ValueError(f"vendor: {default_vendor!r} is not one of {', '.join(VENDORS)}")
+        nvidia = []  # (file index, object): AMD GPUs are the amdsmi simulator's, not validated here
+        for i, g in enumerate(gpus):
+            vendor = g.get("vendor", default_vendor) if isinstance(g, dict) else default_vendor
+            if vendor not in VENDORS:
+                raise ValueError(f"gpus[{i}].vendor: {vendor!r} is not one of {', '.join(VENDORS)}")
+            if vendor == "nvidia":
+                nvidia.append((i, g))
+        parsed = [_parse_gpu(f"gpus[{i}]", index, g) for index, (i, g) in enumerate(nvidia)]
         ns = doc.get("pid_namespace", "daemon")
         if ns not in ("daemon", "host"):
             raise ValueError(f"pid_namespace: {ns!r} is not one of daemon, host")

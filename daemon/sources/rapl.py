@@ -235,13 +235,14 @@ def discover_zones(powercap_root: str) -> list[RaplZone]:
 
 
 def _read_energy_uj(zone: RaplZone) -> int:
-    """energy_uj of one zone. Raises SourceError (permanent) on permission denied,
+    """energy_uj of one zone. Raises SourceError on permission denied (loud: the
+    whole source is degraded until it is fixed),
     FileNotFoundError when the zone vanished, ValueError/OSError otherwise."""
     path = zone.energy_path
     try:
         text = _read_text(path)
     except PermissionError:
-        raise SourceError(denied_detail(path), permanent=True) from None
+        raise SourceError(denied_detail(path)) from None
     try:
         value = int(text)
     except ValueError:

@@ -1,15 +1,19 @@
-"""The ``wattprint report`` and ``wattprint exec`` subcommands.
+"""The ``wattprint exec`` subcommand: run a command as a labelled job, report it.
 
-``report JOB`` prints one job's report, asking the daemon's HTTP API (or, when no
-daemon answers, reading the local store). ``exec -- CMD...`` runs CMD as a labelled
-job and, when it exits, prints its report on stderr and returns CMD's exit code:
-measured by the running daemon when one answers at the configured address, else by
-an engine sampling in-process into a throw-away store.
+``exec -- CMD...`` runs CMD with ``WATTPRINT_JOB`` set to its label and, when it
+exits, prints its report on stderr and returns CMD's exit code (128 + N when killed
+by signal N; 127 not found, 126 not executable; SIGINT and SIGTERM are forwarded).
+It is measured by the running daemon when one answers at the configured address,
+else by an engine of its own, in-process, into a throw-away store. The in-process
+engine is ticked by the engine's own schedule (``Engine.run``, on a thread of its
+own), so exec has no tick loop of its own: only one tick before the command starts
+(baselines) and one after it ends (books the last interval, marks the job finished).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import logging
@@ -22,201 +26,23 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from types import FrameType
 from typing import Any, Callable
 
-from .cli import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, api_base
+from .cli import EXIT_CONFIG, api_base
+from .cli_report import LABEL_LOOKUP_LIMIT, error_text, http_get, job_path, job_series_api, open_reader
 from .config import Config, load_config
 from .procs import MAX_RAW_LABEL_CHARS, OVERFLOW_LABEL, sanitize_label
-from .report import format_report, label_note, printable
+from .report import format_report, printable
 
 log = logging.getLogger("wattprint.cli")
 
 LABEL_ENV = "WATTPRINT_JOB"
-LABEL_LOOKUP_LIMIT = 1000  # jobs fetched when a label is looked up
 PROBE_TIMEOUT_S = 2.0
 POLL_INTERVAL_S = 0.2
 IN_PROCESS_MAX_LABELS = 100_000  # the config maximum
 START_SLACK_S = 2.0  # a job's started_at comes from whole-second btime + clock ticks
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-# -- HTTP ----------------------------------------------------------------------------
-
-def http_get(base: str, path: str, params: dict[str, Any] | None = None, token: str = "",
-             timeout_s: float = 10.0) -> tuple[int, Any]:
-    """GET ``path`` from the daemon: (HTTP status, JSON body or None).
-
-    Raises OSError when nothing answers and ValueError when the answer is not JSON."""
-    query = urllib.parse.urlencode({k: v for k, v in (params or {}).items() if v is not None})
-    req = urllib.request.Request(f"{base}{path}" + (f"?{query}" if query else ""))
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as exc:
-        try:
-            body = json.load(exc)
-        except ValueError:
-            body = None
-        return exc.code, body
-
-
-def _error_text(status: int, body: Any) -> str:
-    try:
-        return f"daemon answered {status}: {body['error']['message']}"
-    except (TypeError, KeyError):
-        return f"daemon answered {status}"
-
-
-def _label_refs(ref: str) -> list[str]:
-    """What to ask for when ``ref`` is a label: as given (the daemon matches the
-    exported label and the label as set, so a job the label cap filed under
-    ``_overflow`` is found by its own label), then sanitised as the daemon does."""
-    clean = sanitize_label(ref)
-    return [ref] if clean == ref else [ref, clean]
-
-
-def _job_path(job_id: str) -> str:
-    return "/api/v1/jobs/" + urllib.parse.quote(job_id, safe="")
-
-
-def _most_recent(jobs: list[dict[str, Any]], label: str) -> tuple[dict[str, Any] | None, str | None]:
-    """The newest of ``jobs`` (sorted newest first, as the API and store return them)
-    and a note when there were several."""
-    if not jobs:
-        return None, None
-    note = None
-    if len(jobs) > 1:
-        more = "+" if len(jobs) >= LABEL_LOOKUP_LIMIT else ""
-        note = (f"label {printable(label, 80)!s} matches {len(jobs)}{more} jobs; showing the most recent "
-                f"(id {printable(jobs[0]['id'], 40)})")
-    return jobs[0], note
-
-
-def find_job_api(base: str, ref: str, token: str = "") -> tuple[dict[str, Any] | None, str | None]:
-    """The job whose id, else whose label, is ``ref`` (the newest of several; labels
-    are compared as the daemon stores them, sanitised), and a note for the user, from
-    the daemon. Raises OSError when no daemon answers and
-    RuntimeError when it answers with an error."""
-    status, body = http_get(base, _job_path(ref), token=token)
-    if status == 200:
-        return body, None
-    if status not in (400, 404):  # 400: too long for an id; it may still be a label
-        raise RuntimeError(_error_text(status, body))
-    jobs: list[dict[str, Any]] = []
-    for label in _label_refs(ref):
-        status, body = http_get(base, "/api/v1/jobs", {"label": label, "limit": LABEL_LOOKUP_LIMIT}, token=token)
-        if status != 200:
-            raise RuntimeError(_error_text(status, body))
-        jobs = body["jobs"]
-        if jobs:
-            break
-    job, note = _most_recent(jobs, ref)
-    if job is not None:  # the single-job view carries more (the carbon-aware hint)
-        status, full = http_get(base, _job_path(job["id"]), token=token)
-        if status == 200:
-            job = full
-    return job, note
-
-
-def job_series_api(base: str, job_id: str, token: str = "") -> list[dict[str, Any]] | None:
-    status, body = http_get(base, _job_path(job_id) + "/series", token=token)
-    return body["buckets"] if status == 200 else None
-
-
-# -- local store ---------------------------------------------------------------------
-
-def _open_reader(cfg: Config, state_dir: str | None = None) -> Any:
-    from .app import store_path
-    from .ledger import LedgerReader
-
-    if state_dir is not None:
-        cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, state_dir=state_dir))
-    return LedgerReader(store_path(cfg), pue=cfg.accounting.pue, price_per_kwh=cfg.accounting.price_per_kwh,
-                        currency=cfg.accounting.currency)
-
-
-def find_job_store(cfg: Config, ref: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]], str | None]:
-    """Like ``find_job_api`` over the local store; also returns the job's series.
-    Raises LedgerError when there is no readable store."""
-    reader = _open_reader(cfg)
-    try:
-        now = time.time()
-        job = reader.job(ref, now=now)
-        note = None
-        if job is None:
-            for label in _label_refs(ref):
-                job, note = _most_recent(reader.jobs(label=label, limit=LABEL_LOOKUP_LIMIT, now=now), ref)
-                if job is not None:
-                    break
-        series = reader.job_series(job["id"]) if job is not None else []
-        if job is not None:
-            job["carbon_hint"] = None  # needs the daemon's intensity series
-            job.setdefault("label_note", label_note(job, cfg.jobs.max_labels_per_user))
-    finally:
-        reader.close()
-    return job, series, note
-
-
-# -- wattprint report ----------------------------------------------------------------
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from .ledger import LedgerError
-
-    ref: str = args.job
-    if not ref:
-        print("wattprint report: JOB must be a job id or a label, not empty", file=sys.stderr)
-        return EXIT_CONFIG
-    cfg = load_config(args.config)
-    base = api_base(cfg, args.url)
-    series: list[dict[str, Any]] | None
-    try:
-        job, note = find_job_api(base, ref, cfg.http.token)
-        series = job_series_api(base, job["id"], cfg.http.token) if job is not None else None
-    except RuntimeError as exc:
-        print(f"wattprint report: {exc}", file=sys.stderr)
-        return EXIT_FAIL
-    except (OSError, ValueError) as exc:
-        print(f"wattprint report: daemon at {base} not reachable ({getattr(exc, 'reason', exc)}); "
-              "reading the local store", file=sys.stderr)
-        try:
-            job, series, note = find_job_store(cfg, ref)
-        except LedgerError as exc2:
-            print(f"wattprint report: {exc2}", file=sys.stderr)
-            return EXIT_FAIL
-    if note:
-        print(f"wattprint report: {note}", file=sys.stderr)
-    if job is None:
-        print(f"wattprint report: no job with id or label {printable(ref, 200)}", file=sys.stderr)
-        return EXIT_FAIL
-    if args.json or args.format == "json":
-        json.dump(job, sys.stdout, indent=2)
-        print()
-    elif args.format == "csv":
-        from .csvout import write_jobs_csv
-
-        sys.stdout.reconfigure(newline="")  # type: ignore[union-attr]  # the csv module writes \r\n itself
-        write_jobs_csv([job], sys.stdout)
-    else:
-        sys.stdout.write(format_report(job, series, job.get("carbon_hint")))
-    return EXIT_OK
-
-
-def add_report_command(sub: Any) -> None:
-    """Register ``wattprint report JOB`` on the CLI's subparsers object."""
-    p = sub.add_parser("report", help="one job's report: kWh by component, CO2e, cost, equivalents")
-    p.add_argument("job", metavar="JOB", help="job id, or label (the most recent job with that label)")
-    p.add_argument("--config")
-    p.add_argument("--url", help="daemon base URL (default from [http] listen)")
-    p.add_argument("--json", action="store_true", help="print the job object as JSON (same as --format json)")
-    p.add_argument("--format", choices=["text", "json", "csv"], default="text",
-                   help="text (default), json, or csv: the job as one CSV row (columns in docs/api.md)")
-    p.set_defaults(func=cmd_report)
 
 
 # -- wattprint exec: the child -------------------------------------------------------
@@ -333,7 +159,7 @@ def _await_daemon_job(base: str, token: str, label: str, pid: int, launched_at: 
         status, body = http_get(base, "/api/v1/jobs", {"label": stored_label, "limit": LABEL_LOOKUP_LIMIT},
                                 token=token)
         if status != 200:
-            raise RuntimeError(_error_text(status, body))
+            raise RuntimeError(error_text(status, body))
         return list(body["jobs"])
 
     deadline = time.monotonic() + wait_s
@@ -367,7 +193,7 @@ def _exec_with_daemon(cfg: Config, base: str, cmd: list[str], env: dict[str, str
             return code, None, None, notes
         if not finished:
             notes.append(f"the daemon has not marked the job finished after {wait_s:g} s; figures may still grow")
-        status, body = http_get(base, _job_path(job["id"]), token=cfg.http.token)
+        status, body = http_get(base, job_path(job["id"]), token=cfg.http.token)
         if status == 200:
             job = body
         series = job_series_api(base, job["id"], cfg.http.token)
@@ -379,16 +205,28 @@ def _exec_with_daemon(cfg: Config, base: str, cmd: list[str], env: dict[str, str
 
 # -- wattprint exec: measured in-process ---------------------------------------------
 
-class _Sampler:
-    """Drives ``engine.tick_blocking`` once per interval on a background thread.
-    The engine is only ever ticked by one thread at a time."""
+class _QuietTracebacks(logging.Filter):
+    """Keeps the engine's "tick failed" traceback off the user's terminal while exec
+    runs it: exec reports failed ticks as one note (a count) instead."""
 
-    def __init__(self, engine: Any, interval_s: float):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+class _EngineRunner:
+    """Runs the engine's own schedule (``Engine.run``: drift-free, failed ticks
+    counted in ``tick_errors_total``) on an event loop on a thread of its own while
+    the command runs. ``tick`` is one tick outside the schedule, before it starts and
+    after it stopped: the engine is only ever ticked by one thread at a time."""
+
+    def __init__(self, engine: Any) -> None:
         self.engine = engine
-        self.interval_s = interval_s
-        self.tick_errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="wattprint-exec-sampler", daemon=True)
+        self.tick_errors = 0  # failed ticks outside the schedule
+        self._loop: asyncio.AbstractEventLoop | None = None  # the schedule's, made on its thread
+        self._stop = asyncio.Event()
+        self._first_tick = threading.Event()
+        self._quiet = _QuietTracebacks()
+        self._thread = threading.Thread(target=self._run, name="wattprint-exec-engine", daemon=True)
 
     def tick(self) -> None:
         try:
@@ -398,28 +236,42 @@ class _Sampler:
             log.debug("in-process tick failed", exc_info=True)
 
     def _run(self) -> None:
-        due = time.monotonic()
-        while True:
-            due += self.interval_s
-            now = time.monotonic()
-            if now > due:  # overran: skip missed slots, keep the phase
-                due += ((now - due) // self.interval_s + 1) * self.interval_s
-            if self._stop.wait(max(0.0, due - time.monotonic())):
-                return
-            self.tick()
+        loop = self._loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self.engine.run(self._stop, on_first_tick=self._first_tick.set))
+        except Exception:
+            log.debug("in-process engine schedule failed", exc_info=True)
+        finally:
+            self._first_tick.set()
+            loop.close()
 
     def start(self) -> None:
+        """Start the schedule; returns once its first tick (at once) is done."""
+        logging.getLogger("wattprint.engine").addFilter(self._quiet)
         self._thread.start()
+        self._first_tick.wait()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
+        """Stop the schedule after the tick in progress, if any (idempotent)."""
+        if self._thread.is_alive() and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:  # the schedule ended by itself and closed its loop
+                pass
             self._thread.join()
+        logging.getLogger("wattprint.engine").removeFilter(self._quiet)
+
+    def failed_ticks(self) -> int:
+        """Ticks that failed: outside the schedule, and on it (as the engine counted
+        them by its last successful tick)."""
+        snap = self.engine.snapshot
+        scheduled = int(snap.counters.get("tick_errors_total", 0.0)) if snap is not None else 0
+        return self.tick_errors + scheduled
 
 
 def _exec_in_process(cfg: Config, cmd: list[str], env: dict[str, str], label: str,
                      ) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]] | None, list[str]]:
-    """Run the child while an engine of our own samples it into a temp store; returns
+    """Run the child while an engine of our own measures it into a temp store; returns
     (exit code, job, series, notes). The temp store is removed afterwards."""
     from .app import StartupError, build_engine
     from .health import HealthBoard
@@ -443,27 +295,24 @@ def _exec_in_process(cfg: Config, cmd: list[str], env: dict[str, str], label: st
             notes.append(f"cannot sample in-process ({exc}); the command ran unmeasured")
             code, _pid = run_child(cmd, env, lambda _child: None)
             return code, None, None, notes
-        sampler = _Sampler(engine, local.daemon.interval_s)
+        runner = _EngineRunner(engine)
         launched_at = time.time()
         try:
-            sampler.tick()  # baselines for counters and CPU load
-
-            def started(_child: subprocess.Popen[bytes]) -> None:
-                sampler.tick()  # see the child at once
-                sampler.start()
-
-            code, pid = run_child(cmd, env, started)
-            sampler.stop()
+            runner.tick()  # baselines for counters and CPU load
+            # The schedule's first tick, at once, sees the child.
+            code, pid = run_child(cmd, env, lambda _child: runner.start())
+            runner.stop()
             if pid is not None:
-                sampler.tick()  # books the last interval and marks the job finished
+                runner.tick()  # books the last interval and marks the job finished
         finally:
-            sampler.stop()
+            runner.stop()
             engine.close()
         if pid is None:
             return code, None, None, notes
-        if sampler.tick_errors:
-            notes.append(f"{sampler.tick_errors} in-process tick(s) failed")
-        reader = _open_reader(local)
+        failed = runner.failed_ticks()
+        if failed:
+            notes.append(f"{failed} in-process tick(s) failed")
+        reader = open_reader(local)
         try:
             now = time.time()
             job = find_exec_job(lambda stored: reader.jobs(label=stored, limit=LABEL_LOOKUP_LIMIT, now=now),

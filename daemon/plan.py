@@ -1,4 +1,5 @@
-"""The logic of ``wattprint estimate``: plan a run before starting it.
+"""The logic of ``wattprint estimate`` (this module is `plan`, not `sources/estimate`, which is
+the TDP x utilisation fallback power source): plan a run before starting it.
 
 E = Σ Pᵢ · countᵢ · Uᵢ · T, where Pᵢ is a device's rated power (watts, from the shipped
 table ``data/gpu_rated_power.json`` or given as a number), Uᵢ its expected utilisation
@@ -165,6 +166,8 @@ def estimate(specs: Sequence[DeviceSpec | str], hours: float, g_per_kwh: float |
     power_w = math.fsum(d.power_w for d in devices)
     power_kw = power_w / 1000.0
     energy_kwh = power_kw * float(hours)
+    # carbon.co2e_g's formula, in kWh as the plan is (going through joules would change
+    # the last printed digit of about 1 estimate in 400).
     co2e_g = None if g_per_kwh is None else energy_kwh * float(pue) * float(g_per_kwh)
     return EstimateResult(devices=devices, hours=float(hours), g_per_kwh=None if g_per_kwh is None else float(g_per_kwh),
                           pue=float(pue), intensity_source=intensity_source, power_kw=power_kw,

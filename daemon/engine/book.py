@@ -1,0 +1,329 @@
+"""The job book: the engine's in-memory account of jobs and devices, tick by tick.
+
+It follows each job's life (a job ends when its last process is gone; jobs running at
+the last stop are continued by ``restore``), adds up energy per job and component,
+devices' energy totals and the unattributed remainder, and prices each tick's energy
+in CO2e (``carbon.co2e_g``: energy x the grid value of the provider interval (slot)
+holding the tick x PUE). Per job and ledger bucket it keeps the energy per slot, so the
+bucket's CO2e and energy-weighted intensity are exactly what the ledger books.
+``settle`` later revises provisional slot values (new realised values or forecasts)
+in the ledger and every affected job's CO2e.
+
+From each tick it builds the ``TickRecord`` the sinks get and the ``TickRow`` the
+store writes (``book_tick``), and the immutable ``Snapshot`` that /metrics and the
+API read (``snapshot``); finished jobs leave the snapshot after the grace period,
+the oldest-ended first beyond ``max_finished_in_metrics``.
+
+Time: the wall clock only says which ledger bucket (and slot) a tick lands in and
+stamps the outputs, so a wall clock step moves where energy is booked, never how much.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..attribution import Attribution
+from ..carbon import IntensityBook, co2e_g
+from ..ledger import BASIS_RANK, JobTick, Ledger, TickRow
+from ..model import (COMPONENTS, DeviceReading, DeviceState, Intensity, JobIdentity, JobRef, JobTotals,
+                     SettledBucket, SourceHealth, Snapshot, TickRecord)
+from ..procs import ProcessView
+
+log = logging.getLogger("wattprint.engine")
+
+
+@dataclass
+class _JobState:
+    identity: JobIdentity
+    energy_j: dict[str, float]
+    co2e_g: float
+    running: bool = True
+    ended_at: float | None = None
+    bucket_start: int = -1  # the ledger bucket of the last tick
+    # J per slot (slot_start) in that bucket, the store's from earlier runs included
+    slot_j: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class _DeviceAcc:
+    kind: str
+    device: str
+    name: str
+    power_w: float = 0.0
+    energy_j_total: float = 0.0
+    source: str = "counter"
+    uuid: str = ""
+    vendor: str = ""
+
+
+@dataclass(frozen=True)
+class BookedTick:
+    """One tick as booked: what the sinks get, what the store writes, and the grid
+    value (of the tick's slot) it was priced with."""
+
+    record: TickRecord
+    row: TickRow
+    intensity: Intensity
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What ``settle`` changed: buckets, provider interval values, and the new per-job
+    bucket figures for the settle sinks (None when none were asked for)."""
+
+    buckets: int
+    values: int
+    settled: list[SettledBucket] | None
+
+
+class JobBook:
+    """Jobs, devices and CO2e in memory (see the module docstring). ``pue``,
+    ``finished_grace_s`` and ``max_finished_in_metrics`` are fixed when it is built;
+    the intensity book is handed to each call (the daemon swaps it in after building
+    the engine)."""
+
+    def __init__(self, ledger: Ledger, pue: float, finished_grace_s: float, max_finished_in_metrics: int) -> None:
+        self.ledger = ledger
+        self.pue = pue
+        self.finished_grace_s = finished_grace_s
+        self.max_finished_in_metrics = max_finished_in_metrics
+        self.jobs: dict[str, _JobState] = {}
+        self.devices: dict[tuple[str, str], _DeviceAcc] = {}
+        self.unattributed_total: dict[str, float] = {c: 0.0 for c in COMPONENTS}
+        self.counters: dict[str, float] = {"gpu_invisible_process_energy_joules_total": 0.0}
+        self.tick = 0
+        self._restored = False
+        # The current bucket and the value booked for each of its slots (slot_start -> value)
+        self._slot_values: tuple[int, dict[int, Intensity]] | None = None
+
+    # -- restore -------------------------------------------------------------
+    def restore(self, job_rows: dict[str, dict], co2e_g: dict[str, float]) -> None:
+        """Continue jobs that were running when the daemon last stopped."""
+        for job_id, row in job_rows.items():
+            ident = JobIdentity(
+                job_id=job_id, label=row["label"], label_source=row["label_source"], uid=row["uid"],
+                user=row["user"], command=row["command"], root_pid=row["root_pid"], started_at=row["started_at"],
+                label_raw=row["label_raw"],
+            )
+            self.jobs[job_id] = _JobState(
+                identity=ident,
+                energy_j={c: row[f"{c}_j"] for c in COMPONENTS},
+                co2e_g=co2e_g.get(job_id, 0.0),
+                running=True,
+                ended_at=row["last_seen"],  # if not found again, it ended when last seen
+            )
+        self._restored = True
+
+    # -- one tick ------------------------------------------------------------
+    def book_tick(self, wall: float, readings: Sequence[DeviceReading], view: ProcessView, att: Attribution,
+                  book: IntensityBook, interval_s: float) -> BookedTick:
+        """Book one attributed tick: job lifecycle, per-job energy and CO2e, device
+        totals; returns the sinks' record and the store's row."""
+        self.counters["gpu_invisible_process_energy_joules_total"] += att.gpu_invisible_j
+        ended = self._end_jobs_gone(view, wall)
+
+        bucket = self.ledger.bucket_of(wall)
+        intensity, slot = self._intensity_for(bucket, wall, book)
+        g_per_kwh = intensity.g_per_kwh
+        bucket_co2e: dict[str, float] = {}
+        bucket_g: dict[str, float] = {}
+        bucket_status: dict[str, str] = {}
+        job_ticks: list[JobTick] = []
+        for usage in view.jobs:
+            ident = usage.identity
+            energy = att.job_energy_j.get(ident.job_id, {})
+            st = self.jobs.get(ident.job_id)
+            if st is None:
+                st = self.jobs[ident.job_id] = _JobState(ident, {c: 0.0 for c in COMPONENTS}, 0.0)
+            st.running, st.ended_at = True, None
+            tick_j = 0.0
+            for c in COMPONENTS:
+                st.energy_j[c] += energy.get(c, 0.0)
+                tick_j += energy.get(c, 0.0)
+            # CO2e: this tick's energy x the value of the provider interval (slot) holding it.
+            st.co2e_g += co2e_g(tick_j, g_per_kwh, self.pue)
+            if st.bucket_start != bucket:  # (after a restart the bucket may hold energy already)
+                st.bucket_start, st.slot_j = bucket, self._stored_slot_j(ident.job_id, bucket)
+            if tick_j:  # as the ledger books it (job_slots)
+                st.slot_j[slot] = st.slot_j.get(slot, 0.0) + tick_j
+            grams, mean_g, status = self._bucket_co2e(st.slot_j)
+            bucket_co2e[ident.job_id] = grams
+            if mean_g is not None:
+                bucket_g[ident.job_id], bucket_status[ident.job_id] = mean_g, status
+            job_ticks.append(JobTick(
+                identity=ident, energy_j=energy, gpu_seconds=att.gpu_seconds.get(ident.job_id, 0.0),
+                gpu_memory_bytes=att.gpu_memory_bytes.get(ident.job_id, 0),
+                # Per component, the weakest source of the devices that gave this job energy this
+                # tick (attribution); the ledger keeps the weakest over the job's life.
+                sources=dict(att.job_sources.get(ident.job_id, {})),
+                steps=usage.steps,
+            ))
+
+        device_rows = [(r.kind, r.device, r.energy_j, r.source) for r in readings]
+        self._add_device_totals(readings, att)
+
+        record = TickRecord(
+            sampled_at=wall,
+            interval_s=max((r.interval_s for r in readings), default=interval_s),
+            readings=tuple(readings),
+            jobs={u.identity.job_id: JobRef(u.identity.job_id, u.identity.label, u.identity.user, u.identity.uid)
+                  for u in view.jobs},
+            job_energy_j=att.job_energy_j,
+            unattributed_j=att.unattributed_j,
+            bucket_start=bucket,
+            bucket_co2e_g=bucket_co2e,
+            g_per_kwh=intensity.g_per_kwh,
+            intensity_status=intensity.status,
+            bucket_g_per_kwh=bucket_g,
+            bucket_intensity_status=bucket_status,
+        )
+        row = TickRow(wall, job_ticks, device_rows, dict(att.unattributed_j), intensity, ended)
+        return BookedTick(record, row, intensity)
+
+    def _end_jobs_gone(self, view: ProcessView, wall: float) -> list[tuple[str, float]]:
+        """Job lifecycle: a job ends when its last process is gone (a restored job not
+        found again ended when last seen). Returns (job_id, ended_at) of those ending now."""
+        live_ids = {j.identity.job_id for j in view.jobs}
+        ended: list[tuple[str, float]] = []
+        for job_id, st in self.jobs.items():
+            if st.running and job_id not in live_ids:
+                st.running = False
+                st.ended_at = wall if not self._restored or st.ended_at is None else st.ended_at
+                ended.append((job_id, st.ended_at))
+        self._restored = False
+        return ended
+
+    def _add_device_totals(self, readings: Sequence[DeviceReading], att: Attribution) -> None:
+        """Per device: the last power, the energy total, source, UUID and vendor; and
+        the unattributed energy total per component."""
+        for r in readings:
+            acc = self.devices.get((r.kind, r.device))
+            if acc is None:
+                acc = self.devices[(r.kind, r.device)] = _DeviceAcc(r.kind, r.device, r.name)
+            acc.power_w = r.power_w
+            acc.energy_j_total += r.energy_j
+            acc.source = r.source
+            acc.uuid = r.uuid or acc.uuid
+            acc.vendor = r.vendor or acc.vendor
+        for c in COMPONENTS:
+            self.unattributed_total[c] += att.unattributed_j.get(c, 0.0)
+
+    def _intensity_for(self, bucket: int, wall: float, book: IntensityBook) -> tuple[Intensity, int]:
+        """The value for the provider interval (slot) holding ``wall``, with the
+        slot's bounds cut to the bucket, and the slot's start: the value booked for
+        that slot of the bucket (this run or a previous one), else the book's value
+        now. Settlement revises it later."""
+        cached = self._slot_values
+        if cached is None or cached[0] != bucket:
+            try:
+                values = self.ledger.slot_intensities(bucket)
+            except Exception:  # the store is failing: its write will say so
+                log.debug("reading the bucket's slot intensities failed", exc_info=True)
+                values = {}
+            cached = self._slot_values = (bucket, values)
+        looked = book.lookup(wall)
+        start, end = self.ledger.slot_of(wall, looked)
+        found = cached[1].setdefault(start, looked)
+        # The bounds of this tick's slot, so the ledger books it under the same start.
+        return dataclasses.replace(found, start=float(start), end=float(end)), start
+
+    def _bucket_co2e(self, slot_j: dict[int, float]) -> tuple[float, float | None, str]:
+        """A job's bucket so far, from its J per slot and the slots' values: grams
+        (x PUE), the energy-weighted mean intensity (None: no value known) and
+        ``final`` when every slot's value is final."""
+        values = self._slot_values[1] if self._slot_values is not None else {}
+        gj = known_j = 0.0
+        final = True
+        for slot, j in slot_j.items():
+            v = values.get(slot)
+            if v is None:
+                final = False
+                continue
+            gj += j * v.g_per_kwh
+            known_j += j
+            final = final and v.status == "final"
+        mean = gj / known_j if known_j > 0 else None
+        # gj is Σ J x g/kWh: the formula applied to it at 1 g/kWh gives the grams.
+        return co2e_g(gj, 1.0, self.pue), mean, "final" if final else "provisional"
+
+    def _stored_slot_j(self, job_id: str, bucket: int) -> dict[int, float]:
+        try:
+            return self.ledger.job_slot_energy_j(job_id, bucket)
+        except Exception:
+            log.debug("reading a job's bucket failed", exc_info=True)
+            return {}
+
+    # -- publish -------------------------------------------------------------
+    def snapshot(self, wall: float, intensity: Intensity, started_perf: float, duration_hint_s: float,
+                 health: tuple[SourceHealth, ...], counters: dict[str, float],
+                 counter_glitches: dict[tuple[str, str, str], float]) -> Snapshot:
+        """Count the tick and build its immutable snapshot (after finished jobs past
+        their grace period, or beyond the cap, have left the book). ``intensity``: the
+        tick's grid value; ``started_perf``: ``time.perf_counter()`` when the tick began."""
+        self._forget_finished(wall)
+        self.tick += 1
+        return Snapshot(
+            taken_at=wall,
+            tick=self.tick,
+            tick_duration_s=time.perf_counter() - started_perf + duration_hint_s,
+            devices=tuple(DeviceState(a.kind, a.device, a.name, a.power_w, a.energy_j_total, a.source, a.uuid,
+                                      a.vendor)  # type: ignore[arg-type]
+                          for a in sorted(self.devices.values(), key=lambda a: (a.kind, a.device))),
+            jobs=tuple(JobTotals(job_id=j, label=st.identity.label, user=st.identity.user, uid=st.identity.uid,
+                                 energy_j=dict(st.energy_j), co2e_g=st.co2e_g,
+                                 state="running" if st.running else "finished")
+                       for j, st in self.jobs.items()),
+            unattributed_j_total=dict(self.unattributed_total),
+            health=health,
+            grid_zone=intensity.zone,
+            grid_provider=intensity.provider,
+            grid_g_per_kwh=intensity.g_per_kwh,
+            counters=counters,
+            counter_glitches=counter_glitches,
+        )
+
+    def _forget_finished(self, wall: float) -> None:
+        """Finished jobs leave the snapshot (and /metrics) after the grace period, and the
+        oldest-ended go first beyond max_finished_in_metrics (many short jobs: the series
+        per scrape stay bounded; totals are in the store, the API and InfluxDB)."""
+        for job_id in [j for j, st in self.jobs.items()
+                       if not st.running and st.ended_at is not None and wall - st.ended_at > self.finished_grace_s]:
+            del self.jobs[job_id]
+        finished = sorted((st.ended_at or 0.0, j) for j, st in self.jobs.items() if not st.running)
+        for _, job_id in finished[:max(0, len(finished) - self.max_finished_in_metrics)]:
+            del self.jobs[job_id]
+
+    # -- settlement ----------------------------------------------------------
+    def settle(self, book: IntensityBook, for_sinks: bool) -> Settlement:
+        """Re-evaluate every provisional slot value against the intensity book (new
+        realised values or forecasts arrived), looked up at the slot's middle.
+        Changed values are rewritten in the ledger and every affected job's CO2e
+        follows (Σ slot energy x slot value, as at write time); with ``for_sinks``,
+        the new per-job bucket figures are read for the settle sinks."""
+        changed: list[tuple[int, int, Intensity]] = []
+        for row in self.ledger.bucket_intensities(("provisional",)):
+            new = book.lookup((row["slot_start"] + row["slot_end"]) / 2)
+            if BASIS_RANK.get(new.basis, 0) < BASIS_RANK.get(row["basis"], 0):
+                continue  # less sure than what was booked (the book no longer holds the slot): keep it
+            if (new.g_per_kwh, new.status, new.basis) != (row["g_per_kwh"], row["status"], row["basis"]):
+                changed.append((row["bucket_start"], row["slot_start"], new))
+        if not changed:
+            return Settlement(0, 0, None)
+        self.ledger.set_intensities(changed)
+        self._slot_values = None  # the current bucket's values are read again at the next tick
+        co2e = self.ledger.job_co2e_g(list(self.jobs), self.pue)
+        for job_id, st in self.jobs.items():
+            st.co2e_g = co2e.get(job_id, st.co2e_g)
+        buckets = sorted({b for b, _, _ in changed})
+        settled = None
+        if for_sinks:
+            settled = [
+                SettledBucket(job=JobRef(r["job_id"], r["label"], r["user"], r["uid"]), bucket_start=r["bucket_start"],
+                              co2e_g=r["gj"] * self.pue, g_per_kwh=r["g_per_kwh"], status=r["status"])
+                for r in self.ledger.bucket_job_energy(buckets) if r["g_per_kwh"] is not None
+            ]
+        return Settlement(len(buckets), len(changed), settled)
