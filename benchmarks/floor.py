@@ -7,10 +7,13 @@ Once per interval, straightforwardly, with no bookkeeping, no store, no HTTP:
 - read ``/proc/PID/stat`` of every labelled (job) process;
 - read ``energy_uj`` of every RAPL package and dram zone under ``--powercap-root``;
 - read the first line of ``/proc/stat`` and ``/proc/meminfo``;
-- per GPU, through the same NVML boundary the daemon uses (the simulated NVML when
-  ``--sim-file`` is given; pynvml would be used on a real box): device count, handle,
-  total energy, power, memory info, compute and graphics process lists, and the
-  per-process utilisation samples.
+- the GPUs: with ``--sim-file`` (default ``--gpu-reads raw``), read the sim file and
+  parse its JSON once per tick: the raw read behind the daemon's GPU figures on this
+  simulated box, without the simulator's own Python (issue 18: the older floor ran the
+  simulated NVML, whose cost then counted as "reads" and hid the daemon's own). With
+  ``--gpu-reads nvml-sim``, per GPU through the simulated NVML as before: device count,
+  handle, total energy, power, memory info, compute and graphics process lists, and the
+  per-process utilisation samples (pynvml would be used on a real box).
 
 wattprint / floor is then the price of everything the daemon does on top of the
 reads: attribution, the ledger, the snapshot, the HTTP server.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import sys
 import time
@@ -47,10 +51,12 @@ def main() -> int:
     ap.add_argument("--sim-file", default="")
     ap.add_argument("--powercap-root", default="")
     ap.add_argument("--label-env", default="WATTPRINT_JOB,SLURM_JOB_ID")
+    ap.add_argument("--gpu-reads", choices=["raw", "nvml-sim"], default="raw")
     args = ap.parse_args()
 
     nvml = None
-    if args.sim_file:
+    raw_sim = args.sim_file if args.gpu_reads == "raw" else ""
+    if args.sim_file and not raw_sim:
         import pynvml
 
         from wattprint.daemon.sources.nvml_sim import SimulatedNvml
@@ -97,6 +103,14 @@ def main() -> int:
         with open("/proc/meminfo", "rb") as fh:
             fh.read()
         # GPUs.
+        if raw_sim:
+            try:
+                with open(raw_sim, "rb") as fh:
+                    doc = json.loads(fh.read())
+                for g in doc.get("gpus", ()):
+                    g.get("processes")
+            except (OSError, ValueError):
+                pass
         if nvml is not None:
             for i in range(nvml.nvmlDeviceGetCount()):
                 h = nvml.nvmlDeviceGetHandleByIndex(i)

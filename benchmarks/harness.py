@@ -48,12 +48,12 @@ BENCH = ROOT / "benchmarks"
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
 
-from gpusim import gpu, write_sim  # noqa: E402
+from gpusim import gpu, proc, write_sim  # noqa: E402,F401  (proc: re-exported for overhead.py)
 from powercap import PowercapTree  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PY = sys.executable
-CODECARBON_VENV = Path(os.environ.get("WATTPRINT_BENCH_CODECARBON_VENV", "/tmp/wattprint-bench-codecarbon"))
+CODECARBON_VENV = Path(os.environ.get("WATTPRINT_BENCH_CODECARBON_VENV", str(ROOT / ".venv-bench")))
 CODECARBON_SPEC = os.environ.get("WATTPRINT_BENCH_CODECARBON_SPEC", "codecarbon==3.3.2")
 # codecarbon monitor, offline (no API, no geo lookup), country for its static grid mix,
 # one measurement per second; --no-api is implied by --offline but said anyway.
@@ -173,6 +173,16 @@ class Box:
             f'[cpu]\nsource = "rapl"\npowercap_root = "{self.work / "powercap"}"\n'
             f'[http]\nlisten = "127.0.0.1:{self.port}"\nrate_limit_per_s = 0\n')
 
+    def second_config(self, name: str) -> Path:
+        """A config like ``self.config`` with its own port and state directory, for a
+        second daemon (the baseline) beside the first."""
+        port = free_port()
+        path = self.work / f"wattprint-{name}.toml"
+        path.write_text(self.config.read_text()
+                        .replace(f'state_dir = "{self.work / "state"}"', f'state_dir = "{self.work / ("state-" + name)}"')
+                        .replace(f"127.0.0.1:{self.port}", f"127.0.0.1:{port}"))
+        return path
+
     # processes
     def spawn_idle(self, n: int) -> None:
         for _ in range(n):
@@ -223,14 +233,25 @@ class Box:
 # --------------------------------------------------------------------------- the processes measured
 
 class Daemon:
-    def __init__(self, box: Box):
+    """The real daemon, through daemon_timed.py. With ``code``, the ``wattprint``
+    package is imported from that directory (``baseline_tree``) instead of the
+    working tree: the "before" daemon, run beside the working tree's in one window."""
+
+    def __init__(self, box: Box, name: str = "wattprint", code: Path | None = None):
         self.box = box
-        self.ticks_path = box.work / "ticks.json"
-        self.url = f"http://127.0.0.1:{box.port}"
-        self.log = open(box.work / "daemon.log", "wb")
+        self.name = name
+        config = box.config if name == "wattprint" else box.second_config(name)
+        port = box.port if name == "wattprint" else int(config.read_text().split("127.0.0.1:")[1].split('"')[0])
+        self.ticks_path = box.work / f"ticks-{name}.json"
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = box.work / f"daemon-{name}.log"
+        self.log = open(self.log_path, "wb")
+        env = dict(box.env)
+        if code is not None:
+            env["PYTHONPATH"] = str(code)
         self.p = subprocess.Popen([PY, str(BENCH / "daemon_timed.py"), "--ticks-out", str(self.ticks_path),
-                                   "run", "--config", str(box.config)],
-                                  stdout=self.log, stderr=subprocess.STDOUT, env=box.env)
+                                   "run", "--config", str(config)],
+                                  stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def get(self, path: str) -> bytes:
         with urllib.request.urlopen(self.url + path, timeout=10) as resp:
@@ -240,7 +261,7 @@ class Daemon:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.p.poll() is not None:
-                raise RuntimeError(f"daemon exited: {(self.box.work / 'daemon.log').read_text()[-3000:]}")
+                raise RuntimeError(f"daemon {self.name} exited: {self.log_path.read_text()[-3000:]}")
             try:
                 if json.loads(self.get("/healthz")).get("tick", 0) >= n:
                     return
@@ -267,6 +288,24 @@ class Daemon:
             return json.loads(self.ticks_path.read_text())["ticks"]
         except (OSError, ValueError):
             return []
+
+
+def baseline_tree(ref: str, overlay: tuple[str, ...] = ()) -> Path:
+    """The daemon's code at git ``ref`` (daemon/, exporters/, deploy/), laid out as an
+    importable ``wattprint`` package in a temp directory (read-only git: ``git archive``).
+    ``overlay``: files (paths from the repository root, under daemon/ or exporters/)
+    copied over it from the working tree: ``ref`` plus exactly those changes."""
+    out = Path(tempfile.mkdtemp(prefix="wattprint-bench-baseline-"))
+    pkg = out / "wattprint"
+    pkg.mkdir()
+    archive = subprocess.run(["git", "archive", "--format=tar", ref, "daemon", "exporters", "deploy"],
+                             cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(pkg)], input=archive, check=True)
+    (pkg / "__init__.py").write_text("")
+    for item in overlay:  # "path" (from the working tree) or "path=SOURCE FILE"
+        rel, _, src = item.partition("=")
+        shutil.copyfile(Path(src) if src else ROOT / rel, pkg / rel)
+    return out
 
 
 def ensure_codecarbon() -> Path | None:
@@ -335,16 +374,23 @@ class Window:
 
 def measure(box: Box, seconds: float, *, warmup_s: float = 3.0, scrape_s: float = 5.0,
             driver: Callable[[float], None] | None = None, peer: bool = True,
-            split: bool = True, marks: Path | None = None) -> dict[str, Any]:
+            split: bool = True, marks: Path | None = None, baseline: Path | None = None,
+            api_reads_s: float = 0.0, after: Path | None = None) -> dict[str, Any]:
     """Run the daemon, the floor, the peer and the stage split over one window.
     With ``marks``, the files ``start`` and ``end`` are written there when the
     window opens and closes (for a peer measured from outside, see
-    ``overhead.run_isolated``)."""
-    daemon = Daemon(box)
+    ``overhead.run_isolated``). With ``baseline`` (a ``baseline_tree``), a second
+    daemon runs that code beside the working tree's, measured as ``before``. With
+    ``api_reads_s``, ``/metrics`` and ``/api/v1/jobs`` of each daemon are read every
+    ``api_reads_s`` seconds (a scraper and a dashboard)."""
+    daemon = Daemon(box, code=after)  # the working tree's, or ``after`` (a baseline_tree with an overlay)
+    before = Daemon(box, "before", baseline) if baseline is not None else None
     split_p = floor_p = None
     peer_run: Peer | None = None
     try:
         daemon.wait_ticks(2)
+        if before is not None:
+            before.wait_ticks(2)
         split_out = box.work / "split.json"
         if split:
             split_p = subprocess.Popen([PY, str(BENCH / "stage_split.py"), "--config", str(box.config),
@@ -371,6 +417,8 @@ def measure(box: Box, seconds: float, *, warmup_s: float = 3.0, scrape_s: float 
             time.sleep(0.05)
 
         measured = {"wattprint": daemon.p.pid, "floor": floor_p.pid}
+        if before is not None:
+            measured["before"] = before.p.pid
         if peer_run is not None:
             measured["codecarbon"] = peer_run.p.pid
         clocks = {k: CpuClock(pid) for k, pid in measured.items()}
@@ -382,12 +430,24 @@ def measure(box: Box, seconds: float, *, warmup_s: float = 3.0, scrape_s: float 
         wall0 = time.time()
         end = w0 + seconds
         next_scrape = w0
+        next_read = w0
+        api_failures = 0
         while True:
             now = time.monotonic()
             if now >= end:
                 break
             if driver:
                 driver(now)
+            if api_reads_s and now >= next_read:
+                next_read += api_reads_s
+                for d in (daemon, before):
+                    if d is None:
+                        continue
+                    for path in ("/metrics", "/api/v1/jobs"):
+                        try:
+                            d.get(path)
+                        except OSError:
+                            api_failures += 1
             if now >= next_scrape:
                 next_scrape += scrape_s
                 if now - w0 >= seconds / 2:
@@ -415,6 +475,7 @@ def measure(box: Box, seconds: float, *, warmup_s: float = 3.0, scrape_s: float 
             if not win.rss_samples[k]:
                 win.rss_samples[k].append(rss_kib(pid)[0])
         ticks = daemon.stop()
+        ticks_before = before.stop() if before is not None else []
         split_result = None
         if split_p is not None:
             try:
@@ -423,9 +484,10 @@ def measure(box: Box, seconds: float, *, warmup_s: float = 3.0, scrape_s: float 
             except (subprocess.TimeoutExpired, OSError, ValueError) as exc:
                 split_result = {"error": repr(exc)}
     finally:
-        if daemon.p.poll() is None:
-            daemon.p.kill()
-            daemon.p.wait()
+        for d in (daemon, before):
+            if d is not None and d.p.poll() is None:
+                d.p.kill()
+                d.p.wait()
         for p in (split_p, floor_p):
             if p is not None and p.poll() is None:
                 p.kill()
@@ -433,14 +495,27 @@ def measure(box: Box, seconds: float, *, warmup_s: float = 3.0, scrape_s: float 
         if peer_run is not None:
             peer_run.stop()
 
-    in_window = [t for t in ticks if wall0 <= t[0] <= wall1]
-    durations_ms = [1e3 * t[1] for t in in_window]
-    tick_cpu_ms = [1e3 * t[2] for t in in_window]
+    def tick_figures(all_ticks: list[list[float]], cpu_s: float) -> dict[str, Any]:
+        in_window = [t for t in all_ticks if wall0 <= t[0] <= wall1]
+        durations_ms = [1e3 * t[1] for t in in_window]
+        tick_cpu_ms = [1e3 * t[2] for t in in_window]
+        return {
+            "ticks": len(in_window),
+            "tick_ms_p50": round(pct(durations_ms, 0.50), 2),
+            "tick_ms_p95": round(pct(durations_ms, 0.95), 2),
+            "tick_ms_p99": round(pct(durations_ms, 0.99), 2),
+            "tick_ms_max": round(max(durations_ms), 2) if durations_ms else None,
+            "tick_cpu_ms_mean": round(statistics.fmean(tick_cpu_ms), 3) if tick_cpu_ms else None,
+            "tick_cpu_share_of_daemon_cpu": (round(sum(tick_cpu_ms) / 1e3 / cpu_s, 3) if cpu_s > 0 else None),
+        }
+
     res: dict[str, Any] = {
         "seconds": round(win.seconds, 1),
         "box": {"process_creations_per_s": round(win.forks / win.seconds, 2),
                 "new_pids_per_s": round(win.pids / win.seconds, 2) if win.pids >= 0 else None,
                 "loadavg_1m_start_end": [win.load[0], win.load[1]]},
+        "api_reads_every_s": api_reads_s or None,
+        "api_read_failures": api_failures,
     }
     for k in measured:
         steady = statistics.median(win.rss_samples[k])
@@ -454,18 +529,15 @@ def measure(box: Box, seconds: float, *, warmup_s: float = 3.0, scrape_s: float 
         res["codecarbon"] = {"skipped": peer_note or "not run"}
     res["cpu_seconds_in_window"] = {k: round(v, 4) for k, v in win.cpu_s.items()}
     d = res["wattprint"]
+    d.update(tick_figures(ticks, win.cpu_s["wattprint"]))
     d.update({
-        "ticks": len(in_window),
-        "tick_ms_p50": round(pct(durations_ms, 0.50), 2),
-        "tick_ms_p95": round(pct(durations_ms, 0.95), 2),
-        "tick_ms_p99": round(pct(durations_ms, 0.99), 2),
-        "tick_ms_max": round(max(durations_ms), 2) if durations_ms else None,
-        "tick_cpu_ms_mean": round(statistics.fmean(tick_cpu_ms), 3) if tick_cpu_ms else None,
-        "tick_cpu_share_of_daemon_cpu": (round(sum(tick_cpu_ms) / 1e3 / win.cpu_s["wattprint"], 3)
-                                         if win.cpu_s["wattprint"] > 0 else None),
         "gauge_samples": len(win.gauge),
         "gauge_tick_ms_p50": round(1e3 * pct(win.gauge, 0.5), 2) if win.gauge else None,
     })
+    if "before" in measured:
+        res["before"].update(tick_figures(ticks_before, win.cpu_s["before"]))
+        res["ratio_before_over_floor"] = round(win.cpu_s["before"] / max(1e-9, win.cpu_s["floor"]), 2)
+        res["ratio_wattprint_over_before"] = round(win.cpu_s["wattprint"] / max(1e-9, win.cpu_s["before"]), 2)
     res["ratio_wattprint_over_floor"] = round(win.cpu_s["wattprint"] / max(1e-9, win.cpu_s["floor"]), 2)
     if "codecarbon" in measured:
         res["ratio_wattprint_over_codecarbon"] = round(win.cpu_s["wattprint"] / max(1e-9, win.cpu_s["codecarbon"]), 2)

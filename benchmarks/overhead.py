@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Box, CpuClock, Peer, ensure_codecarbon, log, measure, proc, rss_kib  # noqa: E402
+from harness import Box, CpuClock, Peer, baseline_tree, ensure_codecarbon, log, measure, proc, rss_kib  # noqa: E402
 
 SCENARIOS: dict[str, str] = {
     "idle": "idle box: 8 sim GPUs without processes, 2 RAPL packages, no jobs",
@@ -45,7 +45,25 @@ SCENARIOS: dict[str, str] = {
     "procs": "2,000 idle processes + 32 jobs x 3 processes, 8 sim GPUs x 4 job processes",
     "shortjobs": "1,000 short jobs per hour: one labelled job (3 processes, 20 s, on a GPU) every 3.6 s",
     "shortjobs-x10": "10,000 short jobs per hour (every 0.36 s, 2 s each; same concurrency)",
+    "scrapes": "procs, with /metrics and /api/v1/jobs each read once a second",
+    "shortjob-per-s": "one short job per second (3 processes, 5 s each, on a GPU; about 5 alive)",
+    "threads": "procs, with 10 threads a second created by an unrelated process (the cost of a thread creation)",
 }
+# Scenarios that read /metrics and /api/v1/jobs of each daemon every this many seconds.
+API_READS_S = {"scrapes": 1.0}
+THREADS_PER_S = 10.0
+
+
+def spawn_thread_maker(box: Box, per_s: float) -> None:
+    """A process, no job, that starts (and ends) a thread ``per_s`` times a second: any
+    threaded agent on a real box does this, and each new thread is a new PID."""
+    code = ("import threading, time\n"
+            f"p = {1.0 / per_s!r}\n"
+            "t0 = time.monotonic(); k = 0\n"
+            "while True:\n"
+            "    th = threading.Thread(target=lambda: None); th.start(); th.join(); k += 1\n"
+            "    time.sleep(max(0.0, t0 + k * p - time.monotonic()))\n")
+    box.procs.append(subprocess.Popen([sys.executable, "-c", code], env=box.env, start_new_session=True))
 
 
 def setup_idle(box: Box) -> Callable[[float], None] | None:
@@ -108,7 +126,8 @@ class ShortJobs:
 
 
 def run(name: str, seconds: float, peer: bool = True, profile: int = 0,
-        marks: Path | None = None) -> dict[str, Any]:
+        marks: Path | None = None, baseline: Path | None = None, split: bool = True,
+        after: Path | None = None) -> dict[str, Any]:
     log(f"scenario {name}: {SCENARIOS[name]} ({seconds:g} s window{', cProfile' if profile else ''})")
     box = Box(name)
     driver: Callable[[float], None] | None = None
@@ -124,12 +143,20 @@ def run(name: str, seconds: float, peer: bool = True, profile: int = 0,
             driver = short = ShortJobs(box, 3.6, 20.0)
         elif name == "shortjobs-x10":
             driver = short = ShortJobs(box, 0.36, 2.0)
+        elif name == "scrapes":
+            driver = setup_procs(box)
+        elif name == "shortjob-per-s":
+            driver = short = ShortJobs(box, 1.0, 5.0)
+        elif name == "threads":
+            driver = setup_procs(box)
+            spawn_thread_maker(box, THREADS_PER_S)
         else:
             raise SystemExit(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
         t0 = time.monotonic()
         if profile:
             return profile_ticks(box, seconds, driver, profile)
-        res = measure(box, seconds, driver=driver, peer=peer, marks=marks)
+        res = measure(box, seconds, driver=driver, peer=peer, marks=marks, baseline=baseline, split=split,
+                      api_reads_s=API_READS_S.get(name, 0.0), after=after)
         res["scenario"] = name
         res["description"] = SCENARIOS[name]
         if short is not None:
@@ -144,7 +171,8 @@ def can_isolate() -> bool:
     return os.geteuid() == 0 and shutil.which("unshare") is not None
 
 
-def run_isolated(name: str, seconds: float, peer: bool = True) -> dict[str, Any]:
+def run_isolated(name: str, seconds: float, peer: bool = True, baseline: Path | None = None,
+                 split: bool = True, after: Path | None = None) -> dict[str, Any]:
     """``run`` in a new PID namespace with its own /proc (``unshare --pid --fork
     --mount-proc``): the daemon and the floor see only the scenario's processes, not
     those of whoever else uses the machine, and the daemon's new-PID gate
@@ -158,7 +186,7 @@ def run_isolated(name: str, seconds: float, peer: bool = True) -> dict[str, Any]
     the daemon's gate every second. Falls back to the host namespace when not root."""
     if not can_isolate():
         log("not root or no unshare: running in the host PID namespace (other processes on the box count)")
-        res = run(name, seconds, peer)
+        res = run(name, seconds, peer, baseline=baseline, split=split, after=after)
         res["isolation"] = "none: host PID namespace"
         return res
     work = Path(tempfile.mkdtemp(prefix="wattprint-bench-outer-"))
@@ -180,6 +208,12 @@ def run_isolated(name: str, seconds: float, peer: bool = True) -> dict[str, Any]
         cmd = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
                sys.executable, str(Path(__file__).resolve()), name, "--seconds", str(seconds),
                "--json", str(out), "--no-isolate", "--quiet", "--no-peer", "--marks", str(marks)]
+        if baseline is not None:
+            cmd += ["--baseline-code", str(baseline)]
+        if after is not None:
+            cmd += ["--after-code", str(after)]
+        if not split:
+            cmd += ["--no-split"]
         inner = subprocess.Popen(cmd)
         clock: CpuClock | None = None
         rss: list[int] = []
@@ -258,18 +292,27 @@ def main() -> int:
     ap.add_argument("--no-isolate", action="store_true",
                     help="run in the host PID namespace (default: a new one, when root)")
     ap.add_argument("--quiet", action="store_true", help="do not print the result (with --json)")
+    ap.add_argument("--baseline", metavar="GIT_REF",
+                    help="also run the daemon of this commit beside the working tree's (measured as 'before')")
+    ap.add_argument("--baseline-code", help=argparse.SUPPRESS)  # an extracted baseline tree (run_isolated)
+    ap.add_argument("--after-code", help=argparse.SUPPRESS)  # an extracted tree with an overlay (run_isolated)
+    ap.add_argument("--no-split", action="store_true", help="leave the in-process stage split out")
     ap.add_argument("--marks", help=argparse.SUPPRESS)  # run_isolated: window start/end files here
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="instead: cProfile the engine's ticks in-process, print the top N functions")
     args = ap.parse_args()
+    baseline = Path(args.baseline_code) if args.baseline_code else (baseline_tree(args.baseline) if args.baseline else None)
+    after = Path(args.after_code) if args.after_code else None
     if args.profile:
         res = run(args.scenario, args.seconds, peer=False, profile=args.profile)
         print(res.pop("cprofile_tottime"))
     elif args.no_isolate:
         res = run(args.scenario, args.seconds, peer=not args.no_peer,
-                  marks=Path(args.marks) if args.marks else None)
+                  marks=Path(args.marks) if args.marks else None, baseline=baseline, split=not args.no_split,
+                  after=after)
     else:
-        res = run_isolated(args.scenario, args.seconds, peer=not args.no_peer)
+        res = run_isolated(args.scenario, args.seconds, peer=not args.no_peer, baseline=baseline,
+                           split=not args.no_split, after=after)
     text = json.dumps(res, indent=2)
     if not args.quiet:
         print(text)

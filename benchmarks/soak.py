@@ -79,6 +79,7 @@ from wattprint.daemon.config import load_config  # noqa: E402
 from wattprint.daemon.engine import Engine  # noqa: E402
 from wattprint.daemon.health import HealthBoard  # noqa: E402
 from wattprint.daemon.sources.gpu import NvmlGpuSource  # noqa: E402
+from wattprint.daemon.sources.gpu.registry import GpuOpening  # noqa: E402
 from wattprint.daemon.sources.nvml_sim import SimulatedNvml  # noqa: E402
 from wattprint.exporters.prometheus import build_registry, render  # noqa: E402
 
@@ -318,9 +319,9 @@ def main() -> int:
     if not args.no_tracemalloc:
         tracemalloc.start()
     # The daemon's own assembly, with the GPU collector's simulated NVML on the soak's clock.
-    app_module.open_gpu_source = lambda gpu_cfg: (
-        NvmlGpuSource(SimulatedNvml(gpu_cfg.sim_file, clock=lambda: clock["mono"]), init_retry_s=0.0),
-        "GPU: simulated NVML on the soak's clock")
+    app_module.open_gpu_sources = lambda gpu_cfg: [GpuOpening(
+        "gpu", NvmlGpuSource(SimulatedNvml(gpu_cfg.sim_file, clock=lambda: clock["mono"]), init_retry_s=0.0),
+        "GPU: simulated NVML on the soak's clock")]
     engine = build_engine(cfg, HealthBoard())
     registry = build_registry(lambda: engine.snapshot)
     retention = Retention(engine, args.retention_days)

@@ -56,7 +56,8 @@ def job_json(rec: JobRecord, now: float, pue: float, price_per_kwh: float, curre
         "duration_s": max(0.0, end - rec.started_at),
         "energy_j": {**energy, "total": total_j},
         "energy_kwh": kwh,
-        "energy_sources": dict(rec.sources),
+        # node: the BMC method that gave the job a share of the node remainder; none without
+        "energy_sources": {**dict(rec.sources), "node": str(rec.sources.get("node") or "none")},
         "co2e_g": gj * pue,
         "co2e_status": "provisional" if (provisional or no_int > 0) else "final",
         "intensity_g_per_kwh_avg": (gj / (total_j / J_PER_KWH)) if total_j > 0 else None,
@@ -121,16 +122,27 @@ def series_json(buckets: Sequence[SeriesBucket], pue: float) -> list[dict[str, A
 
 def host_json(rows: HostRows) -> dict[str, Any]:
     """Host totals: per device, and per component the device, attributed and
-    unattributed energy (every component present, 0.0 when none)."""
+    unattributed energy (every component present, 0.0 when none). ``other`` has no
+    device of its own: its device figure is the remainder booked (attributed +
+    unattributed); the node's own energy (devices of kind ``node``) is
+    ``node_energy_j``."""
     dev_by_kind = {c: 0.0 for c in COMPONENTS}
+    node_j = 0.0
     for d in rows.devices:
-        dev_by_kind[d.kind] = dev_by_kind.get(d.kind, 0.0) + d.energy_j
+        if d.kind == "node":
+            node_j += d.energy_j
+        else:
+            dev_by_kind[d.kind] = dev_by_kind.get(d.kind, 0.0) + d.energy_j
+    attributed = {c: 0.0 for c in COMPONENTS} | dict(rows.attributed_j)
+    unattributed = {c: 0.0 for c in COMPONENTS} | dict(rows.unattributed_j)
+    dev_by_kind["other"] = attributed["other"] + unattributed["other"]
     return {
         "devices": [{"kind": d.kind, "device": d.device, "energy_j": d.energy_j, "source": d.source}
                     for d in rows.devices],
         "device_energy_j": dev_by_kind,
-        "attributed_energy_j": {c: 0.0 for c in COMPONENTS} | dict(rows.attributed_j),
-        "unattributed_energy_j": {c: 0.0 for c in COMPONENTS} | dict(rows.unattributed_j),
+        "attributed_energy_j": attributed,
+        "unattributed_energy_j": unattributed,
+        "node_energy_j": node_j,
     }
 
 

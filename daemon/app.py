@@ -4,19 +4,20 @@ Builds the sources, the process tracker, the ledger, the engine, the exporters a
 HTTP server; everything that opens files or devices happens here, before the event
 loop starts, so a bad state directory or a corrupt store fails at start with a clear
 message instead of on the first tick.
+
+Parts it uses, each in a module of its own (their names are importable from here as
+before): startup.py (``StartupError``, the state-directory check), unix_socket.py (the
+API's Unix socket), logredact.py (the log filter that redacts secrets).
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import resource
 import signal
 import socket
-import stat
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,7 +31,7 @@ from wattprint.exporters.sinks import SINK_TYPES
 from . import sdnotify
 from .api import Api, ConnectionLimiter, fitting_max_connections, raise_nofile_limit, start_runner
 from .carbon import KEEP_S, IntensityBook
-from .config import Config, ConfigError, parse_listen, redact_text
+from .config import Config, ConfigError, parse_listen
 from .engine import Engine
 from .grid import make_provider
 from .grid.base import IntensityPoint, IntensityProvider
@@ -38,49 +39,20 @@ from .grid.scheduler import GridFetcher
 from .grid.static import StaticProvider
 from .health import HealthBoard
 from .ledger import Ledger, LedgerError, LedgerReader
+from .logredact import RedactingFilter
 from .procs import ProcessTracker
 from .sources.base import Source
 from .sources.cpu import open_cpu_sources
 from .sources.gpu import open_gpu_sources
+from .sources.node import NO_BMC, open_node_source
+from .startup import _STATE_DIR_CONFIG_ERRNOS, StartupError, prepare_state_dir
+from .unix_socket import UnixSocket, _socket_in_use
+
+__all__ = ["Daemon", "RedactingFilter", "StartupError", "UnixSocket", "_STATE_DIR_CONFIG_ERRNOS", "_socket_in_use",
+           "build_daemon", "build_engine", "build_sinks", "last_actual_end", "make_book", "on_points",
+           "prepare_state_dir", "run", "serve", "stop_sinks", "store_path"]
 
 log = logging.getLogger("wattprint")
-
-
-class StartupError(Exception):
-    """The daemon cannot start; the message says what to fix. ``exit_code`` is 1 (a
-    runtime failure: systemd restarts the unit) or 2 (only the configuration or the
-    host's setup can fix it: the unit's RestartPreventExitStatus=2 stops there)."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-# A state_dir failing with one of these cannot get better by restarting (a path under
-# a file, a read-only file system, no permission): exit 2, like a config error.
-_STATE_DIR_CONFIG_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST,
-                                      errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP})
-
-
-def prepare_state_dir(path: str) -> None:
-    """Create ``path`` (0750) when missing and check that a file can be created in it.
-    Raises StartupError with exit code 2 when that can never work (see above), 1 for
-    other errors (a full disk, an I/O error)."""
-    where = f"[daemon] state_dir {path}"
-    try:
-        os.makedirs(path, mode=0o750, exist_ok=True)
-    except OSError as exc:
-        code = 2 if exc.errno in _STATE_DIR_CONFIG_ERRNOS else 1
-        raise StartupError(f"{where}: cannot create it: {exc.strerror or exc}", code) from None
-    except ValueError as exc:  # a NUL in the path
-        raise StartupError(f"{where}: {exc}", 2) from None
-    try:
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".wattprint-write-check-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        code = 2 if exc.errno in _STATE_DIR_CONFIG_ERRNOS else 1
-        raise StartupError(f"{where}: not writable: {exc.strerror or exc}", code) from None
 
 
 def store_path(cfg: Config) -> str:
@@ -162,6 +134,13 @@ def build_engine(cfg: Config, health: HealthBoard) -> Engine:
         else:
             health.disable(opened.name, opened.message)
     sources.extend(open_cpu_sources(cfg.cpu, cfg.memory, health))
+    node = open_node_source(cfg.node)  # the BMC, on its own polling thread; None without [node]
+    if node is not None:
+        log.info("node power from the BMC through %s, every %g s", cfg.node.source, cfg.node.poll_interval_s)
+        sources.append(node)
+    else:
+        health.register("node")
+        health.disable("node", NO_BMC)
     try:
         ledger = Ledger(store_path(cfg), host=cfg.daemon.host, bucket_s=cfg.daemon.bucket_s)
     except LedgerError as exc:
@@ -184,6 +163,7 @@ def build_engine(cfg: Config, health: HealthBoard) -> Engine:
         finished_grace_s=cfg.jobs.finished_grace_s,
         max_finished_in_metrics=cfg.jobs.max_finished_in_metrics,
         idle_policy=cfg.jobs.idle_policy,
+        remainder_policy=cfg.node.remainder,
         retention_days=cfg.daemon.retention_days,
     )
     running = ledger.running_jobs()
@@ -199,6 +179,8 @@ def build_engine(cfg: Config, health: HealthBoard) -> Engine:
         gpu_counters = getattr(opened.source, "counters", None)  # library calls, junk samples, invisible PIDs, ...
         if callable(gpu_counters):
             engine.counter_feeds.append(gpu_counters)
+    if node is not None:
+        engine.counter_feeds.append(node.counters)  # BMC reads, errors, stale readings, counter resets
     return engine
 
 
@@ -283,76 +265,6 @@ async def stop_sinks(sinks: list[Sink]) -> None:
             log.error("sink %s: stop failed: %s: %s", sink.name, type(exc).__name__, exc)
 
 
-class UnixSocket:
-    """The API's Unix socket: ``[http] socket``, mode 0666 (any local user may connect;
-    the daemon learns each caller's uid from the kernel), its parent directory made
-    (0755) when missing. A stale socket file left by a crash is replaced; one that
-    another process still listens on is not."""
-
-    def __init__(self, path: str, site: web.UnixSite, ident: tuple[int, int]):
-        self.path = path
-        self.site = site
-        self._ident = ident  # (st_dev, st_ino) of the socket file this daemon made
-
-    @classmethod
-    async def start(cls, runner: web.AppRunner, path: str) -> "UnixSocket":
-        where = f"[http] socket {path}"
-        path = os.path.abspath(path)
-        if len(os.fsencode(path)) > 107:
-            raise StartupError(f"{where}: path longer than 107 bytes (the limit of a Unix socket address)")
-        parent = os.path.dirname(path)
-        try:
-            if not os.path.isdir(parent):
-                os.makedirs(parent, exist_ok=True)
-                os.chmod(parent, 0o755)  # whatever the umask: callers must reach the socket
-        except OSError as exc:
-            raise StartupError(f"{where}: cannot create {parent}: {exc.strerror or exc}") from None
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise StartupError(f"{where}: {exc.strerror or exc}") from None
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise StartupError(f"{where}: exists and is not a socket")
-            if _socket_in_use(path):
-                raise StartupError(f"{where}: another process is listening on it")
-            try:
-                os.unlink(path)  # stale, from a daemon that did not stop cleanly
-            except OSError as exc:
-                raise StartupError(f"{where}: cannot remove the stale socket: {exc.strerror or exc}") from None
-        site = web.UnixSite(runner, path)
-        try:
-            await site.start()
-            os.chmod(path, 0o666)
-            st = os.stat(path)
-        except OSError as exc:
-            raise StartupError(f"{where}: {exc.strerror or exc}") from None
-        return cls(path, site, (st.st_dev, st.st_ino))
-
-    def remove(self) -> None:
-        """Unlink the socket file, if it is still the one this daemon made."""
-        try:
-            st = os.lstat(self.path)
-            if (st.st_dev, st.st_ino) == self._ident:
-                os.unlink(self.path)
-        except OSError:
-            pass
-
-
-def _socket_in_use(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
 def last_actual_end(book: IntensityBook) -> datetime | None:
     ends = [p.end for p in book.points() if p.kind == "actual"]
     return max(ends) if ends else None
@@ -370,28 +282,6 @@ async def on_points(daemon: Daemon, points: list[IntensityPoint]) -> None:
         feed_all([sink.on_grid for sink in daemon.sinks], points, engine.health)
 
     await engine.run_blocking(store_and_settle)
-
-
-class RedactingFilter(logging.Filter):
-    """Redacts passwords in URLs and the configured secrets from every log record."""
-
-    def __init__(self, secrets: tuple[str, ...]):
-        super().__init__()
-        self.secrets = secrets
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a bad format string: leave it to the handler to report
-            return True
-        clean = redact_text(message, self.secrets)
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = redact_text(record.exc_text, self.secrets)
-        if clean != message:
-            record.msg, record.args = clean, None
-        return True
 
 
 def run(cfg: Config) -> int:

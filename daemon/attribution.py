@@ -42,9 +42,29 @@ jobs in proportion to their CPU time (``"share"``).
 
 DRAM: by the job's share of used memory (resident set size / MemTotal-MemAvailable).
 
+Node (the whole node's input power from its BMC, readings of kind "node"): a node
+reading is not a component; it sets the remainder ``other`` = node energy - (gpu +
+cpu + dram measured this tick), never negative. A node reading below the measured
+components books ``other`` = 0 and says so (``Attribution.node_below_j``; the engine
+counts it and degrades the node's health). Without a node reading in a tick ``other``
+is 0 for that tick; a node reading of 0 J (the node source's baseline tick, when it
+first has a trustworthy value or is back after a gap) counts as none. The remainder policy books it:
+
+- ``proportional`` (the default): split over the jobs AND the unattributed measured
+  energy in proportion to their measured (gpu + cpu + dram) energy of the tick, so a
+  job's total is its share of the wall meter (node 1,000 W, measured 700 W, jobs at
+  420 W and 140 W: jobs 600 W and 200 W, unattributed 200 W). A tick with no measured
+  energy books all of it unattributed.
+- ``unattributed``: all of it stays unattributed.
+
+Either way jobs + unattributed of ``other`` equals the remainder, so on a tick whose
+node reading is at least the measured components, all jobs' and unattributed energy
+(every component) equals the node's energy.
+
 Provenance: ``Attribution.job_sources`` gives, per job and component, the weakest
 source (estimate < power < counter) among the devices that gave that job energy > 0
-in this tick; devices that gave it nothing do not count.
+in this tick; devices that gave it nothing do not count. A job that got a share of the
+remainder also gets ``node``: the node reading's method (``redfish`` | ``ipmi``).
 """
 
 from __future__ import annotations
@@ -52,7 +72,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from .model import COMPONENTS, DeviceReading, GpuProcessUse
+from .model import COMPONENTS, MEASURED_COMPONENTS, DeviceReading, GpuProcessUse
 from .procs import ProcessView
 
 # Higher is weaker: the weakest source of a set names it.
@@ -83,6 +103,12 @@ class Attribution:
     # GPU energy left unattributed because its process was not visible in /proc
     # (part of unattributed_j["gpu"]).
     gpu_invisible_j: float = 0.0
+    # The node's energy this tick (its "node" readings), None without a node reading;
+    # device_j["other"] is the remainder booked from it.
+    node_j: float | None = None
+    node_method: str = ""  # the node readings' method ("redfish" | "ipmi"), "" without
+    # How far the node reading fell below the measured components (J); 0 when it did not.
+    node_below_j: float = 0.0
 
 
 @dataclass
@@ -158,6 +184,7 @@ def attribute(
     view: ProcessView,
     idle_policy: str = "unattributed",
     gpu_idle_floor_w: Mapping[str, float] | None = None,
+    remainder_policy: str = "proportional",
 ) -> Attribution:
     jobs: dict[str, dict[str, float]] = {j.identity.job_id: {c: 0.0 for c in COMPONENTS} for j in view.jobs}
     sources: dict[str, dict[str, str]] = {}
@@ -179,7 +206,18 @@ def attribute(
     active_share = cpu_busy_s / cpu_capacity_s if cpu_capacity_s > 0 else 0.0
     mem_total = max(view.mem_used_bytes, sum(j.rss_bytes for j in view.jobs))
 
+    node_j: float | None = None
+    node_source: str | None = None
+    node_methods: list[str] = []
     for r in readings:
+        if r.kind == "node":  # not a component: it sets the remainder below
+            if r.energy_j <= 0.0:  # a baseline (first reading, back after a gap): no node figure
+                continue
+            node_j = (node_j or 0.0) + r.energy_j
+            node_source = weaker_source(node_source, r.source)
+            if r.name and r.name not in node_methods:
+                node_methods.append(r.name)
+            continue
         device_j[r.kind] += r.energy_j
         if r.kind == "gpu":
             held: set[str] = set()
@@ -213,8 +251,23 @@ def attribute(
                 for j in view.jobs:
                     book(j.identity.job_id, "dram", r.energy_j * (j.rss_bytes / mem_total), r.source)
 
+    node_below_j = 0.0
+    method = ",".join(node_methods)
+    if node_j is not None:
+        measured_j = sum(device_j[c] for c in MEASURED_COMPONENTS)
+        other_j = node_j - measured_j
+        if other_j < 0.0:
+            node_below_j, other_j = -other_j, 0.0
+        device_j["other"] = other_j
+        if remainder_policy == "proportional" and measured_j > 0.0 and other_j > 0.0:
+            for job_id, energy in jobs.items():
+                share = other_j * sum(energy[c] for c in MEASURED_COMPONENTS) / measured_j
+                book(job_id, "other", share, node_source or "power")
+                if share > 0.0 and method:
+                    sources[job_id]["node"] = method
     unattributed = {c: _remainder(device_j[c], jobs, c) for c in COMPONENTS}
     return Attribution(
         job_energy_j=jobs, unattributed_j=unattributed, device_j=device_j,
         gpu_seconds=gpu_seconds, gpu_memory_bytes=gpu_mem, job_sources=sources, gpu_invisible_j=invisible_j,
+        node_j=node_j, node_method=method, node_below_j=node_below_j,
     )

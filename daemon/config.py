@@ -146,6 +146,32 @@ class AccountingConfig:
 
 
 @dataclass(frozen=True)
+class NodeConfig:
+    """The node's input power from its BMC (daemon/sources/node/); docs/configuration.md."""
+
+    source: str = "none"  # none | redfish | ipmi
+    url: str = ""  # redfish: the BMC's base URL, e.g. "https://bmc-node01"
+    auth: str = "basic"  # redfish: basic | session (X-Auth-Token from SessionService)
+    username: str = ""
+    password: str = ""  # a secret: prefer password_file or WATTPRINT_NODE_PASSWORD
+    password_file: str = ""  # a file holding the password (first line); wins over password
+    ca_file: str = ""  # redfish: PEM bundle to verify the BMC's certificate; "" = system CAs
+    verify_tls: bool = True  # redfish: false accepts any certificate (self-signed BMCs); not advised
+    chassis: str = ""  # redfish: Chassis id to read; "" = the first chassis with power data
+    ipmi_host: str = ""
+    ipmi_port: int = 623
+    ipmi_interface: str = "lanplus"  # lanplus | lan
+    ipmi_sensor: str = ""  # "" = DCMI power reading; else an SDR sensor in Watts
+    ipmi_cipher_suite: int = -1  # -1 = ipmitool's choice; e.g. 3 or 17
+    ipmi_privilege: str = "USER"  # USER | OPERATOR | ADMINISTRATOR: ipmitool -L
+    ipmitool: str = "ipmitool"  # the ipmitool program (a name on PATH or a path)
+    poll_interval_s: float = 5.0  # one BMC read this often, on the source's own thread
+    timeout_s: float = 4.0  # deadline of one BMC read (all its requests)
+    max_age_s: float = 30.0  # older readings are stale: not booked
+    remainder: str = "proportional"  # proportional | unattributed: who gets node - (gpu+cpu+dram)
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
@@ -157,6 +183,7 @@ class Config:
     sinks: Mapping[str, Any] = field(default_factory=lambda: default_sink_sections())
     http: HttpConfig = field(default_factory=HttpConfig)
     accounting: AccountingConfig = field(default_factory=AccountingConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
     source_path: str = ""  # the file it was read from, "" for embedded defaults
 
     @property
@@ -201,6 +228,9 @@ class Config:
                     found.append(value)
                 elif key.endswith("url"):
                     found.extend(_url_secrets(value))
+        node_password = read_password_file(self.node.password_file) if self.node.password_file else ""
+        if node_password:  # [node] password_file: its content is a secret too
+            found.append(node_password)
         return found
 
     def listen_warning(self) -> str | None:
@@ -214,6 +244,16 @@ class Config:
         return (f"[http] listen = {self.http.listen!r} is not a loopback address and [http] token is not set: "
                 "anyone who can reach this port reads every job's user, command and energy; set [http] token "
                 "or listen on 127.0.0.1")
+
+
+def read_password_file(path: str) -> str:
+    """The first line of a password file (``[node] password_file``), without its line
+    end; "" when it cannot be read (``_cross_checks`` reports that at load time)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError, ValueError):
+        return ""
 
 
 _SECRET_KEYS = {"token", "password"}
@@ -295,6 +335,11 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("grid", "provider"): ("energidataservice", "carbonintensity_uk", "electricitymaps", "static"),
     ("daemon", "log_level"): ("debug", "info", "warning", "error"),
     ("jobs", "idle_policy"): ("unattributed", "share"),
+    ("node", "source"): ("none", "redfish", "ipmi"),
+    ("node", "auth"): ("basic", "session"),
+    ("node", "ipmi_interface"): ("lanplus", "lan"),
+    ("node", "ipmi_privilege"): ("USER", "OPERATOR", "ADMINISTRATOR"),
+    ("node", "remainder"): ("proportional", "unattributed"),
 }
 
 # (section, key) -> (minimum, maximum) inclusive, for numbers.
@@ -323,6 +368,11 @@ _RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("grid", "fetch_interval_s"): (1.0, 86400.0),
     ("accounting", "pue"): (1.0, 5.0),
     ("accounting", "price_per_kwh"): (0.0, 1000.0),
+    ("node", "ipmi_port"): (1, 65535),
+    ("node", "ipmi_cipher_suite"): (-1, 255),
+    ("node", "poll_interval_s"): (0.2, 3600.0),
+    ("node", "timeout_s"): (0.1, 600.0),
+    ("node", "max_age_s"): (1.0, 86400.0),
 }
 
 
@@ -579,6 +629,54 @@ def _cross_checks(c: dict[str, Any], origin: Callable[[str, str], str]) -> list[
         if not name or not all(ch.isalnum() or ch == "_" for ch in name):
             problems.append(f"{origin('jobs', 'label_env')}: [jobs] label_env: {_shown(name)} is not an environment "
                             "variable name")
+    problems.extend(_node_checks(c["node"], origin))
+    return problems
+
+
+def _node_checks(node: NodeConfig, origin: Callable[[str, str], str]) -> list[str]:
+    """What ``[node]`` needs for its ``source`` (a BMC address, credentials, readable files)."""
+    problems: list[str] = []
+    if node.source == "none":
+        return problems
+    if node.source == "redfish":
+        parts = urllib.parse.urlsplit(node.url) if node.url else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            problems.append(f"{origin('node', 'url')}: [node] url: required for source = \"redfish\": the BMC's "
+                            f"base URL, e.g. \"https://bmc-node01\" (got {_shown(redact_url(node.url))})")
+        elif parts.password:
+            problems.append(f"{origin('node', 'url')}: [node] url: put the password in [node] password or "
+                            "password_file, not in the URL (value not shown: it is a secret)")
+    if node.source == "ipmi":
+        if not node.ipmi_host:
+            problems.append(f"{origin('node', 'ipmi_host')}: [node] ipmi_host: required for source = \"ipmi\"")
+        elif node.ipmi_host.startswith("-") or any(ch.isspace() or not ch.isprintable() for ch in node.ipmi_host):
+            problems.append(f"{origin('node', 'ipmi_host')}: [node] ipmi_host: {_shown(node.ipmi_host)} is not a "
+                            "host name or address")
+        if node.ipmi_sensor.startswith("-") or not node.ipmi_sensor.isprintable():
+            problems.append(f"{origin('node', 'ipmi_sensor')}: [node] ipmi_sensor: {_shown(node.ipmi_sensor)} is "
+                            "not a sensor name")
+    if not node.username:
+        problems.append(f"{origin('node', 'username')}: [node] username: required for source = {node.source!r}")
+    if node.password_file:
+        try:
+            with open(node.password_file, encoding="utf-8") as fh:
+                first = fh.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not readable UTF-8 text"
+            problems.append(f"{origin('node', 'password_file')}: [node] password_file: cannot read "
+                            f"{_shown(node.password_file)}: {why}")
+        else:
+            if not first:
+                problems.append(f"{origin('node', 'password_file')}: [node] password_file: "
+                                f"{_shown(node.password_file)} is empty")
+    if node.ca_file and not os.path.isfile(node.ca_file):
+        problems.append(f"{origin('node', 'ca_file')}: [node] ca_file: {_shown(node.ca_file)} is not a file")
+    if node.timeout_s > node.poll_interval_s:
+        problems.append(f"{origin('node', 'timeout_s')}: [node] timeout_s: {node.timeout_s:g} is longer than "
+                        f"poll_interval_s ({node.poll_interval_s:g}); one read must end before the next is due")
+    if node.max_age_s < node.poll_interval_s:
+        problems.append(f"{origin('node', 'max_age_s')}: [node] max_age_s: {node.max_age_s:g} is shorter than "
+                        f"poll_interval_s ({node.poll_interval_s:g}): every reading would be stale")
     return problems
 
 

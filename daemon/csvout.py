@@ -32,7 +32,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("started_at", "start, ISO 8601 UTC"),
     ("ended_at", "end, ISO 8601 UTC; empty while running"),
     ("duration_s", "seconds from start to end (or to now / the last tick seen)"),
-    ("energy_kwh", "energy at the devices, GPU + CPU + DRAM, kWh (PUE not applied)"),
+    ("energy_kwh", "energy at the devices, GPU + CPU + DRAM + other (the node remainder), kWh (PUE not applied)"),
     ("gpu_energy_kwh", "GPU part, kWh"),
     ("cpu_energy_kwh", "CPU part, kWh"),
     ("dram_energy_kwh", "DRAM part, kWh"),
@@ -45,7 +45,10 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("peak_gpu_memory_bytes", "largest GPU memory the job held at once, bytes"),
     ("cost", "energy x PUE x [accounting] price_per_kwh; 0 when no price is set"),
     ("currency", "[accounting] currency"),
-    ("energy_sources", "where each component's figures come from, e.g. `gpu=counter;cpu=counter;dram=estimate`"),
+    ("energy_sources", "where each component's figures come from, e.g. "
+                       "`cpu=counter;dram=estimate;gpu=counter;node=none` (`node`: redfish, ipmi or none)"),
+    ("other_energy_kwh", "other part: the job's share of the node remainder (BMC node power minus GPU, CPU and "
+                         "DRAM), kWh; 0 without a BMC (appended last, so earlier columns keep their places)"),
 )
 HEADER = tuple(name for name, _ in COLUMNS)
 
@@ -107,6 +110,7 @@ def job_row(job: dict[str, Any]) -> list[str]:
         _num(float(cost.get("amount", 0.0)), 6),
         _text(cost.get("currency", "")),
         _text(";".join(f"{k}={v}" for k, v in sorted(sources.items()))),
+        _num(float(energy.get("other", 0.0)) / J_PER_KWH, 9),
     ]
 
 

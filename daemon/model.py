@@ -12,8 +12,23 @@ from typing import Literal, Mapping
 
 from .slurm import SlurmJob
 
-Component = Literal["gpu", "cpu", "dram"]
-COMPONENTS: tuple[Component, ...] = ("gpu", "cpu", "dram")
+# Job components: what a job's energy is made of. "other" is the node remainder (the
+# node's input energy from its BMC minus gpu + cpu + dram in the same tick, never
+# negative; 0 without a node reading): fans, power supply losses, NICs, the board.
+Component = Literal["gpu", "cpu", "dram", "other"]
+COMPONENTS: tuple[Component, ...] = ("gpu", "cpu", "dram", "other")
+# The components a device measures directly (every reading of these kinds is one).
+MEASURED_COMPONENTS: tuple[Component, ...] = ("gpu", "cpu", "dram")
+# Device kinds: the measured components and "node", the whole node's input power from
+# its BMC (one device named "node"). A node reading is not a component: it sets "other".
+DeviceKind = Literal["gpu", "cpu", "dram", "node"]
+DEVICE_KINDS: tuple[DeviceKind, ...] = ("gpu", "cpu", "dram", "node")
+# How the node remainder ("other") is booked: "proportional" splits it over the jobs and
+# the unattributed energy in proportion to their measured energy of the tick;
+# "unattributed" books all of it unattributed.
+REMAINDER_POLICIES: tuple[str, ...] = ("proportional", "unattributed")
+# Where a job's node figure comes from (energy_sources.node): the BMC method, or none.
+NODE_METHODS: tuple[str, ...] = ("redfish", "ipmi", "none")
 
 # Where an energy figure comes from: a hardware energy counter, integrated sampled
 # power, or a model (rated power x load). Every figure carries one of these.
@@ -44,8 +59,8 @@ class DeviceReading:
     ``power_w`` is the average (or last sampled) power over that interval.
     """
 
-    kind: Component
-    device: str  # stable name: "gpu0", "package-0", "dram-0", "cpu" (estimate)
+    kind: DeviceKind
+    device: str  # stable name: "gpu0", "package-0", "dram-0", "cpu" (estimate), "node"
     energy_j: float
     power_w: float
     source: EnergySource
@@ -91,7 +106,7 @@ class JobTotals:
 class DeviceState:
     """Latest power and cumulative energy of one device (since this daemon started)."""
 
-    kind: Component
+    kind: DeviceKind
     device: str
     name: str
     power_w: float
@@ -137,7 +152,10 @@ class TickRecord:
     InfluxDB write as points, timestamped at sampling time (``sampled_at``, wall clock).
 
     For every component: sum(job_energy_j[*][component]) + unattributed_j[component]
-    == sum of device readings of that component (conservation).
+    == sum of device readings of that component (conservation); for ``other``, the
+    node remainder (the "node" readings minus gpu + cpu + dram, never negative), so
+    on a tick whose node reading is at least the measured components, all jobs' and
+    unattributed energy together equal the node's energy.
     """
 
     sampled_at: float  # wall clock, seconds since epoch

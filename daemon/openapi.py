@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from . import model
 from .api import (JOB_STATES, MAX_FILTER_CHARS, MAX_JOB_ID_CHARS, MAX_LIMIT, MAX_URL_BYTES,
                   PARSER_MAX_FIELD_BYTES, PARSER_MAX_LINE_BYTES, REQUEST_TIMEOUT_S)
 
 API_VERSION = "1"
-COMPONENTS = ("gpu", "cpu", "dram")
+COMPONENTS = model.COMPONENTS  # gpu, cpu, dram, other (the node remainder)
+DEVICE_KINDS = model.DEVICE_KINDS  # the measured components and node
 ENERGY_SOURCES = ["counter", "power", "estimate"]
 
 _NUMBER = {"type": "number"}
@@ -57,8 +59,11 @@ _TIME_PARAM_SCHEMA = {
 def _schemas() -> dict[str, Any]:
     energy_by_component = _obj(
         {c: {"type": "number", "minimum": 0, "description": f"{c.upper()} energy, joules"} for c in COMPONENTS},
-        description="Energy by component, joules.",
+        description=("Energy by component, joules. `other` is the node remainder: the node's input energy from "
+                     "its BMC minus GPU, CPU and DRAM (0 without a BMC)."),
     )
+    energy_by_component["properties"]["other"]["description"] = (
+        "the node remainder (fans, power supply losses, NICs, the board), joules; 0 without a node reading")
     energy_with_total = copy.deepcopy(energy_by_component)
     energy_with_total["properties"]["total"] = {"type": "number", "minimum": 0,
                                                 "description": "sum of the components, joules"}
@@ -94,7 +99,12 @@ def _schemas() -> dict[str, Any]:
         "energy_sources": {
             "type": "object",
             "description": ("per component, the weakest source (estimate < power < counter) among the "
-                            "job's own devices that gave it energy, over the job's whole life"),
+                            "job's own devices that gave it energy, over the job's whole life; and `node`, "
+                            "the BMC method that gave the job its share of the node remainder"),
+            "properties": {"node": {"type": "string", "enum": list(model.NODE_METHODS),
+                                    "description": "`redfish` or `ipmi`; `none` when the job never got a share "
+                                                   "of node power (no BMC, or `[node] remainder = \"unattributed\"`)"}},
+            "required": ["node"],
             "additionalProperties": {"type": "string", "enum": ENERGY_SOURCES},
         },
         "co2e_g": {"type": "number", "minimum": 0,
@@ -184,7 +194,7 @@ def _schemas() -> dict[str, Any]:
             "host": _STR,
             "version": {"type": "string", "description": "the daemon's wattprint version (extension)"},
             "devices": {"type": "array", "items": _obj({
-                "kind": {"type": "string", "enum": list(COMPONENTS)},
+                "kind": {"type": "string", "enum": list(DEVICE_KINDS)},
                 "device": _STR,
                 "energy_j": {"type": "number", "minimum": 0},
                 "source": {"type": "string", "enum": ENERGY_SOURCES},
@@ -192,9 +202,13 @@ def _schemas() -> dict[str, Any]:
             "device_energy_j": _ref("EnergyByComponent"),
             "attributed_energy_j": _ref("EnergyByComponent"),
             "unattributed_energy_j": _ref("EnergyByComponent"),
+            "node_energy_j": {"type": "number", "minimum": 0,
+                              "description": ("the node's input energy from its BMC (devices of kind `node`), "
+                                              "joules; 0 without a BMC. `device_energy_j.other` is the remainder "
+                                              "booked from it (attributed + unattributed)")},
             "power_w": {"type": "array", "description": "latest power of each device (empty before the first tick)",
                         "items": _obj({
-                            "kind": {"type": "string", "enum": list(COMPONENTS)},
+                            "kind": {"type": "string", "enum": list(DEVICE_KINDS)},
                             "device": _STR,
                             "name": _STR,
                             "power_w": {"type": "number", "minimum": 0},
@@ -352,7 +366,7 @@ def openapi_spec() -> dict[str, Any]:
         "info": {
             "title": "wattprint",
             "version": API_VERSION,
-            "description": ("Per-job GPU, CPU and DRAM energy and CO2e of one host. Times are seconds since the "
+            "description": ("Per-job GPU, CPU, DRAM and node (BMC) energy and CO2e of one host. Times are seconds since the "
                             "Unix epoch; energies are joules unless a name says kWh. Every error is JSON "
                             "`{\"error\": {\"status\": N, \"message\": \"...\"}}`. When `[http] token` is set, "
                             "every request needs `Authorization: Bearer <token>`. With `[http] socket` the API is also "

@@ -1,5 +1,6 @@
 """Turn one job object (as the HTTP API and ``LedgerReader.job`` return it) into the
-plain-text report people read: kWh by component with the source of each figure,
+plain-text report people read: kWh by component (gpu, cpu, dram and other, the node
+remainder from the BMC, with a note on what it means) with the source of each figure,
 CO2e with its status, intensity and zone, duration, GPU-hours, peak GPU memory,
 cost, everyday equivalents and an optional carbon-aware hint.
 
@@ -18,11 +19,17 @@ from importlib import resources
 from typing import Any
 
 from .carbon import J_PER_KWH
+from .model import COMPONENTS
 from .timefmt import human
 
 EQUIVALENTS_FILE = "equivalents.json"
 BYTES_PER_GIB = 1 << 30
-COMPONENTS = ("gpu", "cpu", "dram")
+# What OTHER means, under the energy table: with a share of the node's BMC reading, and without.
+NODE_NOTE_WITH = ("OTHER is this job's share of the node remainder: the node's input power from its BMC "
+                  "minus GPU, CPU and DRAM (fans, power supply losses, NICs, the board), so the sum is the "
+                  "job's share of the wall meter.")
+NODE_NOTE_WITHOUT = ("OTHER: no node power reading (BMC) was booked to this job, so fans, power supply losses "
+                     "and NICs are not counted.")
 TEXT_WIDTH = 200  # untrusted text is cut (with "…") beyond this many shown characters
 
 
@@ -203,9 +210,12 @@ def format_report(job: dict[str, Any], series: list[dict[str, Any]] | None = Non
     for comp in COMPONENTS:
         e_j = energy_j.get(comp, 0.0)
         src = sources.get(comp) or ("-" if e_j == 0 else "unknown")
-        add(f"  {comp.upper():<6}  {fmt_sig(e_j / J_PER_KWH):>12}  {fmt_sig(e_j):>10}  {printable(str(src), 20)}")
+        if comp == "other" and e_j > 0 and sources.get("node") not in (None, "none"):
+            src = f"{src}, node from {sources['node']}"
+        add(f"  {comp.upper():<6}  {fmt_sig(e_j / J_PER_KWH):>12}  {fmt_sig(e_j):>10}  {printable(str(src), 40)}")
     add(f"  {'total':<6}  {fmt_sig(job['energy_kwh']):>12}  {fmt_sig(energy_j.get('total', 0.0)):>10}"
         + (f"  ({fmt_energy_kwh(job['energy_kwh'])})" if job["energy_kwh"] >= 1e3 else ""))
+    add(f"  note: {NODE_NOTE_WITH if sources.get('node') not in (None, 'none') else NODE_NOTE_WITHOUT}")
     add("")
 
     status = str(job.get("co2e_status", ""))

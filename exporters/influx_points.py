@@ -2,7 +2,9 @@
 
 Measurements (a public contract, documented in docs/influxdb.md):
 - ``device_power``  tags host, kind, device;           fields watts, joules, source
+                    (kind ``node``: the node's input power from its BMC)
 - ``job_energy``    tags host, job_id, label, user, kind; field joules
+                    (kind ``other``: the job's share of the node remainder)
 - ``job_co2e``      tags host, job_id, label, user;    fields grams, g_per_kwh, status
 - ``grid_intensity`` tags zone, provider, kind (actual|forecast); field g_per_kwh
 - ``unattributed_energy`` tags host, kind; field joules   (extension of the contract)
@@ -43,6 +45,9 @@ def tick_to_lines(record: TickRecord, host: str) -> list[str]:
     all stamped ``record.sampled_at``. Points with no finite field are left out."""
     ts_ns = ns_from_s(record.sampled_at)
     lines: list[str] = []
+    # ``other`` (the node remainder) only on a tick with a node reading (or when not 0), so
+    # that without a BMC the points are those of before.
+    with_other = any(r.kind == "node" for r in record.readings)
     for reading in record.readings:
         line = encode_point(
             DEVICE_POWER,
@@ -58,6 +63,8 @@ def tick_to_lines(record: TickRecord, host: str) -> list[str]:
         user = ref.user if ref is not None else ""
         by_component = record.job_energy_j[job_id]
         for kind in _component_order(by_component):
+            if kind == "other" and not with_other and not by_component[kind]:
+                continue
             line = encode_point(
                 JOB_ENERGY,
                 {"host": host, "job_id": job_id, "label": label, "user": user, "kind": kind},
@@ -67,6 +74,8 @@ def tick_to_lines(record: TickRecord, host: str) -> list[str]:
             if line is not None:
                 lines.append(line)
     for kind in _component_order(record.unattributed_j):
+        if kind == "other" and not with_other and not record.unattributed_j[kind]:
+            continue
         line = encode_point(
             UNATTRIBUTED_ENERGY,
             {"host": host, "kind": kind},

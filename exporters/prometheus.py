@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from wattprint.daemon.model import COMPONENTS, Snapshot
 
@@ -88,6 +89,17 @@ COUNTER_HELP: Mapping[str, str] = {
     "http_max_connections": "Effective cap on open HTTP API connections.",
     "influx_points_retried_total": "InfluxDB lines sent again after a failed write.",
     "influx_points_written_total": "InfluxDB lines the server acknowledged (HTTP 204).",
+    "node_below_components_total": "Ticks whose node input energy from the BMC was below the GPU, CPU and DRAM "
+                                   "measured in the same tick (the remainder, other, was booked as 0).",
+    "node_reads_total": "Successful reads of the node's power from its BMC ([node] source).",
+    "node_read_errors_total": "Failed reads of the BMC (timeouts, refused credentials, HTTP or ipmitool errors).",
+    "node_read_timeouts_total": "BMC reads that did not finish within [node] timeout_s (part of "
+                                "wattprint_node_read_errors_total).",
+    "node_auth_errors_total": "BMC reads refused for the credentials: HTTP 401/403 or no IPMI session (part of "
+                              "wattprint_node_read_errors_total).",
+    "node_stale_readings_total": "BMC readings older than [node] max_age_s (ReadingTime), not booked.",
+    "node_counter_resets_total": "Times the BMC's energy counter went back (reset); re-baselined, not booked.",
+    "node_implausible_steps_total": "BMC energy counter steps larger than any node draws; re-baselined, not booked.",
     "labels_overflow_total": "Jobs filed under the label _overflow because their user was at "
                              "[jobs] max_labels_per_user.",
     "processes_labels_unreadable": "Live processes whose environment the kernel refused, so their job label "
@@ -133,12 +145,21 @@ def _text(value: object) -> str:
     return text
 
 
-def _components(energy_j: Mapping[str, float]) -> Iterator[tuple[str, float]]:
-    """(component, joules) for gpu, cpu, dram in that order; other keys (e.g. a total)
-    are left out so that summing over ``kind`` never double-counts."""
+def _components(energy_j: Mapping[str, float], with_other: bool = True) -> Iterator[tuple[str, float]]:
+    """(component, joules) for gpu, cpu, dram, other in that order; other keys (e.g. a total)
+    are left out so that summing over ``kind`` never double-counts. ``other`` (the node
+    remainder) only ``with_other`` (the host has a node reading) or when it is not 0, so
+    that without a BMC the series are those of before."""
     for component in COMPONENTS:
         if component in energy_j:
-            yield component, float(energy_j[component])
+            joules = float(energy_j[component])
+            if component == "other" and not with_other and joules == 0.0:
+                continue
+            yield component, joules
+
+
+def _has_node(snapshot: Snapshot) -> bool:
+    return any(d.kind == "node" for d in snapshot.devices)
 
 
 def _devices(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
@@ -168,7 +189,8 @@ def _devices(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
 def _jobs(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
     energy = CounterMetricFamily(
         "wattprint_job_energy_joules_total",
-        "Energy booked to each job by component (gpu, cpu, dram), in joules.",
+        "Energy booked to each job by component (gpu, cpu, dram; other: its share of the node remainder "
+        "from the BMC), in joules.",
         labels=["job_id", "label", "user", "kind"],
     )
     co2e = GaugeMetricFamily(
@@ -179,9 +201,10 @@ def _jobs(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
     running = GaugeMetricFamily(
         "wattprint_job_running", "1 while the job runs, 0 once it has finished.", labels=["job_id", "label", "user"]
     )
+    with_other = _has_node(snapshot)
     for job in snapshot.jobs:
         key = [_text(job.job_id), _text(job.label), _text(job.user)]
-        for component, joules in _components(job.energy_j):
+        for component, joules in _components(job.energy_j, with_other):
             energy.add_metric(key + [component], joules)
         co2e.add_metric(key, float(job.co2e_g))
         running.add_metric(key, 1.0 if job.state == "running" else 0.0)
@@ -194,7 +217,7 @@ def _unattributed(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
         "Energy the devices used that no job was booked for, in joules.",
         labels=["kind"],
     )
-    for component, joules in _components(snapshot.unattributed_j_total):
+    for component, joules in _components(snapshot.unattributed_j_total, _has_node(snapshot)):
         family.add_metric([component], joules)
     return [family]
 
@@ -297,6 +320,9 @@ class SnapshotCollector:
         self._lock = threading.Lock()
         self._errors_total = 0
         self._failing: set[str] = set()  # places that failed and have not rendered since
+        # (the snapshot, its families) of the last complete build: the snapshot is held, so
+        # its identity cannot be reused by a later one.
+        self._cache: tuple[Snapshot, list[Metric]] | None = None
 
     @property
     def errors_total(self) -> int:
@@ -342,12 +368,30 @@ class SnapshotCollector:
         else:
             self._recovered("snapshot")
         if snapshot is not None:
-            yield from self._sections(snapshot)
+            yield from self._snapshot_families(snapshot)
         yield CounterMetricFamily(
             EXPORTER_ERRORS,
             "Failures while rendering metrics; each left part of one scrape out.",
             value=float(self._errors_total),
         )
+
+    def _snapshot_families(self, snapshot: Snapshot) -> list[Metric]:
+        """The families of ``snapshot``, built once per snapshot (once per tick: a
+        Snapshot is never mutated, and each tick publishes a new one) and kept with
+        their text (``family_text``) for the scrapes that follow. A build in which
+        any part failed is not kept, so each scrape tries (and counts) again."""
+        with self._lock:
+            cached = self._cache
+        if cached is not None and cached[0] is snapshot:
+            return cached[1]
+        errors_before = self._errors_total
+        families = list(self._sections(snapshot))
+        if self._errors_total == errors_before:
+            for family in families:
+                family_text(family)  # rendered now, kept on the family
+            with self._lock:
+                self._cache = (snapshot, families)
+        return families
 
 
 def build_registry(get_snapshot: Callable[[], Snapshot | None]) -> CollectorRegistry:
@@ -395,8 +439,76 @@ def add_daemon_collectors(registry: CollectorRegistry) -> None:
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:
-    """The exposition body (text format 0.0.4) and its Content-Type header value."""
-    return generate_latest(registry), CONTENT_TYPE
+    """The exposition body (text format 0.0.4) and its Content-Type header value.
+    Byte for byte what ``generate_latest(registry)`` gives (tests/test_metrics_cache.py);
+    the snapshot's part is rendered once per tick (``SnapshotCollector``)."""
+    return "".join(family_text(metric) for metric in registry.collect()).encode("utf-8"), CONTENT_TYPE
+
+
+# -- the text format, without prometheus_client's per-sample generality -----------------
+#
+# ``generate_latest`` spends most of a scrape formatting samples through general code
+# (name escaping schemes, OpenMetrics suffixes, timestamps, exemplars). The families
+# here are plain counters and gauges with valid names, so ``family_text`` writes the
+# same bytes directly, and keeps the text on the family object (a family built once
+# per snapshot is rendered once). Anything else goes through generate_latest itself.
+
+_LEGACY_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LEGACY_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_TEXT_ATTR = "_wattprint_text"
+_OM_SUFFIXES = ("_created", "_gsum", "_gcount")
+
+
+class _One:
+    """A collector of one family (for generate_latest)."""
+
+    def __init__(self, metric: Metric) -> None:
+        self.metric = metric
+
+    def collect(self) -> list[Metric]:
+        return [self.metric]
+
+
+def _label_value(value: str) -> str:
+    if "\\" in value or "\n" in value or '"' in value:
+        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+    return value
+
+
+def _plain(metric: Metric) -> bool:
+    """True when ``family_text``'s direct path renders ``metric`` exactly."""
+    if metric.type not in ("counter", "gauge") or not _LEGACY_NAME.match(metric.name):
+        return False
+    for sample in metric.samples:
+        if (sample.timestamp is not None or sample.exemplar is not None
+                or getattr(sample, "native_histogram", None) is not None
+                or not _LEGACY_NAME.match(sample.name)
+                or any(sample.name == metric.name + suffix for suffix in _OM_SUFFIXES)
+                or not all(isinstance(v, str) and _LEGACY_LABEL.match(k) for k, v in sample.labels.items())):
+            return False
+    return True
+
+
+def family_text(metric: Metric) -> str:
+    """The text-format lines of one family, as ``generate_latest`` writes them."""
+    text = metric.__dict__.get(_TEXT_ATTR)
+    if text is not None:
+        return text
+    if not _plain(metric):
+        text = generate_latest(_One(metric)).decode("utf-8")  # type: ignore[arg-type]
+    else:
+        name = metric.name + "_total" if metric.type == "counter" else metric.name
+        doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        out = [f"# HELP {name} {doc}\n# TYPE {name} {metric.type}\n"]
+        for sample in metric.samples:
+            if sample.labels:
+                labels = ",".join(f'{k}="{_label_value(v)}"' for k, v in sorted(sample.labels.items()))
+                out.append(f"{sample.name}{{{labels}}} {floatToGoString(sample.value)}\n")
+            else:
+                out.append(f"{sample.name} {floatToGoString(sample.value)}\n")
+        text = "".join(out)
+    metric.__dict__[_TEXT_ATTR] = text
+    return text
 
 
 __all__ = ["CONTENT_TYPE", "BuildInfoCollector", "SnapshotCollector", "add_daemon_collectors", "build_registry",

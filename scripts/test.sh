@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a fresh Debian machine, then run it:
-# Debian's influxdb, prometheus, slurm-wlm, munge, slurmdbd and mariadb-server packages
+# Debian's influxdb, prometheus, slurm-wlm, munge, slurmdbd, mariadb-server, openipmi and ipmitool packages
 # (the real servers the tests start), .venv
 # with wattprint[test] (see setup-venv.sh), then `python -m pytest` with any arguments
 # given here. Exits with pytest's status; "no tests collected" (5) counts as failure.
@@ -28,6 +28,12 @@ if ! command -v slurmctld >/dev/null 2>&1 || ! command -v slurmd >/dev/null 2>&1
 fi
 command -v slurmdbd >/dev/null 2>&1 || missing+=(slurmdbd)
 command -v mariadbd >/dev/null 2>&1 || missing+=(mariadb-server)
+# A BMC on loopback for the node source (tests/bmc.py): OpenIPMI's simulator, read
+# through Debian's ipmitool.
+command -v ipmi_sim >/dev/null 2>&1 || missing+=(openipmi)
+command -v ipmitool >/dev/null 2>&1 || missing+=(ipmitool)
+# A private CA and a certificate for the HTTPS Redfish BMC (tests/redfish_server.py).
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ "${#missing[@]}" -gt 0 ]; then
     if ! apt_install "${missing[@]}"; then
         echo "wattprint: could not install ${missing[*]}: tests that need them skip (and fail under CI=true)" >&2

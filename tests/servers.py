@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -36,7 +37,8 @@ STOP_TIMEOUT_S = 10.0
 
 # binary -> Debian package that ships it
 DEBIAN_PACKAGES = {"influxd": "influxdb", "prometheus": "prometheus", "promtool": "prometheus",
-                   "systemd-nspawn": "systemd-container", "nsenter": "util-linux"}
+                   "systemd-nspawn": "systemd-container", "nsenter": "util-linux",
+                   "ipmi_sim": "openipmi", "ipmitool": "ipmitool"}
 
 
 class ServerError(RuntimeError):
@@ -434,8 +436,9 @@ class BackgroundApp:
     Lets synchronous tests put up a real HTTP endpoint (e.g. a scrape target).
     """
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, ssl_context: "ssl.SSLContext | None" = None) -> None:
         self.app = app
+        self.ssl_context = ssl_context  # set: served over HTTPS
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -447,7 +450,7 @@ class BackgroundApp:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host_port}"
+        return f"{'https' if self.ssl_context is not None else 'http'}://{self.host_port}"
 
     def start(self, timeout: float = 10.0) -> None:
         ready = threading.Event()
@@ -457,7 +460,7 @@ class BackgroundApp:
         async def serve() -> None:
             runner = web.AppRunner(self.app, access_log=None)
             await runner.setup()
-            site = web.TCPSite(runner, LOOPBACK, 0)
+            site = web.TCPSite(runner, LOOPBACK, 0, ssl_context=self.ssl_context)
             await site.start()
             self._runner = runner
             self.port = int(runner.addresses[0][1])

@@ -510,14 +510,16 @@ def advancing_snapshot(started: float) -> Callable[[], Snapshot]:
                 DeviceState("gpu", "gpu0", "NVIDIA RTX A4000", 140.0, 140.0 * t, "counter"),
                 DeviceState("cpu", "package-0", "package-0", 35.0, 35.0 * t, "counter"),
                 DeviceState("dram", "dram-0", "dram", 4.0, 4.0 * t, "counter"),
+                # the node from its BMC: 179 W measured + 71 W remainder (other)
+                DeviceState("node", "node", "redfish", 250.0, 250.0 * t, "counter"),
             ),
             jobs=tuple(
                 JobTotals(job_id=jid, label=label, user=user, uid=1000 + n,
-                          energy_j={"gpu": 60.0 * t, "cpu": 15.0 * t, "dram": 1.5 * t},
-                          co2e_g=76.5 * t / J_PER_KWH * 82.5, state="running")
+                          energy_j={"gpu": 60.0 * t, "cpu": 15.0 * t, "dram": 1.5 * t, "other": 30.0 * t},
+                          co2e_g=106.5 * t / J_PER_KWH * 82.5, state="running")
                 for n, (jid, label, user) in enumerate(JOBS)
             ),
-            unattributed_j_total={"gpu": 20.0 * t, "cpu": 5.0 * t, "dram": 1.0 * t},
+            unattributed_j_total={"gpu": 20.0 * t, "cpu": 5.0 * t, "dram": 1.0 * t, "other": 11.0 * t},
             health=(SourceHealth("gpu", "ok"), SourceHealth("rapl", "ok"), SourceHealth("processes", "ok"),
                     SourceHealth("store", "ok"), SourceHealth("influxdb", "degraded", "connection refused", 3)),
             grid_zone="DK1", grid_provider="energidataservice", grid_g_per_kwh=82.5,
@@ -566,6 +568,10 @@ def test_prometheus_panels_parse_and_return_data(
     co2e = totals_by_job(results[where_co2e], influx=False)
     assert set(kwh) == set(co2e) == {jid}
     assert co2e[jid] == pytest.approx(kwh[jid] * 82.5, rel=0.05)  # both read within a scrape or two
+    # With a node from its BMC, the unattributed share is over the node's energy (250 W), not over
+    # node + GPU + CPU + DRAM: unattributed 26 W measured + 11 W of the remainder.
+    share = results[per_job_where("wattprint-live", "Unattributed share of energy", "A")]
+    assert float(share[0]["value"][1]) == pytest.approx(37.0 / 250.0, rel=0.02)
 
 
 def test_prometheus_panel_with_a_typo_fails_to_parse(prometheus_factory: PrometheusFactory) -> None:
@@ -586,16 +592,18 @@ def influx_points(now: float) -> tuple[str, dict[str, dict[str, float]]]:
     refs = {jid: JobRef(jid, label, user, 1000 + n) for n, (jid, label, user) in enumerate(JOBS)}
     for k in range(120):
         at = now - 120 + k
-        job_energy = {jid: {"gpu": 60.0 + n, "cpu": 15.0, "dram": 1.5} for n, (jid, _, _) in enumerate(JOBS)}
+        job_energy = {jid: {"gpu": 60.0 + n, "cpu": 15.0, "dram": 1.5, "other": 30.0}
+                      for n, (jid, _, _) in enumerate(JOBS)}
         record = TickRecord(
             sampled_at=at, interval_s=1.0,
             readings=(
                 DeviceReading("gpu", "gpu0", 141.0, 141.0, "counter", 1.0, name="NVIDIA RTX A4000"),
                 DeviceReading("cpu", "package-0", 35.0, 35.0, "counter", 1.0),
                 DeviceReading("dram", "dram-0", 4.0, 4.0, "counter", 1.0),
+                DeviceReading("node", "node", 251.0, 251.0, "counter", 1.0, name="redfish"),
             ),
             jobs=refs, job_energy_j=job_energy,
-            unattributed_j={"gpu": 20.0, "cpu": 5.0, "dram": 1.0},
+            unattributed_j={"gpu": 20.0, "cpu": 5.0, "dram": 1.0, "other": 11.0},
         )
         lines += tick_to_lines(record, host="gpu-node-01")
         for jid, parts in job_energy.items():
@@ -603,7 +611,7 @@ def influx_points(now: float) -> tuple[str, dict[str, dict[str, float]]]:
     for b in range(2):  # two 60 s CO2e buckets per job
         at = now - 120 + 60 * b
         for n, (jid, label, user) in enumerate(JOBS):
-            grams = (76.5 + n) * 60 / J_PER_KWH * 82.5
+            grams = (106.5 + n) * 60 / J_PER_KWH * 82.5
             line = job_co2e_line(host="gpu-node-01", job_id=jid, label=label, user=user, grams=grams,
                                  g_per_kwh=82.5, status="final" if b == 0 else "provisional", at_s=at)
             assert line is not None

@@ -73,7 +73,7 @@ def test_one_percent_activity_is_activity():
 def test_pid_mapped_to_a_job_the_view_does_not_list_stays_unattributed():
     v = view([(1, [10], 0)], pid_to_job={10: "j1", 20: "j-gone"})
     a = attribute([gpu(80.0, [GpuProcessUse(10, 1, 75), GpuProcessUse(20, 1, 25)])], v)
-    assert a.job_energy_j == {"j1": {"gpu": 60.0, "cpu": 0.0, "dram": 0.0}}
+    assert a.job_energy_j == {"j1": {"gpu": 60.0, "cpu": 0.0, "dram": 0.0, "other": 0.0}}
     assert a.unattributed_j["gpu"] == pytest.approx(20.0)
 
 

@@ -268,15 +268,15 @@ def test_what_a_tick_hands_out_field_by_field(make_engine):
     )
     assert snap.counter_glitches == {("rapl", "package-0", "stepped_back"): 3.0}
     assert snap.counters["spool_pending_points"] == 12.0
-    assert snap.unattributed_j_total == {"gpu": 0.0, "cpu": 60.0, "dram": 0.0}
+    assert snap.unattributed_j_total == {"gpu": 0.0, "cpu": 60.0, "dram": 0.0, "other": 0.0}
     rec = records[-1]
     assert rec == TickRecord(
         sampled_at=T0 + 2.0, interval_s=2.0,
         readings=(dataclasses.replace(g0, energy_j=100.0, power_w=50.0, uuid=""), c0),
         jobs={A.job_id: JobRef(A.job_id, "job-a", "ann", 1000), B_.job_id: JobRef(B_.job_id, "job-b", "bo", 7)},
-        job_energy_j={A.job_id: {"gpu": 100.0, "cpu": 0.0, "dram": 0.0},
-                      B_.job_id: {"gpu": 0.0, "cpu": 0.0, "dram": 0.0}},
-        unattributed_j={"gpu": 0.0, "cpu": 30.0, "dram": 0.0},
+        job_energy_j={A.job_id: {"gpu": 100.0, "cpu": 0.0, "dram": 0.0, "other": 0.0},
+                      B_.job_id: {"gpu": 0.0, "cpu": 0.0, "dram": 0.0, "other": 0.0}},
+        unattributed_j={"gpu": 0.0, "cpu": 30.0, "dram": 0.0, "other": 0.0},
         # A's bucket so far: 200 J + 100 J at the static 400 g/kWh; B_ has no energy: no mean
         bucket_start=BUCKET, bucket_co2e_g={A.job_id: pytest.approx(300.0 / J_PER_KWH * 400.0 * PUE, rel=1e-12),
                                             B_.job_id: 0.0},

@@ -101,8 +101,8 @@ def test_job_answer_field_by_field(tmp_path):
             "label_source": "WATTPRINT_JOB", "host": "host-1", "user": "ann", "uid": 1000,
             "command": "python train.py", "root_pid": 101, "state": "running", "started_at": B0 - 40.0,
             "ended_at": None, "last_seen": B0 + 245, "duration_s": now - (B0 - 40.0),
-            "energy_j": {**A_J, "total": A_TOTAL}, "energy_kwh": A_TOTAL / J_PER_KWH,
-            "energy_sources": {"gpu": "counter", "cpu": "counter", "dram": "counter"},
+            "energy_j": {**A_J, "other": 0.0, "total": A_TOTAL}, "energy_kwh": A_TOTAL / J_PER_KWH,
+            "energy_sources": {"gpu": "counter", "cpu": "counter", "dram": "counter", "node": "none"},
             "co2e_g": pytest.approx(A_GJ * PUE, rel=1e-12), "co2e_status": "provisional",
             "intensity_g_per_kwh_avg": pytest.approx(A_GJ / (A_TOTAL / J_PER_KWH), rel=1e-12),
             "zone": "Z1,Z2", "pue": PUE, "gpu_seconds": 8.0, "peak_gpu_memory_bytes": 5 << 30,
@@ -117,8 +117,8 @@ def test_job_answer_field_by_field(tmp_path):
             "label_source": "SLURM", "host": "host-1", "user": "bob", "uid": 1001, "command": "ffmpeg",
             "root_pid": 102, "state": "finished", "started_at": B0 + 1.0, "ended_at": B0 + 61.5,
             "last_seen": B0 + 10, "duration_s": 60.5, "energy_j": {"gpu": 7200.0, "cpu": 0.0, "dram": 0.0,
-                                                                 "total": 7200.0},
-            "energy_kwh": 7200.0 / J_PER_KWH, "energy_sources": {"gpu": "counter"},
+                                                                 "other": 0.0, "total": 7200.0},
+            "energy_kwh": 7200.0 / J_PER_KWH, "energy_sources": {"gpu": "counter", "node": "none"},
             "co2e_g": pytest.approx(b_gj * PUE, rel=1e-12), "co2e_status": "final",
             "intensity_g_per_kwh_avg": pytest.approx(100.0, rel=1e-12), "zone": "Z1", "pue": PUE,
             "gpu_seconds": 1.0, "peak_gpu_memory_bytes": 5 << 30,
@@ -143,7 +143,7 @@ def test_duration_of_a_finished_job_without_end_and_sources_left_empty(tmp_path)
     try:
         b = reader.job(B.job_id, now=B0 + 999.0)
         assert (b["state"], b["ended_at"], b["duration_s"]) == ("finished", None, (B0 + 10) - (B0 + 1.0))
-        assert b["energy_sources"] == {}
+        assert b["energy_sources"] == {"node": "none"}  # no component source; no node share
         rec = reader.job_record(B.job_id)
         assert rec is not None
         no_co2 = job_json(dataclasses.replace(rec, carbon=None), B0 + 999.0, PUE, 0.0, "EUR")
@@ -163,7 +163,7 @@ def test_job_series_carbon_per_bucket(tmp_path):
         reader.close()
 
     def energy(gpu=0.0, cpu=0.0, dram=0.0):
-        return {"gpu": gpu, "cpu": cpu, "dram": dram, "total": gpu + cpu + dram}
+        return {"gpu": gpu, "cpu": cpu, "dram": dram, "other": 0.0, "total": gpu + cpu + dram}
 
     b0_gj = grams((39600.0, 100.0), (18000.0, 300.0))
     assert series == [
@@ -197,9 +197,11 @@ def test_host_totals_per_device_and_component(tmp_path):
             "devices": [{"kind": "cpu", "device": "package-0", "energy_j": 4000.0, "source": "power"},
                         {"kind": "gpu", "device": "gpu0", "energy_j": 68000.0, "source": "counter"},
                         {"kind": "gpu", "device": "gpu1", "energy_j": 100.0, "source": "estimate"}],
-            "device_energy_j": {"gpu": 68100.0, "cpu": 4000.0, "dram": 0.0},
-            "attributed_energy_j": {"gpu": A_J["gpu"] + 7200.0 + 20.0, "cpu": 3600.0 + 721.0, "dram": 0.5},
-            "unattributed_energy_j": {"gpu": 6800.0, "cpu": 400.0, "dram": 0.0},
+            "device_energy_j": {"gpu": 68100.0, "cpu": 4000.0, "dram": 0.0, "other": 0.0},
+            "attributed_energy_j": {"gpu": A_J["gpu"] + 7200.0 + 20.0, "cpu": 3600.0 + 721.0, "dram": 0.5,
+                                    "other": 0.0},
+            "unattributed_energy_j": {"gpu": 6800.0, "cpu": 400.0, "dram": 0.0, "other": 0.0},
+            "node_energy_j": 0.0,
         }
     finally:
         reader.close()
@@ -324,9 +326,10 @@ def test_host_totals_of_a_store_with_gpu_energy_only(tmp_path):
     try:
         assert reader.host_totals() == {
             "devices": [{"kind": "gpu", "device": "gpu0", "energy_j": 50.0, "source": "counter"}],
-            "device_energy_j": {"gpu": 50.0, "cpu": 0.0, "dram": 0.0},
-            "attributed_energy_j": {"gpu": 40.0, "cpu": 0.0, "dram": 0.0},
-            "unattributed_energy_j": {"gpu": 10.0, "cpu": 0.0, "dram": 0.0},
+            "device_energy_j": {"gpu": 50.0, "cpu": 0.0, "dram": 0.0, "other": 0.0},
+            "attributed_energy_j": {"gpu": 40.0, "cpu": 0.0, "dram": 0.0, "other": 0.0},
+            "unattributed_energy_j": {"gpu": 10.0, "cpu": 0.0, "dram": 0.0, "other": 0.0},
+            "node_energy_j": 0.0,
         }
     finally:
         reader.close()

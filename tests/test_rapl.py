@@ -859,7 +859,7 @@ def test_first_reading_is_all_zero_and_same_time_reads_have_no_power(tree: Power
 def test_a_zone_that_vanishes_while_others_stay_starts_afresh(tree: PowercapTree,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     max_uj = 10_000_000_000
-    z0 = tree.add_package(0, dram=False, core=False)
+    tree.add_package(0, dram=False, core=False)
     z1 = tree.add_package(1, max_energy_range_uj=max_uj, dram=False, core=False, start_uj=8_000_000_000)
     src = RaplSource(str(tree.root))
     src.read(0.0)

@@ -1,5 +1,9 @@
 """The job book: the engine's in-memory account of jobs and devices, tick by tick.
 
+Components are ``model.COMPONENTS`` (gpu, cpu, dram and ``other``, the node
+remainder); the node's own reading (kind ``node``) is a device like any other: its
+total is kept and stored, and attribution has already turned it into ``other``.
+
 It follows each job's life (a job ends when its last process is gone; jobs running at
 the last stop are continued by ``restore``), adds up energy per job and component,
 devices' energy totals and the unattributed remainder, and prices each tick's energy
@@ -111,7 +115,7 @@ class JobBook:
             )
             self.jobs[job_id] = _JobState(
                 identity=ident,
-                energy_j={c: row[f"{c}_j"] for c in COMPONENTS},
+                energy_j={c: float(row.get(f"{c}_j", 0.0)) for c in COMPONENTS},  # other_j: schema 4
                 co2e_g=co2e_g.get(job_id, 0.0),
                 running=True,
                 ended_at=row["last_seen"],  # if not found again, it ended when last seen

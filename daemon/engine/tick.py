@@ -24,7 +24,10 @@ Faults (degrade, never die): a tick that raises is counted in ``tick_errors_tota
 and logged once per distinct error; the next tick runs on schedule. A process scan
 that fails degrades ``processes`` and the tick goes on with no jobs (all energy
 unattributed). A failing sink degrades ``sinks``, never the tick. Source reads and
-their deadline: reader.py; the store's backlog and retention: store.py.
+their deadline: reader.py; the store's backlog and retention: store.py. A node
+reading below the measured components (attribution books the remainder ``other`` as
+0) is counted in ``node_below_components_total`` and holds ``node`` degraded while it
+lasts (``[node] remainder`` is ``remainder_policy``).
 
 Order within a tick: the sinks (the InfluxDB spool's durable append) get the tick
 before the store commits it, so a crash between the two leaves InfluxDB with a
@@ -57,6 +60,10 @@ log = logging.getLogger("wattprint.engine")
 TickSink = Callable[[TickRecord], None]
 SettleSink = Callable[[list[SettledBucket]], None]
 CounterFeed = Callable[[], dict[str, float]]  # figures that become wattprint_<key> self-metrics
+NODE_HEALTH = "node"  # the node source's health part (sources/node)
+NODE_BELOW_DETAIL = ("the node's input power from the BMC is below the GPU, CPU and DRAM measured in the same "
+                     "tick: the remainder (other) is booked as 0 (counted in "
+                     "wattprint_node_below_components_total)")
 
 
 def feed(sinks: Sequence[Callable[[Any], None]], value: Any, health: HealthBoard) -> None:
@@ -86,6 +93,7 @@ class Engine:
     finished_grace_s: float = 300.0
     max_finished_in_metrics: int = 200  # finished jobs kept in the snapshot at most (newest ended)
     idle_policy: str = "unattributed"
+    remainder_policy: str = "proportional"  # [node] remainder: proportional | unattributed
     retention_days: float = 400.0  # [daemon] retention_days; 0 or less: keep everything
     read_timeout_s: float | None = None  # per-source read deadline; None: READ_DEADLINE_FRACTION x interval
     sinks: list[TickSink] = field(default_factory=list)
@@ -100,7 +108,8 @@ class Engine:
     _executor: ThreadPoolExecutor = field(
         init=False, default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="wattprint-tick"))
     _counters: dict[str, float] = field(
-        init=False, default_factory=lambda: {"tick_overruns_total": 0.0, "tick_errors_total": 0.0})
+        init=False, default_factory=lambda: {"tick_overruns_total": 0.0, "tick_errors_total": 0.0,
+                                             "node_below_components_total": 0.0})
     _gpu_idle: GpuIdleFloor = field(init=False, default_factory=GpuIdleFloor)  # per GPU: lowest power, no process
     _last_tick_error: str = field(init=False, default="")
 
@@ -155,7 +164,21 @@ class Engine:
     def _attribute(self, readings: Sequence[DeviceReading], view: ProcessView) -> Attribution:
         """Split each device's energy over the jobs (GPU idle floor learnt first)."""
         self._gpu_idle.observe(readings)
-        return attribute(readings, view, self.idle_policy, self._gpu_idle.floor_w)
+        att = attribute(readings, view, self.idle_policy, self._gpu_idle.floor_w, self.remainder_policy)
+        self._check_node(att)
+        return att
+
+    def _check_node(self, att: Attribution) -> None:
+        """A node reading below the measured components (the remainder booked as 0) is
+        counted in ``node_below_components_total`` and degrades ``node`` for as long
+        as it lasts (one log line per episode: the reader leaves a held part's state
+        alone, and the next clean read after the episode says it recovered)."""
+        if att.node_below_j > 0.0:
+            self._counters["node_below_components_total"] += 1
+            self.reader.held.add(NODE_HEALTH)
+            self.health.fail(NODE_HEALTH, NODE_BELOW_DETAIL)
+        else:
+            self.reader.held.discard(NODE_HEALTH)
 
     def _counters_now(self) -> dict[str, float]:
         """The engine's self-metrics: the tick's, the reader's, the store's, the book's,

@@ -5,7 +5,8 @@ JSON objects the API serves are built from them in daemon/api_views.py.
 Readers open their own read-only connection; WAL lets them read while the writer
 writes. Queries that must agree with each other (a job's energy and its CO2e; device,
 attributed and unattributed totals) run in one read transaction. A store of an older
-schema (1 or 2, before a daemon of this version migrated it) is read as it is.
+schema (1, 2 or 3, before a daemon of this version migrated it) is read as it is
+(a schema-3 job has no ``other_j``: its ``other`` reads 0).
 
 All query values are bound parameters; nothing from users is ever formatted into SQL.
 """
@@ -83,7 +84,9 @@ class JobRecord:
             user=r["user"], uid=r["uid"], command=r["command"], root_pid=r["root_pid"], state=r["state"],
             started_at=r["started_at"], ended_at=r["ended_at"], last_seen=r["last_seen"],
             gpu_seconds=r["gpu_seconds"], peak_gpu_memory_bytes=r["peak_gpu_memory_bytes"],
-            energy_j={c: r[f"{c}_j"] for c in COMPONENTS}, sources=json.loads(r["sources"] or "{}"),
+            # a store of schema 3 or older (not yet migrated by a daemon) has no other_j: 0
+            energy_j={c: (r[f"{c}_j"] if f"{c}_j" in r.keys() else 0.0) for c in COMPONENTS},
+            sources=json.loads(r["sources"] or "{}"),
             carbon=carbon, slurm=slurm,
         )
 

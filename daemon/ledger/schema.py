@@ -2,9 +2,12 @@
 checked and migrated in place when the writer opens it.
 
 Schema versions: 1 (first release); 2 adds ``jobs.pruned_co2e_g`` (retention); 3 adds
-``job_slots`` and one ``bucket_intensity`` row per slot of a bucket. Stores of schema
-2 are migrated in place: each old bucket becomes one slot spanning the bucket, so
-their CO2e is unchanged. A store that is not a SQLite database, fails SQLite's
+``job_slots`` and one ``bucket_intensity`` row per slot of a bucket; 4 adds
+``jobs.other_j`` (the node remainder, component ``other``; the bucket tables hold
+components as rows, so ``other`` needs no new column there, and the node's own
+energy is a ``device_buckets`` row of kind ``node``). Stores of schema 2 are migrated
+in place: each old bucket becomes one slot spanning the bucket, so their CO2e is
+unchanged; stores of schema 3 gain ``jobs.other_j`` = 0 (nothing was booked to it). A store that is not a SQLite database, fails SQLite's
 ``quick_check``, or is newer than this wattprint is refused with a ``LedgerError``
 naming the file; it is never overwritten or replaced.
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 3  # 2: jobs.pruned_co2e_g (retention); 3: job_slots, bucket_intensity per slot
+SCHEMA_VERSION = 4  # 2: jobs.pruned_co2e_g (retention); 3: job_slots, bucket_intensity per slot; 4: jobs.other_j
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -37,7 +40,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     cpu_j REAL NOT NULL DEFAULT 0,
     dram_j REAL NOT NULL DEFAULT 0,
     sources TEXT NOT NULL DEFAULT '{}',
-    pruned_co2e_g REAL NOT NULL DEFAULT 0  -- CO2e (before PUE) of buckets deleted by retention
+    pruned_co2e_g REAL NOT NULL DEFAULT 0,  -- CO2e (before PUE) of buckets deleted by retention
+    other_j REAL NOT NULL DEFAULT 0  -- the node remainder (schema 4; last, as ALTER TABLE adds it)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, started_at);
 CREATE TABLE IF NOT EXISTS job_buckets (
@@ -184,6 +188,8 @@ def prepare(conn: sqlite3.Connection, path: str, bucket_s: int) -> None:
         conn.execute("ALTER TABLE jobs ADD COLUMN pruned_co2e_g REAL NOT NULL DEFAULT 0")
     if not has_column(conn, "bucket_intensity", "slot_start"):  # schema 2 -> 3
         migrate_to_slots(conn, bucket_s)
+    if not has_column(conn, "jobs", "other_j"):  # schema 3 -> 4
+        conn.execute("ALTER TABLE jobs ADD COLUMN other_j REAL NOT NULL DEFAULT 0")
     conn.execute("UPDATE meta SET value=? WHERE key='schema_version' AND CAST(value AS INTEGER) < ?",
                  (str(SCHEMA_VERSION), SCHEMA_VERSION))
     conn.commit()

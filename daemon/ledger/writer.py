@@ -73,11 +73,17 @@ class JobTick:
     steps: frozenset[str] = frozenset()  # Slurm steps of its processes in this tick
 
 
+# jobs.<component>_j += ? for every component (names from COMPONENTS only; values bound)
+_ENERGY_SET_SQL = ", ".join(f"{comp}_j={comp}_j+?" for comp in COMPONENTS)
+
+
 def _sources_merge(tick_sources: Mapping[str, str]) -> tuple[str, list[str]]:
     """SQL (and its parameters) for ``jobs.sources`` after a tick: per component in
     ``tick_sources``, the weaker of the stored source and the tick's (estimate < power
-    < counter), so the column describes the job's whole life, across restarts too.
-    Only component names from COMPONENTS are formatted into the SQL; values are bound."""
+    < counter), so the column describes the job's whole life, across restarts too; and
+    ``node`` (the BMC method that gave the job a share of the node remainder), the
+    latest one. Only component names from COMPONENTS are formatted into the SQL;
+    values are bound."""
     parts: list[str] = []
     params: list[str] = []
     for comp in COMPONENTS:
@@ -88,6 +94,10 @@ def _sources_merge(tick_sources: Mapping[str, str]) -> tuple[str, list[str]]:
         parts.append(f"'$.{comp}', CASE WHEN {old} = 'estimate' OR ? = 'estimate' THEN 'estimate' "
                      f"WHEN {old} = 'power' OR ? = 'power' THEN 'power' ELSE ? END")
         params += [new, new, new]
+    node = tick_sources.get("node")
+    if node:  # the BMC method that gave the job its node share (redfish | ipmi): the latest
+        parts.append("'$.node', ?")
+        params.append(node)
     if not parts:
         return "sources", []
     return f"json_set(sources, {', '.join(parts)})", params
@@ -224,11 +234,11 @@ class Ledger:
             c.execute(
                 f"""UPDATE jobs SET last_seen=?, state='running', ended_at=NULL,
                        gpu_seconds=gpu_seconds+?, peak_gpu_memory_bytes=max(peak_gpu_memory_bytes, ?),
-                       gpu_j=gpu_j+?, cpu_j=cpu_j+?, dram_j=dram_j+?,
+                       {_ENERGY_SET_SQL},
                        sources={merge_sql}
                    WHERE id=?""",
                 (wall_s, jt.gpu_seconds, jt.gpu_memory_bytes,
-                 jt.energy_j.get("gpu", 0.0), jt.energy_j.get("cpu", 0.0), jt.energy_j.get("dram", 0.0),
+                 *(jt.energy_j.get(comp, 0.0) for comp in COMPONENTS),
                  *merge_params, ident.job_id),
             )
             for comp in COMPONENTS:

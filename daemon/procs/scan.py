@@ -2,24 +2,33 @@
 
 Reads /proc directly (cheaper than psutil's per-attribute calls). Nothing here
 keeps per-process state except ``StatFiles``, the stat files of job processes held
-open between ticks; which processes to read when is the tracker's policy
-(daemon/procs/tracker.py).
+open between ticks, and ``PidLister``, the names of the last /proc listing; which
+processes to read when is the tracker's policy (daemon/procs/tracker.py).
+
+Costs (issue 18, docs/benchmarks.md): a stat file is parsed from bytes, only the
+fields used (decoding the whole file and splitting text cost about 2.5x more), and a
+/proc listing is ``os.listdir`` plus a set difference on the names against the last
+listing, so ``int()`` runs only on the names that are new or gone; and when only a few
+PIDs were handed out since the last look, they are probed one by one (``is_process``)
+instead of listing /proc: a thread created anywhere on the box is a new PID, and
+listing 2,000 processes to find that it was a thread cost 20-40x more.
 """
 
 from __future__ import annotations
 
 import os
 import pwd
-from dataclasses import dataclass
+from typing import NamedTuple
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MAX_HELD_FILES = 4096  # job processes whose stat file stays open between ticks
 
 
-@dataclass(frozen=True, slots=True)
-class ProcStat:
-    """One reading of /proc/<pid>/stat (the fields wattprint needs)."""
+class ProcStat(NamedTuple):
+    """One reading of /proc/<pid>/stat (the fields wattprint needs). Immutable; a
+    NamedTuple because one is made per process read (4x cheaper to build than a frozen
+    dataclass, issue 18)."""
 
     pid: int
     comm: str
@@ -33,27 +42,26 @@ class ProcStat:
 
 def parse_stat(pid: int, text: str) -> ProcStat:
     """Parse /proc/<pid>/stat; ``comm`` may contain spaces and parentheses."""
-    lpar = text.index("(")
-    rpar = text.rindex(")")
-    comm = text[lpar + 1 : rpar]
-    rest = text[rpar + 2 :].split()
+    return parse_stat_bytes(pid, text.encode("utf-8", "surrogateescape"))
+
+
+def parse_stat_bytes(pid: int, data: bytes) -> ProcStat:
+    """Parse /proc/<pid>/stat as read (bytes): only ``comm`` is decoded (invalid
+    UTF-8 replaced, as a text read with ``errors="replace"`` would)."""
+    lpar = data.index(b"(")
+    rpar = data.rindex(b")")
+    comm = data[lpar + 1 : rpar].decode("utf-8", "replace")
+    rest = data[rpar + 2 :].split(None, 23)
     # rest[0] is field 3 (state); field n is rest[n - 3].
-    return ProcStat(
-        pid=pid,
-        comm=comm,
-        ppid=int(rest[1]),
-        pgid=int(rest[2]),
-        cpu_ticks=int(rest[11]) + int(rest[12]),
-        child_cpu_ticks=int(rest[13]) + int(rest[14]),
-        start_ticks=int(rest[19]),
-        rss_bytes=int(rest[21]) * PAGE_SIZE,
-    )
+    # Positional: pid, comm, ppid, pgid, cpu_ticks, child_cpu_ticks, start_ticks, rss_bytes.
+    return ProcStat(pid, comm, int(rest[1]), int(rest[2]), int(rest[11]) + int(rest[12]),
+                    int(rest[13]) + int(rest[14]), int(rest[19]), int(rest[21]) * PAGE_SIZE)
 
 
 def read_stat(pid: int, proc_root: str = "/proc") -> ProcStat | None:
     try:
-        with open(f"{proc_root}/{pid}/stat", "r", encoding="utf-8", errors="replace") as fh:
-            return parse_stat(pid, fh.read())
+        with open(f"{proc_root}/{pid}/stat", "rb") as fh:
+            return parse_stat_bytes(pid, fh.read())
     except (OSError, ValueError, IndexError):
         return None
 
@@ -73,7 +81,7 @@ class StatFiles:
         if fd is None:
             return read_stat(pid, self.proc_root)
         try:
-            return parse_stat(pid, os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+            return parse_stat_bytes(pid, os.pread(fd, 4096, 0))
         except (OSError, ValueError, IndexError):
             os.close(self._fds.pop(pid))
             # Its process is gone; another may have the PID already.
@@ -98,6 +106,51 @@ class StatFiles:
 def list_pids(proc_root: str = "/proc") -> set[int]:
     """Every PID in /proc (one getdents walk)."""
     return {int(e.name) for e in os.scandir(proc_root) if e.name.isdigit()}
+
+
+class PidLister:
+    """Lists /proc and tells what changed since its last listing: ``os.listdir`` and a
+    set difference on the names, ``int()`` only on the names new or gone (non-numeric
+    names such as ``self`` or ``meminfo`` are in both listings and never looked at)."""
+
+    def __init__(self, proc_root: str = "/proc") -> None:
+        self.proc_root = proc_root
+        self._names: set[str] = set()
+
+    def changes(self) -> tuple[set[int], set[int], set[str]]:
+        """(PIDs listed now and not last time, PIDs listed last time and not now, the
+        names listed now)."""
+        names = set(os.listdir(self.proc_root))
+        new = {int(n) for n in names - self._names if n.isdigit()}
+        gone = {int(n) for n in self._names - names if n.isdigit()}
+        self._names = names
+        return new, gone, names
+
+    def add(self, pids: set[int]) -> None:
+        """PIDs found without a listing (``is_process``): a later listing that no
+        longer shows them reports them gone."""
+        self._names.update(str(pid) for pid in pids)
+
+
+PROBE_MAX_PIDS = 64  # at most this many new PIDs since the last look: probe them, else list /proc
+
+
+def is_process(pid: int, proc_root: str = "/proc") -> bool:
+    """True when ``pid`` is a live process (a thread group leader), False for a
+    thread of another process or a PID not in use. /proc lists only processes, but
+    ``/proc/TID`` of a thread can be opened all the same; its ``Tgid`` tells."""
+    try:
+        with open(f"{proc_root}/{pid}/status", "rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        return False
+    at = head.find(b"\nTgid:")
+    if at < 0:
+        return False
+    try:
+        return int(head[at + 6 : head.index(b"\n", at + 1)]) == pid
+    except ValueError:
+        return False
 
 
 def last_pid(proc_root: str = "/proc") -> int | None:

@@ -2,8 +2,10 @@
 
 Each tick lists /proc (one getdents walk, only when a process was created since the
 last tick) and reads only processes it has not seen before, plus the stat of job
-processes; every process is re-read only every ``rescan_interval_s``, when a GPU
-shows a process without a job, or when the PID counter wrapped. Members of job
+processes; every process is re-read once every ``rescan_interval_s``, spread over the
+ticks of that interval (a slice per tick, so no tick pays for all of them: issue 18),
+and all of them at once when a GPU shows a process without a job, when the PID
+counter wrapped, or when ``rescan_interval_s`` is not longer than a tick. Members of job
 cgroups come from their ``cgroup.procs`` (daemon/procs/cgroups.py). Per-process
 state is checked against the process's start time, so a reused PID is a new process.
 Grouping into jobs is daemon/procs/grouping.py; labels and their cap
@@ -17,6 +19,7 @@ what was already counted for the children that disappeared.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -29,9 +32,11 @@ from .scan import (
     CLK_TCK,
     ProcStat,
     StatFiles,
+    PROBE_MAX_PIDS,
+    PidLister,
     boot_time_s,
+    is_process,
     last_pid,
-    list_pids,
     process_uid,
     read_cpu_ticks,
     read_mem_used_bytes,
@@ -91,6 +96,10 @@ class ProcessTracker:
     _seen_last_pid: int | None = None
     _job_cgroups: set[str] = field(default_factory=set)
     _last_scan_mono: float = float("-inf")
+    _last_observe_mono: float | None = None
+    _rescan_queue: list[int] = field(default_factory=list)  # PIDs still to re-read in this rescan interval
+    _probed: bool = False  # new PIDs were probed since the last /proc listing
+    _retry: set[int] = field(default_factory=set)  # listed PIDs whose stat could not be read: read again at the next listing
     # (pid, start) -> (own CPU ticks, reaped-children CPU ticks, ppid, job id) at the last tick
     _last_cpu: dict[tuple[int, int], tuple[int, int, int, str]] = field(default_factory=dict)
     _last_ticks: tuple[int, int] | None = None
@@ -103,6 +112,13 @@ class ProcessTracker:
         self._boot_time = boot_time_s(self.proc_root)
         self._cap_eff = effective_capabilities()
         self._stats = StatFiles(self.proc_root)  # job processes' stat files, held open
+        self._lister = PidLister(self.proc_root)
+        # Probing new PIDs (instead of listing) needs /proc/loadavg's PIDs to be those of
+        # proc_root: the same PID namespace (checked through proc_root's "self").
+        try:
+            self._probe = os.readlink(f"{self.proc_root}/self") == str(os.getpid())
+        except OSError:
+            self._probe = False
         self._cap = LabelCap(self.max_labels_per_user, self.label_cap_hold_s)
         self._slurm = SlurmJobs()
         if self.cgroup_kinds and not self.cgroup_root:
@@ -170,48 +186,94 @@ class ProcessTracker:
             st = self._stats.read(pid)
             if st is None:
                 self._by_pid.pop(pid, None)
+                self._retry.add(pid)  # gone, or its PID already reused: look again at the next listing
             else:
                 self._load(pid, st)
 
-    def _discover(self) -> bool:
-        """List /proc when a process (or thread) was created since the last look:
-        load processes not seen before and forget those that are gone. Returns True
-        when the PID counter wrapped, so reused PIDs must be checked (full re-read)."""
+    def _discover(self, full: bool = False) -> bool:
+        """Find processes created since the last look (the PID counter moved): probe
+        the few new PIDs one by one, or list /proc when there are many, when ``full``
+        (once per rescan interval), or the counter wrapped; load processes not seen
+        before and, on a listing, forget those that are gone. Returns True when the
+        PID counter wrapped, so reused PIDs must be checked (full re-read)."""
         last = last_pid(self.proc_root)
-        if last is not None and last == self._seen_last_pid:
+        if last is not None and last == self._seen_last_pid and not full:
             return False
-        wrapped = last is not None and self._seen_last_pid is not None and last < self._seen_last_pid
-        self._seen_last_pid = last
-        pids = list_pids(self.proc_root)
-        for pid in self._by_pid.keys() - pids:
-            del self._by_pid[pid]
-        self._reread(pids - self._by_pid.keys())
+        seen, self._seen_last_pid = self._seen_last_pid, last
+        wrapped = last is not None and seen is not None and last < seen
+        if (self._probe and not full and last is not None and seen is not None
+                and 0 < last - seen <= PROBE_MAX_PIDS):
+            # PIDs are handed out in order: everything created since the last look has a
+            # PID in (seen, last]. A thread's ID there is no process (threads are most
+            # of them on a busy box: any threaded program starting a worker).
+            new = {pid for pid in range(seen + 1, last + 1) if is_process(pid, self.proc_root)}
+            self._lister.add(new)
+            self._probed = True
+            self._reread(new - self._by_pid.keys())
+            return False
+        # Every PID in _by_pid was listed or probed (and added to the lister), so the
+        # PIDs gone since the last listing are all that can leave it; the PIDs to read
+        # are the new ones and those listed before whose read failed (gone, or reused).
+        new, gone, names = self._lister.changes()
+        self._probed = False
+        for pid in gone:
+            self._by_pid.pop(pid, None)
+        retry = {pid for pid in self._retry if str(pid) in names}
+        self._retry = set()
+        self._reread((new | retry) - self._by_pid.keys())
         return wrapped
+
+    def _rescan_slice(self, now_mono_s: float) -> list[int]:
+        """The processes to re-read this tick so that every process known at the start
+        of a rescan interval is re-read within it, about evenly over its ticks."""
+        if now_mono_s - self._last_scan_mono >= self.rescan_interval_s:
+            self._last_scan_mono = now_mono_s
+            self._rescan_queue = list(self._by_pid)
+        if not self._rescan_queue:
+            return []
+        since = now_mono_s - self._last_observe_mono if self._last_observe_mono is not None else 0.0
+        # The ticks left in this interval, this one included (at the current tick rate):
+        # an even share of what is still queued for each of them.
+        left = (self._last_scan_mono + self.rescan_interval_s - now_mono_s) / max(since, 1e-9)
+        n = len(self._rescan_queue) if left <= 1 else math.ceil(len(self._rescan_queue) / left)
+        chunk, self._rescan_queue = self._rescan_queue[:n], self._rescan_queue[n:]
+        return [pid for pid in chunk if pid in self._by_pid]
 
     # -- one tick ----------------------------------------------------------------
     def observe(self, now_mono_s: float, gpu_pids: Iterable[int]) -> ProcessView:
         """Read the processes that matter this tick and group them into jobs.
 
-        Every tick: list /proc if any process was created since the last tick and
-        read only processes not seen before, plus the stat of job processes, GPU
-        processes and young processes. Every ``rescan_interval_s``, when a GPU shows
-        a process without a job, or when the PID counter wrapped, re-read every
-        process (process groups, cgroups and PIDs may have changed).
+        Every tick: find processes created since the last tick (probe the few new
+        PIDs, or list /proc) and read only processes not seen before, plus the stat
+        of job processes, GPU processes and young processes. Every process is re-read once per
+        ``rescan_interval_s`` (process groups and programs may have changed), a
+        slice of them each tick; every process at once when a GPU shows a process
+        without a job, when the PID counter wrapped, or when the interval is not
+        longer than the time since the last tick.
         """
         gpu_pids = set(gpu_pids)
         young, self._young = self._young, set()  # first seen on an earlier tick, under a second old
-        wrapped = self._discover()
+        due = now_mono_s - self._last_scan_mono >= self.rescan_interval_s
+        # A listing once per rescan interval when PIDs were probed since the last one
+        # (it forgets probed processes that are gone).
+        wrapped = self._discover(full=due and self._probed)
         unknown_gpu = any(p in self._by_pid and self._by_pid[p].job is None for p in gpu_pids)
-        scanned = wrapped or unknown_gpu or now_mono_s - self._last_scan_mono >= self.rescan_interval_s
+        since = now_mono_s - self._last_observe_mono if self._last_observe_mono is not None else float("inf")
+        scanned = wrapped or unknown_gpu or (due and self.rescan_interval_s <= since) \
+            or self._last_observe_mono is None
+        rescan: list[int] = []
         if scanned:
             self._reread(list(self._by_pid))
             self._last_scan_mono = now_mono_s
+            self._rescan_queue = []
         else:
+            rescan = self._rescan_slice(now_mono_s)
             members = cgroup_members(self._job_cgroups, self.cgroup_root, self.cgroup_v1_mounts)
             cg_moved = [p for p in members if p in self._by_pid and self._by_pid[p].job is None]
             for pid in cg_moved:  # moved into a job cgroup after we first read it
                 self._by_pid[pid].cgroup = self._read_cgroup(pid)
-            self._reread((self._tracked | gpu_pids | young | members) & self._by_pid.keys())
+            self._reread((self._tracked | gpu_pids | young | members | set(rescan)) & self._by_pid.keys())
+        self._last_observe_mono = now_mono_s
         for pid in young:  # first seen under a second old: maybe not exec'd then
             if pid in self._by_pid:
                 self._relabel(self._by_pid[pid])
@@ -219,7 +281,7 @@ class ProcessTracker:
         if scanned:
             candidates: Iterable[int] = live.keys()
         else:
-            candidates = (self._fresh | gpu_pids | members | self._tracked) & live.keys()
+            candidates = (self._fresh | gpu_pids | members | self._tracked | set(rescan)) & live.keys()
         self._fresh = set()
 
         groups = group_jobs(live, gpu_pids, candidates, self.cgroup_kinds, self._slurm, self._identity)

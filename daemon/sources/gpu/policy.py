@@ -1,9 +1,11 @@
 """The vendor-neutral GPU collector: turns one vendor library (``GpuVendor``, see
 vendor.py) into a ``Source`` of DeviceReadings. NVML and amdsmi calls live in
-nvidia.py and amd.py; everything here holds for every vendor. This module holds the
-source's life (init, enumeration, re-init, lost boards) and each board's energy and
-side queries; processes.py its process lists, readings and partition split; state.py
-what it keeps per board.
+nvidia.py and amd.py; everything here holds for every vendor. This module holds
+``GpuSource``: the read of every board per tick and each board's side queries (error
+isolation per feature). Its parts, each a mixin it inherits: lifecycle.py (init,
+enumeration, re-init, lost boards and their probes), energy.py (each board's energy:
+counter or integrated power), sampler.py (the power sampler thread), processes.py (its
+process lists, readings and partition split); state.py what it keeps per board.
 
 Order of work per GPU per tick (issue 12, item 2): the energy first (the counter, or
 sampled power), and it is booked whatever happens next. Every other query (memory,
@@ -77,9 +79,19 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from ...model import DeviceReading, EnergySource
-from ..base import CounterDiff, CounterStepKind, SourceDisabled, SourceError
+from ...model import DeviceReading
+from ..base import SourceDisabled, SourceError
+from .energy import BoardEnergy
+from .lifecycle import (
+    LOST_RETRY_FACTOR,
+    LOST_RETRY_MAX_S,
+    LOST_RETRY_S,
+    MIG_LAYOUT_REFRESH_S,
+    PARTITION_LAYOUT_REFRESH_S,
+    LibraryLifecycle,
+)
 from .processes import ProcessReading
+from .sampler import PowerSampler
 from .state import (
     FAILED,
     OFF,
@@ -103,19 +115,15 @@ log = logging.getLogger("wattprint.gpu")
 RETRY_S = 30.0  # first retry of a failed init or side query
 RETRY_MAX_S = 600.0
 INIT_RETRY_S = RETRY_S  # (older name)
-LOST_RETRY_S = 2.0  # first probe of a lost GPU
-LOST_RETRY_FACTOR = 1.5
-LOST_RETRY_MAX_S = 300.0
 REINIT_INTERVAL_S = 300.0
-PARTITION_LAYOUT_REFRESH_S = 30.0  # a stale-looking partition layout is re-read at most this often
-MIG_LAYOUT_REFRESH_S = PARTITION_LAYOUT_REFRESH_S  # (older name)
 POWER_SAMPLE_HZ = 10.0
 
 __all__ = ["GpuSource", "PowerIntegrator", "PROC_PID_INIT_INO", "error_text", "pid_namespace_is_initial",
-           "proc_pid_exists", "source_options"]
+           "proc_pid_exists", "source_options", "LOST_RETRY_FACTOR", "LOST_RETRY_MAX_S", "LOST_RETRY_S",
+           "MIG_LAYOUT_REFRESH_S", "PARTITION_LAYOUT_REFRESH_S"]
 
 
-class GpuSource(ProcessReading):
+class GpuSource(LibraryLifecycle, BoardEnergy, PowerSampler, ProcessReading):
     """The ``Source`` for one vendor's GPUs. The library is initialised on the first
     ``read()`` and retried with backoff while it fails. See the module docstring."""
 
@@ -280,205 +288,6 @@ class GpuSource(ProcessReading):
         with self._gate:
             self._shutdown_locked()
 
-    def _shutdown_locked(self) -> None:
-        """Shut the library down if initialised (caller holds ``_gate``); handles of the
-        old generation are dead from here on."""
-        if not self._initialized:
-            return
-        self._initialized = False
-        self._generation += 1
-        self._vendor.shutdown()
-
-    # -- init, re-init, enumeration -------------------------------------------------
-
-    def _ensure_init(self, now: float) -> None:
-        if self._initialized:
-            return
-        if not self._init_backoff.due(now):
-            self._raise_init_failure()
-        try:
-            with self._gate:
-                self._vendor.init()
-                self._initialized = True
-                self._generation += 1
-        except GpuError as exc:
-            self._init_failed(now, exc)
-            self._raise_init_failure()
-        if self._no_driver:
-            log.info("%s: the driver is there now: measuring GPUs", self._lib)
-        self._no_driver = False
-        self._init_backoff.succeeded()
-        self._init_error = ""
-        try:
-            self._enumerate(now)
-        except GpuError as exc:
-            raise SourceError(f"{self._lib}: cannot count GPUs: {exc.text}") from None
-
-    def _init_failed(self, now: float, exc: GpuError) -> None:
-        self._init_backoff.failed(now, exc.text)
-        self._init_error = exc.text
-        self._no_driver = exc.kind is GpuErrorKind.NO_DRIVER
-
-    def _raise_init_failure(self) -> None:
-        if self._no_driver and self._quiet:
-            raise SourceDisabled(self.disabled_reason)
-        raise SourceError(f"{self._lib} init failed: {self._init_error} (retrying with backoff)")
-
-    def _enumerate(self, now: float) -> None:
-        """Read the GPU set: handles, UUIDs, names, partition layouts (cached until the
-        next re-init). Raises GpuError only when the GPUs cannot be counted."""
-        v = self._vendor
-        self._boards = []
-        self._last_reinit_s = now
-        # The driver's PIDs cannot be matched here: host PIDs seen from another PID namespace.
-        self._pids_foreign = v.reports_host_pids() and self._pid_namespace_initial is False
-        self._driver_gpus_seen = v.driver_gpu_count()
-        count = int(v.count())
-        for index in range(count):
-            device = f"{v.device_prefix}{index}"
-            try:
-                handle, uuid = v.board(index)
-            except GpuError as exc:
-                board = Board(index=index, handle=None, uuid=f"index-{index}", name="?", device=device)
-                self._boards.append(board)
-                st = self._state(board)
-                self._mark_lost(board, st, exc.text, now)
-                continue
-            try:
-                name = v.name(handle)
-            except GpuError:
-                name = f"{v.driver_name} GPU"
-            board = Board(index=index, handle=handle, uuid=uuid, name=name, device=device, layout_read_s=now)
-            self._read_layout(board)
-            self._boards.append(board)
-            st = self._states.get(uuid)
-            if st is not None and st.lost is not None:
-                st.lost = None  # found again by this enumeration
-        current = {f"{b.device}:{b.uuid}:" for b in self._boards}
-        self._notes = {k: v for k, v in self._notes.items() if any(k.startswith(c) for c in current)}
-        with self._gate:
-            self._power_targets = {}
-
-    def _read_layout(self, board: Board) -> None:
-        """The board's partition layout (None: not partitioned); a note when it is."""
-        board.layout = self._vendor.partitions(board.handle, board.device, board.name)
-        layout = board.layout
-        if layout is not None and layout.note:
-            self._note(f"{board.device}:{board.uuid}:mig", layout.note)
-
-    def _refresh_layout(self, board: Board, now: float, why: str) -> None:
-        """Re-read the partition layout (partitions come and go without a re-init), at
-        most every ``PARTITION_LAYOUT_REFRESH_S``; takes effect from the next read."""
-        if board.layout_read_s is not None and now - board.layout_read_s < PARTITION_LAYOUT_REFRESH_S:
-            return
-        log.debug("%s: re-reading the %s layout: %s", board.device, self._vendor.partition_word, why)
-        try:
-            self._read_layout(board)
-        finally:
-            board.layout_read_s = now
-
-    def _maybe_reinit_after(self, now: float) -> None:
-        """At the end of a read: re-initialise the library when it is due or asked for."""
-        reason = self._reinit_wanted
-        seen = self._vendor.driver_gpu_count()
-        if not reason and seen is not None and seen != self._driver_gpus_seen:
-            reason = f"the driver lists {seen} GPU(s) now"
-        if not reason and self._reinit_interval_s > 0 and self._last_reinit_s is not None \
-                and now - self._last_reinit_s >= self._reinit_interval_s:
-            reason = "periodic"
-        if reason:
-            self._reinit(now, reason, shutdown=True)
-
-    def _reinit(self, now: float, reason: str, *, shutdown: bool) -> None:
-        """Shut the library down, initialise it again and re-enumerate (state stays by UUID)."""
-        self._reinit_wanted = ""
-        before = [(b.index, b.uuid) for b in self._boards]
-        with self._gate:
-            self._counters[self._k_reinits] += 1
-            if shutdown and self._initialized:
-                self._shutdown_locked()
-                try:
-                    self._vendor.init()
-                except GpuError as exc:
-                    self._init_failed(now, exc)
-                    self._problems.append(f"{self._lib} re-init failed: {self._init_error} (retrying with backoff)")
-                    return
-                self._initialized = True
-                self._generation += 1
-            try:
-                self._enumerate(now)
-            except GpuError as exc:
-                self._problems.append(f"{self._lib}: cannot count GPUs after re-init: {exc.text}")
-                return
-        after = [(b.index, b.uuid) for b in self._boards]
-        if after != before:
-            log.info("%s re-initialised (%s): %d GPU(s) now: %s", self._lib, reason, len(after),
-                     ", ".join(f"{b.device} {b.name}" for b in self._boards) or "none")
-
-    # -- lost GPUs ------------------------------------------------------------------
-
-    def _mark_lost(self, board: Board, st: GpuState, text: str, now: float) -> None:
-        if st.lost is None:
-            st.lost = Backoff(self._lost_retry_s, LOST_RETRY_MAX_S, LOST_RETRY_FACTOR)
-            log.warning("%s (%s) lost: %s: not read until a probe finds it back", board.device, board.name, text)
-        st.lost.failed(now, text)
-        st.lost_error = text
-        st.lost_since_read = True
-        with self._gate:
-            self._power_targets.pop(st.uuid, None)
-            st.integrator.restart()  # no trapezoid over the lost gap
-
-    def _maybe_probe(self, board: Board, st: GpuState, now: float) -> None:
-        assert st.lost is not None
-        if not st.lost.due(now):
-            return
-        with self._probe_lock:
-            if self._probes.get(st.uuid):
-                return  # one probe at a time per GPU (it may hang)
-            self._probes[st.uuid] = True
-        gen, index = self._generation, board.index
-        st.lost.failed(now, st.lost_error)  # the next probe is due after the next delay
-
-        def probe() -> None:
-            result: tuple[int, Any, str] | None
-            try:
-                handle, uuid = self._vendor.alive(index)
-                result = (gen, handle, uuid)
-            except Exception as exc:  # still lost (any error), or worse
-                log.debug("%s: probe: %s", board.device, error_text(exc))
-                result = None
-            with self._probe_lock:
-                self._probes[st.uuid] = False
-                if result is not None:
-                    self._probe_results[st.uuid] = result
-
-        self._run_probe(probe)
-
-    @staticmethod
-    def _thread_probe(fn: Callable[[], None]) -> None:
-        threading.Thread(target=fn, name="wattprint-gpu-probe", daemon=True).start()
-
-    def _collect_probes(self) -> None:
-        with self._probe_lock:
-            results, self._probe_results = self._probe_results, {}
-        for uuid, found in results.items():
-            if found is None:
-                continue
-            gen, handle, new_uuid = found
-            for board in self._boards:
-                st = self._states.get(board.uuid)
-                if board.uuid != uuid or st is None or st.lost is None:
-                    continue
-                if gen != self._generation:
-                    continue  # the library was re-initialised meanwhile: the handle is stale
-                if new_uuid != board.uuid:
-                    self._reinit_wanted = f"{board.device} came back as another GPU"
-                    continue
-                board.handle = handle
-                st.lost = None
-                log.info("%s (%s) is back", board.device, board.name)
-                self._read_layout(board)
-
     # -- per GPU --------------------------------------------------------------------
 
     def _state(self, board: Board) -> GpuState:
@@ -573,124 +382,6 @@ class GpuSource(ProcessReading):
                                   "its energy is booked unattributed")
             return [self._reading(board, energy_j, power_w, source, dt, (), mem, attributable=False)]
         return [self._reading(board, energy_j, power_w, source, dt, uses, mem, attributable=complete)]
-
-    def _energy(self, board: Board, st: GpuState, now: float,
-                dt: float) -> tuple[float, EnergySource, float | None]:
-        """(joules since the last read, source, average or sampled power or None).
-        Raises GpuError (GPU skipped, baseline kept) or Lost."""
-        counter = self._feature(st, "energy_counter")
-        if counter.supported:
-            try:
-                count = self._vendor.energy(board.handle)
-            except GpuError as exc:
-                if exc.kind is GpuErrorKind.LOST:
-                    raise Lost(exc.text) from None
-                if exc.kind is not GpuErrorKind.NOT_SUPPORTED:
-                    raise
-                self._unsupported(board, counter, "energy_counter", "energy counter", exc.why)
-                st.counter = CounterDiff(max_value=None)
-            else:
-                st.counter.max_value = count.max_value
-                step = st.counter.step(count.value)
-                if step.kind is CounterStepKind.DIFFERENCE or step.kind is CounterStepKind.WRAPPED:
-                    assert step.delta is not None
-                    return step.delta / count.ticks_per_joule, "counter", None
-                if step.kind is CounterStepKind.FIRST:  # the baseline; one power sample so the first reading shows a power
-                    return 0.0, "counter", self._power_w_quiet(board, st)
-                if step.kind is CounterStepKind.RESET and st.lost_since_read:
-                    # Back from a loss with the counter restarted (a GPU reset): the
-                    # value is the energy since the restart; before it, nothing was
-                    # measured. Never the last power x the whole gap (phantom energy
-                    # charged to whoever runs on the GPU now).
-                    self._problems.append(f"{board.device}: energy counter restarted while the GPU was lost: "
-                                          "the energy of the gap before the restart is unknown (not booked); "
-                                          "the energy since the restart is booked unattributed")
-                    st.energy_unplaced = True  # when in the gap it was used, and by whom, is unknown
-                    return count.value / count.ticks_per_joule, "counter", None
-                if step.kind is CounterStepKind.RESET:
-                    self._problems.append(f"{board.device}: energy counter went backwards (driver reload?): "
-                                          "this interval uses the previous average power")
-                else:  # IMPLAUSIBLE: a value no counter of this width can hold
-                    self._problems.append(f"{board.device}: energy counter reading not trusted ({step.reason}): "
-                                          "this interval uses the previous average power")
-                fallback_w = st.last_avg_power_w
-                if fallback_w is None:
-                    fallback_w = self._power_w_quiet(board, st)
-                return (fallback_w or 0.0) * dt, "power", fallback_w
-        # No energy counter: sampled power (here and on the sampler thread), integrated.
-        watts = self._power_w(board, st)
-        if watts is None and not self._feature(st, "power").supported:
-            raise NoEnergy()
-        if watts is not None:
-            st.integrator.add(now, watts)
-        self._want_sampler(board, st)
-        energy_j, span, last_w = st.integrator.take()
-        avg_w = energy_j / span if span > 0 else last_w
-        return energy_j, "power", avg_w
-
-    def _power_w_quiet(self, board: Board, st: GpuState) -> float | None:
-        try:
-            return self._power_w(board, st)
-        except (GpuError, Lost):
-            return None
-
-    def _power_w(self, board: Board, st: GpuState) -> float | None:
-        feat = self._feature(st, "power")
-        if not feat.supported:
-            return None
-        try:
-            return float(self._vendor.power_w(board.handle))
-        except GpuError as exc:
-            if exc.kind is GpuErrorKind.LOST:
-                raise Lost(exc.text) from None
-            if exc.kind is GpuErrorKind.NOT_SUPPORTED:
-                self._unsupported(board, feat, "power", "power usage", exc.why)
-                return None
-            raise
-
-    # -- power sampler ------------------------------------------------------------
-
-    def _want_sampler(self, board: Board, st: GpuState) -> None:
-        if not self._feature(st, "power").supported:
-            return
-        with self._gate:
-            self._power_targets[st.uuid] = (board.handle, st.integrator)
-        if self._sampler is None and self._power_sample_hz > 0:
-            self._sampler = threading.Thread(target=self._sample_loop, name="wattprint-gpu-power", daemon=True)
-            self._sampler.start()
-            log.info("sampling GPU power at %g Hz for boards without an energy counter", self._power_sample_hz)
-
-    def sample_power(self) -> int:
-        """One round of the power sampler: sample each board without an energy counter
-        and feed its integrator. Returns the number of samples taken."""
-        taken = 0
-        with self._gate:
-            if not self._initialized:
-                return 0
-            for handle, integ in list(self._power_targets.values()):
-                try:
-                    watts = float(self._vendor.power_w(handle))
-                except GpuError:
-                    continue  # the tick's own read reports it
-                integ.add(self._clock(), watts)
-                taken += 1
-        return taken
-
-    def _sample_loop(self) -> None:
-        period = 1.0 / self._power_sample_hz
-        next_at = self._clock()
-        while not self._sampler_stop.is_set():
-            next_at += period
-            delay = next_at - self._clock()
-            if delay < 0:
-                next_at = self._clock()  # fell behind: do not burst
-                delay = 0.0
-            if self._sampler_stop.wait(delay):
-                return
-            try:
-                self.sample_power()
-            except Exception:  # never let the sampler die; the tick's read reports errors
-                log.debug("power sampler", exc_info=True)
 
 
 def _consequence(feature: str) -> str:

@@ -1,0 +1,291 @@
+"""The node source: the node's input energy per tick, from its BMC, without ever
+waiting for the BMC.
+
+A BMC answers in tens of milliseconds to many seconds, and updates its readings every
+few seconds. So ``NodeSource`` reads it on its own thread, every ``poll_interval_s``,
+each read with its own deadline (``timeout_s``), and ``read(now_mono_s)`` (the tick's)
+only takes what that thread left: it never blocks on the BMC.
+
+Energy per tick:
+- Between BMC samples, the tick's energy is the last power times the tick's interval
+  (the power is held).
+- Counters win over sampled power: when the BMC has an energy counter, each new counter
+  value re-anchors the total. The tick in which it arrives books the correction
+  ``(counter difference since the previous value) - (energy booked since then)``, so
+  over any span of ticks between two counter values the energy returned sums to the
+  counter's difference. A correction below zero is taken from the following ticks
+  (never a negative tick).
+- A reading older than ``max_age_s`` (its ``ReadingTime`` against the BMC's ``Date``)
+  is stale: not used, counted (``node_stale_readings_total``), health degraded. When
+  the held power is older than ``max_age_s`` (stale readings, or the BMC has not
+  answered), ``read`` returns ``[]``: nothing is booked for those ticks (they have no
+  node figure), and the next counter value is a new baseline, not a difference over
+  the gap.
+- A counter that went back is a reset (``node_counter_resets_total``) and one that
+  rose faster than ``MAX_NODE_POWER_W`` allows is implausible
+  (``node_implausible_steps_total``): either is re-baselined, its step not booked
+  (the held power stands for that span), and the source is degraded until the next
+  good step.
+- HTTP 401/403 (or an IPMI session refused) degrades the source with a message that
+  names the credentials.
+
+Health (name ``node``): ok, degraded (``problems()``; the health board logs once per
+episode and once on recovery), disabled when no ``[node]`` source is configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ...model import DeviceReading
+from .sample import BmcError, BmcSample
+
+log = logging.getLogger("wattprint.node")
+
+# A node's input power above this is no hardware's: a counter step implying more is
+# implausible (the largest single servers draw about 15 kW; a rack-scale tray less).
+MAX_NODE_POWER_W = 100_000.0
+DEVICE = "node"
+
+
+class BmcClient(Protocol):
+    """What the node source needs of a BMC client (Redfish or IPMI)."""
+
+    def read(self) -> BmcSample: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Pending:
+    """A sample the polling thread took, waiting for the next tick."""
+
+    sample: BmcSample
+    fetched_mono: float  # local monotonic time the answer arrived
+
+
+class NodeSource:
+    """A ``Source`` (daemon/sources/base.py) named ``node``: one DeviceReading
+    (kind="node", device="node") per tick from the BMC's power / energy counter."""
+
+    name = "node"
+
+    def __init__(self, client: BmcClient, method: str, *, poll_interval_s: float = 5.0,
+                 max_age_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
+                 start: bool = True):
+        self.method = method  # "redfish" | "ipmi": DeviceReading.name and energy_sources' node
+        self.poll_interval_s = poll_interval_s
+        self.max_age_s = max_age_s
+        self._client = client
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pending: list[_Pending] = []
+        # Polling thread's view (under _lock).
+        self._poll_error: BmcError | None = None
+        self._counters: dict[str, float] = {
+            "node_reads_total": 0.0,
+            "node_read_errors_total": 0.0,
+            "node_read_timeouts_total": 0.0,
+            "node_auth_errors_total": 0.0,
+            "node_stale_readings_total": 0.0,
+            "node_counter_resets_total": 0.0,
+            "node_implausible_steps_total": 0.0,
+        }
+        # Tick's view (read() only; one caller at a time).
+        self._last_read_mono: float | None = None
+        self._power_w: float | None = None
+        self._power_at_mono = 0.0  # when the held power was measured (local monotonic)
+        self._anchor_j: float | None = None  # counter value of the last anchor
+        self._anchor_mono = 0.0
+        self._held_since_anchor_j = 0.0  # held-power energy booked since the anchor
+        self._correction_j = 0.0  # to book in this tick (counter difference - booked)
+        self._debt_j = 0.0  # a negative correction not yet taken from ticks
+        self._live = False  # the last tick returned a reading (booking is continuous)
+        self._stale_episode = False
+        self._counter_episode = ""  # "reset" | "implausible" while unresolved
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(target=self._poll_loop, name="wattprint-node", daemon=True)
+            self._thread.start()
+
+    # ------------------------------------------------------------------ polling thread
+    def _poll_loop(self) -> None:
+        next_at = self._clock()
+        while not self._stop.is_set():
+            self.poll_once()
+            next_at += self.poll_interval_s
+            now = self._clock()
+            next_at = max(next_at, now)  # a read ran past its slot: start again from now, no burst
+            self._stop.wait(max(0.0, next_at - now))
+
+    def poll_once(self) -> None:
+        """One read of the BMC (on the polling thread; tests call it directly)."""
+        try:
+            sample = self._client.read()
+        except BmcError as exc:
+            with self._lock:
+                self._poll_error = exc
+                self._counters["node_read_errors_total"] += 1
+                if exc.kind == "timeout":
+                    self._counters["node_read_timeouts_total"] += 1
+                elif exc.kind == "auth":
+                    self._counters["node_auth_errors_total"] += 1
+            return
+        except Exception as exc:  # a client bug must not end the thread
+            log.debug("node: BMC read raised", exc_info=True)
+            with self._lock:
+                self._poll_error = BmcError("protocol", f"unexpected {type(exc).__name__}: {exc}")
+                self._counters["node_read_errors_total"] += 1
+            return
+        with self._lock:
+            self._poll_error = None
+            self._counters["node_reads_total"] += 1
+            self._pending.append(_Pending(sample, self._clock()))
+            del self._pending[:-16]  # never grows if nobody reads
+
+    # ------------------------------------------------------------------ the tick
+    def read(self, now_mono_s: float) -> Sequence[DeviceReading]:
+        """The node's energy since the previous call; never waits for the BMC."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        last, self._last_read_mono = self._last_read_mono, now_mono_s
+        dt = 0.0 if last is None else max(0.0, now_mono_s - last)
+        # This tick's held energy first (it belongs to the span that ends with any
+        # counter value arriving now), then the samples that arrived.
+        held_power = self._power_w if self._fresh(now_mono_s) else None
+        held_j = held_power * dt if (held_power is not None and self._live) else 0.0
+        self._held_since_anchor_j += held_j
+        for p in pending:
+            self._take(p)
+        if not self._fresh(now_mono_s):
+            self._go_dark()
+            return []
+        if not self._live:  # first trustworthy reading (or back after a gap): a baseline tick
+            self._live = True
+            self._correction_j = 0.0
+            self._debt_j = 0.0
+            self._held_since_anchor_j = 0.0
+            return [self._reading(0.0, dt)]
+        energy = held_j + self._correction_j - self._debt_j
+        self._correction_j = 0.0
+        self._debt_j = 0.0
+        if energy < 0.0:
+            self._debt_j, energy = -energy, 0.0
+        return [self._reading(energy, dt)]
+
+    def _reading(self, energy_j: float, dt: float) -> DeviceReading:
+        return DeviceReading(kind="node", device=DEVICE, energy_j=energy_j, power_w=self._power_w or 0.0,  # type: ignore[arg-type]
+                             source="counter" if self._anchor_j is not None else "power",
+                             interval_s=dt, name=self.method, attributable=True)
+
+    def _fresh(self, now_mono_s: float) -> bool:
+        return self._power_w is not None and now_mono_s - self._power_at_mono <= self.max_age_s
+
+    def _go_dark(self) -> None:
+        """No trustworthy power: nothing booked, and the next counter value is a baseline
+        (its difference covers ticks that had no node figure)."""
+        self._live = False
+        self._correction_j = 0.0
+        self._debt_j = 0.0
+        self._held_since_anchor_j = 0.0
+
+    def _take(self, p: _Pending) -> None:
+        """Fold one BMC sample into the state (on the tick's thread)."""
+        s = p.sample
+        stale = False
+        if s.power_w is not None:
+            age = s.power_age_s or 0.0
+            if age > self.max_age_s or s.power_w < 0 or s.power_w > MAX_NODE_POWER_W:
+                stale = True
+                self._power_at_mono = float("-inf")  # stop holding the last power now
+            else:
+                self._power_w = s.power_w
+                self._power_at_mono = p.fetched_mono - age
+        if s.energy_j is not None:
+            age = s.energy_age_s or 0.0
+            if age > self.max_age_s:
+                stale = True
+                self._power_at_mono = float("-inf")
+            else:
+                self._take_counter(s.energy_j, p.fetched_mono - age, derive_power=s.power_w is None)
+        if stale:
+            with self._lock:
+                self._counters["node_stale_readings_total"] += 1
+        self._stale_episode = stale
+
+    def _take_counter(self, value_j: float, at_mono: float, derive_power: bool) -> None:
+        anchor, anchor_mono = self._anchor_j, self._anchor_mono
+        self._anchor_j, self._anchor_mono = value_j, at_mono
+        if anchor is None:  # the first value: a baseline
+            self._held_since_anchor_j = 0.0
+            return
+        step = value_j - anchor
+        span = max(at_mono - anchor_mono, 1e-3)
+        if step < 0:
+            with self._lock:
+                self._counters["node_counter_resets_total"] += 1
+            self._counter_episode = "reset"
+            self._held_since_anchor_j = 0.0  # the held power stands for that span
+            return
+        if step > MAX_NODE_POWER_W * span:
+            with self._lock:
+                self._counters["node_implausible_steps_total"] += 1
+            self._counter_episode = "implausible"
+            self._held_since_anchor_j = 0.0
+            return
+        self._counter_episode = ""
+        if derive_power:  # a counter without a power sensor: the power is its rate
+            self._power_w = step / span
+            self._power_at_mono = at_mono
+        if not self._live:  # back after a gap: the step covers ticks with no node figure, a baseline
+            self._held_since_anchor_j = 0.0
+            return
+        self._correction_j += step - self._held_since_anchor_j
+        self._held_since_anchor_j = 0.0
+
+    # ------------------------------------------------------------------ health, metrics
+    def problems(self) -> list[str]:
+        """Why the node figure may be missing or wrong now (empty: healthy). Stable
+        sentences per episode, so the health board logs each episode once."""
+        out: list[str] = []
+        with self._lock:
+            err = self._poll_error
+        if err is not None:
+            out.append(f"BMC read failed ({self.method}): {err.detail}")
+        if self._stale_episode:
+            out.append(f"stale BMC reading: older than max_age_s ({self.max_age_s:g} s); not booked")
+        if self._counter_episode == "reset":
+            out.append("the BMC's energy counter went back (reset): re-baselined, that span booked from power")
+        elif self._counter_episode == "implausible":
+            out.append(f"the BMC's energy counter jumped by more than {MAX_NODE_POWER_W:g} W allows: "
+                       "re-baselined, that span booked from power")
+        if not out and self._power_w is not None and self._last_read_mono is not None \
+                and not self._fresh(self._last_read_mono):
+            out.append(f"no fresh BMC reading for more than max_age_s ({self.max_age_s:g} s); node energy not booked")
+        return out
+
+    def counters(self) -> dict[str, float]:
+        """Self-metrics (``wattprint_<key>``): BMC reads, errors (timeouts and refused
+        credentials among them), stale readings, counter resets and implausible steps."""
+        with self._lock:
+            return dict(self._counters)
+
+    def close(self) -> None:
+        """Stop the polling thread and the client (a read in progress is abandoned: the
+        thread is a daemon thread, and the IPMI client kills its ipmitool)."""
+        self._stop.set()
+        abort = getattr(self._client, "abort", None)  # IPMI: kill an ipmitool still running
+        if callable(abort):
+            abort()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+        try:
+            self._client.close()
+        except Exception:  # closing a session on a dead BMC: nothing to do
+            log.debug("node: closing the BMC client failed", exc_info=True)
