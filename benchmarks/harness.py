@@ -459,6 +459,11 @@ def measure(box: Box, seconds: float, *, warmup_s: float = 3.0, scrape_s: float 
                         win.gauge.append(g)
                 except OSError:
                     pass
+                if before is not None:  # the same load on both daemons
+                    try:
+                        before.scrape_tick_duration()
+                    except OSError:
+                        pass
             time.sleep(min(0.05, max(0.0, end - time.monotonic())))
         for k, c in clocks.items():
             win.cpu_s[k], win.cpu_method[k] = c.read()

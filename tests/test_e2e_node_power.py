@@ -15,77 +15,44 @@ the BMC's power 1,000 W, so the remainder ``other`` is 300 W.
   server) through power steps, within 1 %.
 
 ``t`` is the daemon's own tick time between two scrapes (each scrape is one snapshot).
+The node, jobs and helpers are tests/node_e2e.py's (shared with the IPMI and stall tests).
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
+import node_e2e
 import pytest
-from daemon_harness import DaemonProcess, Scrape, scrape, wait_ticks
-from gpusim import gpu, proc, write_sim
-from powercap import PowercapTree
+from daemon_harness import scrape, wait_ticks
+from node_e2e import (
+    COMPONENTS,
+    GPU_A_W,
+    GPU_B_W,
+    MEASURED_W,
+    NODE_W,
+    bmc_counter_at,
+    booked_total,
+    job_total,
+    wait_node_live,
+    window,
+)
 from redfish_server import RedfishBmc
-
-COMPONENTS = ("gpu", "cpu", "dram", "other")
-NODE_W, GPU_A_W, GPU_B_W, GPU_IDLE_W, PKG_W, DRAM_W = 1000.0, 420.0, 140.0, 100.0, 30.0, 10.0
-MEASURED_W = GPU_A_W + GPU_B_W + GPU_IDLE_W + PKG_W + DRAM_W  # 700 W
-
-
-def job_total(s: Scrape, job_id: str) -> float:
-    return sum(s.job_j(job_id).get(c, 0.0) for c in COMPONENTS)
-
-
-def booked_total(s: Scrape) -> float:
-    """All jobs' energy and all unattributed energy, every component."""
-    jobs = sum(v for (name, labels), v in s.metrics.items() if name == "wattprint_job_energy_joules_total")
-    return jobs + sum(s.unattributed_j(c) for c in COMPONENTS)
 
 
 def start_node(tmp_path: Path, labelled_process, remainder: str):
-    """The BMC at 1,000 W, the simulated GPUs and RAPL tree, two jobs and the daemon."""
-    a = labelled_process("node-job-a")
-    b = labelled_process("node-job-b")
-    sim = tmp_path / "sim.json"
-    write_sim(sim, [gpu(0, power_w=GPU_A_W, processes=[proc(a.pid, sm_util=90)]),
-                    gpu(1, power_w=GPU_B_W, processes=[proc(b.pid, sm_util=90)]),
-                    gpu(2, power_w=GPU_IDLE_W)])
-    tree = PowercapTree(tmp_path / "powercap")
-    zones = tree.add_package(0, dram=True, core=False)
-    feed = tree.start_feeding({zones["package"]: PKG_W, zones["dram"]: DRAM_W})
+    """The Redfish BMC at 1,000 W, then the simulated node and the daemon (tests/node_e2e.py)."""
     bmc = RedfishBmc()
     bmc.set_power(NODE_W)
     bmc.start()
     node = (f'[node]\nsource = "redfish"\nurl = "{bmc.url}"\nusername = "{bmc.username}"\n'
             f'poll_interval_s = 1.0\ntimeout_s = 1.0\nremainder = "{remainder}"\n')
-    daemon = DaemonProcess(tmp_path, sim_file=sim, powercap_root=tree.root, extra_toml=node,
-                           env={"WATTPRINT_NODE_PASSWORD": bmc.password})
-    daemon.start()
-    return daemon, bmc, feed
-
-
-def wait_node_live(daemon: DaemonProcess, timeout_s: float = 30.0) -> None:
-    """Until the node device has booked energy (its baseline tick is past)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if scrape(daemon).device_j("node", "node") > 0:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no node energy booked:\n{daemon.log_tail()}")
-
-
-def window(daemon: DaemonProcess, ticks: int) -> tuple[Scrape, Scrape, float]:
-    wait_ticks(daemon, 1)
-    first = scrape(daemon)
-    wait_ticks(daemon, ticks)
-    last = scrape(daemon)
-    return first, last, last.tick_at - first.tick_at
-
-
-def bmc_counter_at(bmc: RedfishBmc, tick_at: float, power_w: float) -> float:
-    """The BMC's counter at wall time ``tick_at`` (read now, less the steady power since)."""
-    return bmc.energy_j() - power_w * (time.time() - tick_at)
+    try:
+        started = node_e2e.start_node(tmp_path, labelled_process, node, env={"WATTPRINT_NODE_PASSWORD": bmc.password})
+    except BaseException:
+        bmc.stop()
+        raise
+    return started.daemon, bmc, started.feed
 
 
 def test_proportional_node_power_is_each_jobs_share_of_the_wall_meter(tmp_path, labelled_process):
