@@ -41,9 +41,9 @@ def cpu(r: dict[str, Any], who: str) -> float | None:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| scenario | before CPU | after CPU | after / before | floor CPU | codecarbon CPU "
-             "| before / floor | after / floor | after / codecarbon | tick p99 before / after (ms) "
-             "| tick max before / after (ms) | RSS steady before / after (MiB) | codecarbon RSS | load 1m start / end |",
+    lines = [("| scenario | before CPU | after CPU | after / before | floor CPU | codecarbon CPU "
+              "| before / floor | after / floor | after / codecarbon | tick p99 before / after (ms) "
+              "| tick max before / after (ms) | RSS steady before / after (MiB) | codecarbon RSS | load 1m start / end |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         b, a, f, c = (cpu(r, k) for k in ("before", "wattprint", "floor", "codecarbon"))
@@ -122,8 +122,7 @@ def main() -> int:
     text = (f"Machine: {m['cpus']} x {m['cpu']}, {m['mem_gib']} GiB, Linux {m['kernel']}, Python {m['python']}; "
             + (f"after = {args.baseline} + the working tree's {', '.join(overlay)}; " if overlay else
                f"after = commit {m['commit']} + uncommitted {', '.join(m['uncommitted_daemon_files']) or 'nothing'}; ")
-            + 
-            f"before = {args.baseline}; {m['date']}; {args.seconds:g} s windows.\n\n"
+            + f"before = {args.baseline}; {m['date']}; {args.seconds:g} s windows.\n\n"
             + table(results) + "\n\nDerived (ms of CPU): " + json.dumps(out["derived"]) + "\n")
     print(text)
     if args.json:

@@ -57,6 +57,17 @@ first has a trustworthy value or is back after a gap) counts as none. The remain
   energy books all of it unattributed.
 - ``unattributed``: all of it stays unattributed.
 
+A node reading that covers more than this tick (the node source books the counter's
+difference across a gap, a span with no node figure, in the first tick after it, with
+``interval_s`` the whole span): the engine hands ``attribute`` the measured energy of
+the earlier ticks of that span that had no node figure of their own (``SpanMeasured``,
+from the job book's window), and the remainder is ``other`` = node energy - (those
+ticks' measured energy + this tick's), never negative; under ``proportional`` it is
+split by each job's and the unattributed measured energy over the whole span, so a job
+that ran in the gap gets its share even if it has ended since (it appears in
+``job_energy_j`` with only ``other``). Those earlier ticks were booked as without a
+BMC: what they measured stays as booked.
+
 Either way jobs + unattributed of ``other`` equals the remainder, so on a tick whose
 node reading is at least the measured components, all jobs' and unattributed energy
 (every component) equals the node's energy.
@@ -179,13 +190,26 @@ def _remainder(device_j: float, jobs: dict[str, dict[str, float]], component: st
     return max(0.0, device_j - sum(e[component] for e in jobs.values()))
 
 
+@dataclass(frozen=True, slots=True)
+class SpanMeasured:
+    """The measured (gpu + cpu + dram) energy of the earlier ticks a node reading
+    covers that had no node figure of their own: all of it, and per job (a job not
+    listed, or the rest of ``measured_j``, was unattributed)."""
+
+    measured_j: float
+    job_measured_j: Mapping[str, float]
+
+
 def attribute(
     readings: Sequence[DeviceReading],
     view: ProcessView,
     idle_policy: str = "unattributed",
     gpu_idle_floor_w: Mapping[str, float] | None = None,
     remainder_policy: str = "proportional",
+    span: SpanMeasured | None = None,
 ) -> Attribution:
+    """One tick's attribution (see the module docstring); ``span``: the earlier ticks
+    a multi-tick node reading covers (None: it covers this tick only)."""
     jobs: dict[str, dict[str, float]] = {j.identity.job_id: {c: 0.0 for c in COMPONENTS} for j in view.jobs}
     sources: dict[str, dict[str, str]] = {}
     device_j = {c: 0.0 for c in COMPONENTS}
@@ -255,13 +279,22 @@ def attribute(
     method = ",".join(node_methods)
     if node_j is not None:
         measured_j = sum(device_j[c] for c in MEASURED_COMPONENTS)
+        weights = {job_id: sum(energy[c] for c in MEASURED_COMPONENTS) for job_id, energy in jobs.items()}
+        if span is not None:  # the node reading covers earlier ticks with no node figure too
+            measured_j += span.measured_j
+            for job_id, j in span.job_measured_j.items():
+                weights[job_id] = weights.get(job_id, 0.0) + j
         other_j = node_j - measured_j
         if other_j < 0.0:
             node_below_j, other_j = -other_j, 0.0
         device_j["other"] = other_j
         if remainder_policy == "proportional" and measured_j > 0.0 and other_j > 0.0:
-            for job_id, energy in jobs.items():
-                share = other_j * sum(energy[c] for c in MEASURED_COMPONENTS) / measured_j
+            for job_id, weight in weights.items():
+                if job_id not in jobs:  # ran in the span, not in this tick (ended since)
+                    if weight <= 0.0:
+                        continue
+                    jobs[job_id] = {c: 0.0 for c in COMPONENTS}
+                share = other_j * weight / measured_j
                 book(job_id, "other", share, node_source or "power")
                 if share > 0.0 and method:
                     sources[job_id]["node"] = method

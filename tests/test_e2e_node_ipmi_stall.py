@@ -14,14 +14,18 @@ The node is tests/node_e2e.py's: GPUs and CPU/DRAM at 700 W (job A's GPU 420 W, 
   ``max_age_s = 3``. Every tick stays on time (the tick counter advances with the
   clock, no ``wattprint_tick_overruns_total``, ``wattprint_tick_duration_seconds`` well
   under the 1 s interval); the ``node`` health part is degraded during the stall and ok
-  after; once the held power is older than ``max_age_s`` nothing is booked for the node
-  (its total stops growing) and those ticks book only the measured components, the
-  first counter value after the stall being a new baseline (daemon/sources/node/
-  source.py). The totals: outside the stall the node's total equals the BMC's counter
-  difference (the test server's own integration) within 2 %; over the whole run it is
-  that difference less the BMC power x the span with no node figure (what the measured
-  components alone were booked for: booked - node = 700 W x that span), within 2 %;
-  never more than the counter says.
+  after; once the held power is older than ``max_age_s`` the ticks have no node figure
+  (the node's total stops growing, those ticks book the measured components), and the
+  first counter value after the stall books the counter's difference over the whole
+  gap in one reading covering that span (daemon/sources/node/source.py), its remainder
+  split by the jobs' measured energy over the span (daemon/engine/book.py). The totals:
+  before and after the stall the node's total equals the BMC's counter difference (the
+  test server's own integration) within 2 %, and over the whole run too, the stall
+  included (2 % plus the counter's arrival lag at either end: a counter value is booked
+  in the first tick after it arrives, so the node's total trails the counter by less
+  than one tick x the BMC's power); jobs + unattributed = node over the whole run;
+  jobs A and B get 60 % and 20 % of the node's energy over the whole run within 2 %. (IPMI has no counter: its gaps stay unbooked,
+  tests/test_node_gap.py.)
 """
 
 from __future__ import annotations
@@ -149,7 +153,11 @@ def test_a_10s_bmc_stall_keeps_every_tick_on_time_and_the_totals_right(tmp_path:
         s0, s1, t01 = window(daemon, 5)
         c0, c1 = bmc_counter_at(bmc, s0.tick_at, NODE_W), bmc_counter_at(bmc, s1.tick_at, NODE_W)
         assert t01 >= 3.0
-        assert node_j(s1) - node_j(s0) == pytest.approx(c1 - c0, rel=0.02)
+        # A counter value is booked in the first tick after it arrives (the held power
+        # meanwhile): the node's total at a tick trails the counter by under one tick's
+        # worth of energy, at each end of a window.
+        lag_j = NODE_W * INTERVAL_S
+        assert abs((node_j(s1) - node_j(s0)) - (c1 - c0)) <= 0.02 * (c1 - c0) + lag_j, (node_j(s1) - node_j(s0), c1 - c0)
         assert health_state(daemon, "node") == "ok"
 
         # The stall: every answer waits 10 s (the client gives up after timeout_s = 1 s).
@@ -197,22 +205,30 @@ def test_a_10s_bmc_stall_keeps_every_tick_on_time_and_the_totals_right(tmp_path:
 
         # The totals. After the stall: the counter's difference again.
         assert t23 >= 3.0
-        assert node_j(s3) - node_j(s2) == pytest.approx(c3 - c2, rel=0.02)
+        assert abs((node_j(s3) - node_j(s2)) - (c3 - c2)) <= 0.02 * (c3 - c2) + lag_j, (node_j(s3) - node_j(s2), c3 - c2)
         assert booked_total(s3) - booked_total(s2) == pytest.approx(node_j(s3) - node_j(s2), rel=1e-6)
         assert job_total(s3, a_id) - job_total(s2, a_id) == pytest.approx(600.0 * t23, rel=0.02)
         assert job_total(s3, b_id) - job_total(s2, b_id) == pytest.approx(200.0 * t23, rel=0.02)
-        # Over the whole run: the ticks with no node figure booked only the measured
-        # components (700 W); the node's total is the counter's difference less the
-        # BMC's power over that span, and never more than the counter says.
+        # Over the whole run, the stall included: the node's total is the counter's
+        # difference (the gap booked from the counter when the BMC answered again), every
+        # joule of it booked once (jobs + unattributed), and each job's share of it.
         node_run = node_j(s3) - node_j(s0)
-        gap_measured_j = (booked_total(s3) - booked_total(s0)) - node_run
-        gap_s = gap_measured_j / MEASURED_W
-        # (dark from max_age_s after the last answer before the stall until the first
-        # answer after it, which is a new baseline; the reads time out after 1 s)
-        stall_s = mono_end - mono0
-        assert stall_s - MAX_AGE_S - 1.0 * INTERVAL_S <= gap_s <= stall_s + 4.0 * INTERVAL_S, (gap_s, stall_s)
-        assert node_run == pytest.approx((c3 - c0) - NODE_W * gap_s, rel=0.02)
-        assert node_run <= (c3 - c0) * 1.005
+        t03 = s3.tick_at - s0.tick_at
+        assert t03 >= STALL_S
+        # (A counter value is booked in the first tick after it arrives, the held power
+        # after it: the node's total at a tick trails the counter by the energy since
+        # that value's reading time, under one tick's worth, at s0 as at s3. Without the
+        # gap booked the run would be short by the BMC's power x the ~10 s stall.)
+        assert abs(node_run - (c3 - c0)) <= 0.02 * (c3 - c0) + lag_j, (node_run, c3 - c0)
+        assert node_run > (c3 - c0) - NODE_W * (STALL_S - MAX_AGE_S) / 2.0  # far from "gap not booked"
+        assert booked_total(s3) - booked_total(s0) == pytest.approx(node_run, rel=1e-6)
+        # Each job's share of the wall meter over the whole run, the gap included:
+        # A 600 W and B 200 W of the node's 1,000 W (and the time check with the lag).
+        a_run = job_total(s3, a_id) - job_total(s0, a_id)
+        b_run = job_total(s3, b_id) - job_total(s0, b_id)
+        assert a_run == pytest.approx(0.6 * node_run, rel=0.02)
+        assert b_run == pytest.approx(0.2 * node_run, rel=0.02)
+        assert abs(a_run - 600.0 * t03) <= 0.02 * 600.0 * t03 + 0.6 * lag_j
         assert s3.counter("wattprint_node_below_components_total") == 0.0
         assert s3.counter("wattprint_node_counter_resets_total") == 0.0
         assert s3.counter("wattprint_node_implausible_steps_total") == 0.0

@@ -17,11 +17,15 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-
 from test_prometheus_exporter import NASTY, NASTY_USER, full_snapshot
 from wattprint.daemon.model import JobTotals, Snapshot
 from wattprint.exporters import prometheus as prom
-from wattprint.exporters.prometheus import BuildInfoCollector, SnapshotCollector, build_registry, render
+from wattprint.exporters.prometheus import (
+    BuildInfoCollector,
+    SnapshotCollector,
+    build_registry,
+    render,
+)
 
 
 class Static:

@@ -14,9 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from wattprint.daemon.procs import ProcessTracker
-from wattprint.daemon.procs.scan import PAGE_SIZE, PidLister, parse_stat, parse_stat_bytes
+from wattprint.daemon.procs.scan import (
+    PAGE_SIZE,
+    PidLister,
+    parse_stat,
+    parse_stat_bytes,
+)
 
 N_IDLE = 60
 

@@ -20,6 +20,15 @@ the oldest-ended first beyond ``max_finished_in_metrics``.
 
 Time: the wall clock only says which ledger bucket (and slot) a tick lands in and
 stamps the outputs, so a wall clock step moves where energy is booked, never how much.
+
+Node gaps: ``MeasuredWindow`` keeps, for the last ``MEASURED_WINDOW_S`` on the
+monotonic clock, the measured (gpu + cpu + dram) energy, per job and in all, of the
+ticks that had no node figure (only with a node source: the engine feeds it). A node reading that covers more than its tick (the node
+source's booking of a gap, ``interval_s`` = the span) is compared with the measured
+energy of the ticks of that span that had no node figure (``span_before``), and its
+remainder goes to the jobs that ran in it: a job that has ended since still gets its
+share while it is in the book (its totals and the ledger's row, its life left as it
+was; ``JobTick.running`` False).
 """
 
 from __future__ import annotations
@@ -27,17 +36,70 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
-from ..attribution import Attribution
+from ..attribution import Attribution, SpanMeasured
 from ..carbon import IntensityBook, co2e_g
 from ..ledger import BASIS_RANK, JobTick, Ledger, TickRow
-from ..model import (COMPONENTS, DeviceReading, DeviceState, Intensity, JobIdentity, JobRef, JobTotals,
+from ..model import (COMPONENTS, MEASURED_COMPONENTS, DeviceReading, DeviceState, Intensity, JobIdentity, JobRef, JobTotals,
                      SettledBucket, SourceHealth, Snapshot, TickRecord)
 from ..procs import ProcessView
 
 log = logging.getLogger("wattprint.engine")
+
+# How far back the measured energy of ticks is kept for node readings that cover a gap
+# (the node source books a gap of at most its MAX_GAP_S = 600 s; a margin on top).
+MEASURED_WINDOW_S = 660.0
+SPAN_EDGE_S = 1e-3  # the tick at exactly now - span is the span's start: not in it
+
+
+@dataclass(frozen=True, slots=True)
+class _TickMeasured:
+    mono: float
+    measured_j: float
+    job_measured_j: dict[str, float]
+
+
+class MeasuredWindow:
+    """The recent ticks' measured energy (module docstring), oldest first, bounded by
+    ``keep_s`` on the monotonic clock. Only ticks with no node figure are kept (the
+    others are never part of a gap), so with a BMC that answers it stays empty."""
+
+    def __init__(self, keep_s: float = MEASURED_WINDOW_S) -> None:
+        self.keep_s = keep_s
+        self._ticks: deque[_TickMeasured] = deque()
+
+    def add(self, now_mono: float, att: Attribution) -> None:
+        """Remember this tick (after its attribution) if it had no node figure."""
+        if att.node_j is None:
+            jobs = {job_id: j for job_id, energy in att.job_energy_j.items()
+                    if (j := sum(energy.get(c, 0.0) for c in MEASURED_COMPONENTS)) > 0.0}
+            measured = sum(att.device_j.get(c, 0.0) for c in MEASURED_COMPONENTS)
+            self._ticks.append(_TickMeasured(now_mono, measured, jobs))
+        while self._ticks and now_mono - self._ticks[0].mono > self.keep_s:
+            self._ticks.popleft()
+
+    def span_before(self, now_mono: float, span_s: float, known_jobs: set[str] | None = None) -> SpanMeasured | None:
+        """The measured energy of the ticks in (now - span_s, now) that had no node
+        figure; None when there are none (the usual tick). A job not in ``known_jobs``
+        (no longer in the book) counts as unattributed."""
+        start = now_mono - span_s + SPAN_EDGE_S
+        measured = 0.0
+        jobs: dict[str, float] = {}
+        found = False
+        for t in reversed(self._ticks):
+            if t.mono <= start:
+                break
+            if t.mono >= now_mono:
+                continue
+            found = True
+            measured += t.measured_j
+            for job_id, j in t.job_measured_j.items():
+                if known_jobs is None or job_id in known_jobs:
+                    jobs[job_id] = jobs.get(job_id, 0.0) + j
+        return SpanMeasured(measured, jobs) if found else None
 
 
 @dataclass
@@ -100,6 +162,7 @@ class JobBook:
         self.unattributed_total: dict[str, float] = {c: 0.0 for c in COMPONENTS}
         self.counters: dict[str, float] = {"gpu_invisible_process_energy_joules_total": 0.0}
         self.tick = 0
+        self.window = MeasuredWindow()  # recent ticks' measured energy (node gaps)
         self._restored = False
         # The current bucket and the value booked for each of its slots (slot_start -> value)
         self._slot_values: tuple[int, dict[int, Intensity]] | None = None
@@ -144,20 +207,7 @@ class JobBook:
             if st is None:
                 st = self.jobs[ident.job_id] = _JobState(ident, {c: 0.0 for c in COMPONENTS}, 0.0)
             st.running, st.ended_at = True, None
-            tick_j = 0.0
-            for c in COMPONENTS:
-                st.energy_j[c] += energy.get(c, 0.0)
-                tick_j += energy.get(c, 0.0)
-            # CO2e: this tick's energy x the value of the provider interval (slot) holding it.
-            st.co2e_g += co2e_g(tick_j, g_per_kwh, self.pue)
-            if st.bucket_start != bucket:  # (after a restart the bucket may hold energy already)
-                st.bucket_start, st.slot_j = bucket, self._stored_slot_j(ident.job_id, bucket)
-            if tick_j:  # as the ledger books it (job_slots)
-                st.slot_j[slot] = st.slot_j.get(slot, 0.0) + tick_j
-            grams, mean_g, status = self._bucket_co2e(st.slot_j)
-            bucket_co2e[ident.job_id] = grams
-            if mean_g is not None:
-                bucket_g[ident.job_id], bucket_status[ident.job_id] = mean_g, status
+            self._add_job_energy(st, energy, bucket, slot, g_per_kwh, bucket_co2e, bucket_g, bucket_status)
             job_ticks.append(JobTick(
                 identity=ident, energy_j=energy, gpu_seconds=att.gpu_seconds.get(ident.job_id, 0.0),
                 gpu_memory_bytes=att.gpu_memory_bytes.get(ident.job_id, 0),
@@ -166,6 +216,19 @@ class JobBook:
                 sources=dict(att.job_sources.get(ident.job_id, {})),
                 steps=usage.steps,
             ))
+        # Jobs no longer running that got a share of a node gap's remainder (attribution:
+        # they ran in the span it covers): booked, their life left as it was.
+        refs = {u.identity.job_id: JobRef(u.identity.job_id, u.identity.label, u.identity.user, u.identity.uid)
+                for u in view.jobs}
+        for job_id, energy in att.job_energy_j.items():
+            st = self.jobs.get(job_id)
+            if job_id in refs or st is None:
+                continue
+            self._add_job_energy(st, energy, bucket, slot, g_per_kwh, bucket_co2e, bucket_g, bucket_status)
+            ident = st.identity
+            refs[job_id] = JobRef(job_id, ident.label, ident.user, ident.uid)
+            job_ticks.append(JobTick(identity=ident, energy_j=energy, gpu_seconds=0.0, gpu_memory_bytes=0,
+                                     sources=dict(att.job_sources.get(job_id, {})), running=False))
 
         device_rows = [(r.kind, r.device, r.energy_j, r.source) for r in readings]
         self._add_device_totals(readings, att)
@@ -174,8 +237,7 @@ class JobBook:
             sampled_at=wall,
             interval_s=max((r.interval_s for r in readings), default=interval_s),
             readings=tuple(readings),
-            jobs={u.identity.job_id: JobRef(u.identity.job_id, u.identity.label, u.identity.user, u.identity.uid)
-                  for u in view.jobs},
+            jobs=refs,
             job_energy_j=att.job_energy_j,
             unattributed_j=att.unattributed_j,
             bucket_start=bucket,
@@ -187,6 +249,27 @@ class JobBook:
         )
         row = TickRow(wall, job_ticks, device_rows, dict(att.unattributed_j), intensity, ended)
         return BookedTick(record, row, intensity)
+
+    def _add_job_energy(self, st: _JobState, energy: Mapping[str, float], bucket: int, slot: int,
+                        g_per_kwh: float, bucket_co2e: dict[str, float], bucket_g: dict[str, float],
+                        bucket_status: dict[str, str]) -> None:
+        """Add a job's energy of this tick to its totals, CO2e and bucket (per slot), and
+        its bucket's figures to the record's maps."""
+        job_id = st.identity.job_id
+        tick_j = 0.0
+        for c in COMPONENTS:
+            st.energy_j[c] += energy.get(c, 0.0)
+            tick_j += energy.get(c, 0.0)
+        # CO2e: this tick's energy x the value of the provider interval (slot) holding it.
+        st.co2e_g += co2e_g(tick_j, g_per_kwh, self.pue)
+        if st.bucket_start != bucket:  # (after a restart the bucket may hold energy already)
+            st.bucket_start, st.slot_j = bucket, self._stored_slot_j(job_id, bucket)
+        if tick_j:  # as the ledger books it (job_slots)
+            st.slot_j[slot] = st.slot_j.get(slot, 0.0) + tick_j
+        grams, mean_g, status = self._bucket_co2e(st.slot_j)
+        bucket_co2e[job_id] = grams
+        if mean_g is not None:
+            bucket_g[job_id], bucket_status[job_id] = mean_g, status
 
     def _end_jobs_gone(self, view: ProcessView, wall: float) -> list[tuple[str, float]]:
         """Job lifecycle: a job ends when its last process is gone (a restored job not

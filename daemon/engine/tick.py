@@ -27,7 +27,9 @@ unattributed). A failing sink degrades ``sinks``, never the tick. Source reads a
 their deadline: reader.py; the store's backlog and retention: store.py. A node
 reading below the measured components (attribution books the remainder ``other`` as
 0) is counted in ``node_below_components_total`` and holds ``node`` degraded while it
-lasts (``[node] remainder`` is ``remainder_policy``).
+lasts (``[node] remainder`` is ``remainder_policy``). A node reading that covers a gap
+(more than its tick) is compared with the measured energy of the gap's ticks, kept in
+the book's window (book.py, "Node gaps").
 
 Order within a tick: the sinks (the InfluxDB spool's durable append) get the tick
 before the store commits it, so a crash between the two leaves InfluxDB with a
@@ -112,6 +114,7 @@ class Engine:
                                              "node_below_components_total": 0.0})
     _gpu_idle: GpuIdleFloor = field(init=False, default_factory=GpuIdleFloor)  # per GPU: lowest power, no process
     _last_tick_error: str = field(init=False, default="")
+    _has_node: bool = field(init=False, default=False)  # a node source (health name "node") is read
 
     def __post_init__(self) -> None:
         # Health parts in this order: the sources, processes, store.
@@ -119,6 +122,7 @@ class Engine:
         self.health.register("processes")
         self.store = StoreWriter(self.ledger, self.health)
         self.book = JobBook(self.ledger, self.pue, self.finished_grace_s, self.max_finished_in_metrics)
+        self._has_node = any(getattr(s, "name", "") == NODE_HEALTH for s in self.sources)
 
     def restore(self, job_rows: dict[str, dict], co2e_g: dict[str, float]) -> None:
         """Continue jobs that were running when the daemon last stopped."""
@@ -130,7 +134,7 @@ class Engine:
         started = time.perf_counter()
         readings = self.reader.read(now_mono, self._read_budget_s())
         view = self._observe_processes(now_mono, readings)
-        att = self._attribute(readings, view)
+        att = self._attribute(readings, view, now_mono)
         booked = self.book.book_tick(wall, readings, view, att, self.intensity, self.interval_s)
         feed(self.sinks, booked.record, self.health)
         self.store.write(booked.row)
@@ -161,10 +165,17 @@ class Engine:
             view = ProcessView(jobs=(), pid_to_job={}, cpu_busy_s=0.0, mem_used_bytes=0, scanned=False)
         return view
 
-    def _attribute(self, readings: Sequence[DeviceReading], view: ProcessView) -> Attribution:
-        """Split each device's energy over the jobs (GPU idle floor learnt first)."""
+    def _attribute(self, readings: Sequence[DeviceReading], view: ProcessView, now_mono: float) -> Attribution:
+        """Split each device's energy over the jobs (GPU idle floor learnt first). A node
+        reading that covers a span (a gap the node source booked from its counter) is
+        compared with the measured energy of that span's earlier ticks with no node
+        figure (the book's window)."""
         self._gpu_idle.observe(readings)
-        att = attribute(readings, view, self.idle_policy, self._gpu_idle.floor_w, self.remainder_policy)
+        span_s = max((r.interval_s for r in readings if r.kind == "node" and r.energy_j > 0.0), default=0.0)
+        span = self.book.window.span_before(now_mono, span_s, set(self.book.jobs)) if span_s > 0.0 else None
+        att = attribute(readings, view, self.idle_policy, self._gpu_idle.floor_w, self.remainder_policy, span)
+        if self._has_node:  # (without a node source no reading ever covers a gap)
+            self.book.window.add(now_mono, att)
         self._check_node(att)
         return att
 

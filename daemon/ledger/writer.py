@@ -71,6 +71,9 @@ class JobTick:
     gpu_memory_bytes: int
     sources: Mapping[str, str]  # component -> counter | power | estimate
     steps: frozenset[str] = frozenset()  # Slurm steps of its processes in this tick
+    # False: a job that has ended, booked a share of a node gap's remainder (engine/book.py):
+    # its energy is added, its state, last_seen and ended_at are left as they are.
+    running: bool = True
 
 
 # jobs.<component>_j += ? for every component (names from COMPONENTS only; values bound)
@@ -231,13 +234,14 @@ class Ledger:
                 c.executemany("INSERT INTO slurm_steps VALUES (?, ?) ON CONFLICT DO NOTHING",
                               [(ident.job_id, step) for step in sorted(jt.steps)])
             merge_sql, merge_params = _sources_merge(jt.sources)
+            life_sql = "last_seen=?, state='running', ended_at=NULL," if jt.running else ""
             c.execute(
-                f"""UPDATE jobs SET last_seen=?, state='running', ended_at=NULL,
+                f"""UPDATE jobs SET {life_sql}
                        gpu_seconds=gpu_seconds+?, peak_gpu_memory_bytes=max(peak_gpu_memory_bytes, ?),
                        {_ENERGY_SET_SQL},
                        sources={merge_sql}
                    WHERE id=?""",
-                (wall_s, jt.gpu_seconds, jt.gpu_memory_bytes,
+                (*((wall_s,) if jt.running else ()), jt.gpu_seconds, jt.gpu_memory_bytes,
                  *(jt.energy_j.get(comp, 0.0) for comp in COMPONENTS),
                  *merge_params, ident.job_id),
             )

@@ -30,10 +30,10 @@ from .grouping import TrackedProc, group_jobs
 from .labels import LabelCap, effective_capabilities, label_problem_text, read_label_checked
 from .scan import (
     CLK_TCK,
-    ProcStat,
-    StatFiles,
     PROBE_MAX_PIDS,
     PidLister,
+    ProcStat,
+    StatFiles,
     boot_time_s,
     is_process,
     last_pid,

@@ -19,8 +19,16 @@ Energy per tick:
   is stale: not used, counted (``node_stale_readings_total``), health degraded. When
   the held power is older than ``max_age_s`` (stale readings, or the BMC has not
   answered), ``read`` returns ``[]``: nothing is booked for those ticks (they have no
-  node figure), and the next counter value is a new baseline, not a difference over
-  the gap.
+  node figure). With an energy counter the gap is booked when the BMC is back: if the
+  counter did not go back and its step is plausible for the whole span, the first
+  fresh tick books the counter difference not yet booked (since the last counter
+  value, less the held power booked after it) in one reading whose ``interval_s`` is
+  the whole span since the last tick that had a node figure (attribution compares it
+  with the measured energy of all the ticks it covers; a gap longer than ``MAX_GAP_S``
+  is a new baseline). Without a counter (power
+  only, as IPMI) nothing measured the gap: it is not booked, and the first fresh
+  reading is a new baseline (0 J); so is one after a reset or an implausible step
+  during the gap.
 - A counter that went back is a reset (``node_counter_resets_total``) and one that
   rose faster than ``MAX_NODE_POWER_W`` allows is implausible
   (``node_implausible_steps_total``): either is re-baselined, its step not booked
@@ -50,6 +58,10 @@ log = logging.getLogger("wattprint.node")
 # A node's input power above this is no hardware's: a counter step implying more is
 # implausible (the largest single servers draw about 15 kW; a rack-scale tray less).
 MAX_NODE_POWER_W = 100_000.0
+# The longest gap booked from the counter when the BMC is back: the engine compares such a
+# reading with the measured energy of the ticks it covers, which it keeps this long at
+# least (daemon/engine/book.py MEASURED_WINDOW_S). A longer gap is a new baseline.
+MAX_GAP_S = 600.0
 DEVICE = "node"
 
 
@@ -107,6 +119,9 @@ class NodeSource:
         self._correction_j = 0.0  # to book in this tick (counter difference - booked)
         self._debt_j = 0.0  # a negative correction not yet taken from ticks
         self._live = False  # the last tick returned a reading (booking is continuous)
+        self._last_live_mono: float | None = None  # the last tick that returned a reading
+        self._gap_steps = False  # a good counter step was taken while dark (the gap is measured)
+        self._gap_broken = False  # a reset / implausible step while dark (the gap is lost)
         self._stale_episode = False
         self._counter_episode = ""  # "reset" | "implausible" while unresolved
         self._thread: threading.Thread | None = None
@@ -164,14 +179,26 @@ class NodeSource:
         for p in pending:
             self._take(p)
         if not self._fresh(now_mono_s):
+            self._correction_j += held_j  # counted as booked above, but this tick books nothing
             self._go_dark()
             return []
-        if not self._live:  # first trustworthy reading (or back after a gap): a baseline tick
-            self._live = True
-            self._correction_j = 0.0
+        if not self._live:  # first trustworthy reading (or back after a gap)
+            gap_booked = (self._gap_steps and not self._gap_broken and self._last_live_mono is not None
+                          and now_mono_s - self._last_live_mono <= MAX_GAP_S)
+            since = self._last_live_mono
+            self._live, self._last_live_mono = True, now_mono_s
+            self._gap_steps = self._gap_broken = False
+            if gap_booked and since is not None:  # the counter measured the gap: book it, over its span
+                energy = self._correction_j - self._debt_j
+                self._correction_j = self._debt_j = 0.0
+                if energy < 0.0:
+                    self._debt_j, energy = -energy, 0.0
+                return [self._reading(energy, max(0.0, now_mono_s - since))]
+            self._correction_j = 0.0  # a baseline tick
             self._debt_j = 0.0
             self._held_since_anchor_j = 0.0
             return [self._reading(0.0, dt)]
+        self._last_live_mono = now_mono_s
         energy = held_j + self._correction_j - self._debt_j
         self._correction_j = 0.0
         self._debt_j = 0.0
@@ -188,12 +215,12 @@ class NodeSource:
         return self._power_w is not None and now_mono_s - self._power_at_mono <= self.max_age_s
 
     def _go_dark(self) -> None:
-        """No trustworthy power: nothing booked, and the next counter value is a baseline
-        (its difference covers ticks that had no node figure)."""
+        """No trustworthy power: nothing booked for this tick. What the counter said and
+        what was booked since its last value are kept: a good counter step while dark
+        (``_take_counter``) adds the unbooked difference to the correction, which the
+        first fresh tick books over the whole gap; without one (no counter, a reset) that
+        tick is a new baseline."""
         self._live = False
-        self._correction_j = 0.0
-        self._debt_j = 0.0
-        self._held_since_anchor_j = 0.0
 
     def _take(self, p: _Pending) -> None:
         """Fold one BMC sample into the state (on the tick's thread)."""
@@ -232,20 +259,21 @@ class NodeSource:
                 self._counters["node_counter_resets_total"] += 1
             self._counter_episode = "reset"
             self._held_since_anchor_j = 0.0  # the held power stands for that span
+            self._gap_broken = self._gap_broken or not self._live  # a gap across a reset: re-baselined
             return
-        if step > MAX_NODE_POWER_W * span:
+        if step > MAX_NODE_POWER_W * span:  # implausible for the span (a whole gap's, while dark)
             with self._lock:
                 self._counters["node_implausible_steps_total"] += 1
             self._counter_episode = "implausible"
             self._held_since_anchor_j = 0.0
+            self._gap_broken = self._gap_broken or not self._live
             return
         self._counter_episode = ""
         if derive_power:  # a counter without a power sensor: the power is its rate
             self._power_w = step / span
             self._power_at_mono = at_mono
-        if not self._live:  # back after a gap: the step covers ticks with no node figure, a baseline
-            self._held_since_anchor_j = 0.0
-            return
+        if not self._live:  # while dark: the step (less what was booked since the anchor) is the gap's
+            self._gap_steps = True
         self._correction_j += step - self._held_since_anchor_j
         self._held_since_anchor_j = 0.0
 
@@ -267,7 +295,8 @@ class NodeSource:
                        "re-baselined, that span booked from power")
         if not out and self._power_w is not None and self._last_read_mono is not None \
                 and not self._fresh(self._last_read_mono):
-            out.append(f"no fresh BMC reading for more than max_age_s ({self.max_age_s:g} s); node energy not booked")
+            out.append(f"no fresh BMC reading for more than max_age_s ({self.max_age_s:g} s); node energy not booked "
+                       "(with an energy counter, the gap is booked when the BMC answers again)")
         return out
 
     def counters(self) -> dict[str, float]:
