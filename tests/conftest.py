@@ -11,8 +11,10 @@ import pytest
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from redfish_server import RedfishBmc
     from slurm import SlurmCluster
 
+from gpusim import FakeClock
 from processes import Processes
 from servers import (
     BackgroundApp,
@@ -142,6 +144,33 @@ def labelled_process_module() -> Iterator[Processes]:
 def tag() -> str:
     """A per-test tag: every label a test sets carries it, and only those are looked at."""
     return uuid.uuid4().hex[:8]
+
+
+# ------------------------------------------------------------------------- GPU simulators
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A hand-moved clock at t = 1000 s for the NVML / amdsmi simulators (tests/gpusim.py)."""
+    return FakeClock()
+
+
+@pytest.fixture
+def sim_path(tmp_path: Path) -> Path:
+    """Where a test writes its GPU sim file (tests/gpusim.py ``write_sim``)."""
+    return tmp_path / "gpus.json"
+
+
+@pytest.fixture
+def bmc() -> Iterator[RedfishBmc]:
+    """A started Redfish test BMC (tests/redfish_server.py), stopped afterwards."""
+    from redfish_server import RedfishBmc
+
+    server = RedfishBmc().start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # ------------------------------------------------------------------------- engine

@@ -7,7 +7,9 @@ top-level keys (``realistic``, ``driver_loaded``, ``pid_namespace``, ``vendor``,
 ``amdgpu_loaded``, ``amdsmi_api``). ``gpu`` (either vendor), ``proc`` (NVIDIA),
 ``amd_proc`` and ``mig_instance`` build the entries with the defaults tests usually
 want. The keys are documented in the simulators' module docstrings;
-tests/nvml_captures.py builds GPU entries from real captures.
+tests/nvml_captures.py builds GPU entries from real captures. ``FakeClock`` is the
+hand-moved clock the simulators run on (fixtures ``clock`` and ``sim_path`` in
+tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -104,3 +106,15 @@ def write_raw(path: str | os.PathLike[str], text: str) -> Path:
             pass
         raise
     return target
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand (``clock.t = ...``); the simulators and
+    the GPU collector take it as ``clock``. The ``clock`` fixture (tests/conftest.py)
+    gives a fresh one at t = 1000 s."""
+
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t

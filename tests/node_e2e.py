@@ -81,6 +81,16 @@ def wait_node_live(daemon: DaemonProcess, timeout_s: float = 30.0) -> None:
     raise AssertionError(f"no node energy booked:\n{daemon.log_tail()}")
 
 
+def jobs_live(daemon: DaemonProcess) -> tuple[str, str]:
+    """Jobs A and B's ids, once the daemon shows both and the node device books energy,
+    two ticks later (so a window that starts now has every baseline behind it)."""
+    a_id = daemon.wait_for_job(JOB_A)["id"]
+    b_id = daemon.wait_for_job(JOB_B)["id"]
+    wait_node_live(daemon)
+    wait_ticks(daemon, 2)
+    return a_id, b_id
+
+
 def window(daemon: DaemonProcess, ticks: int) -> tuple[Scrape, Scrape, float]:
     """Two scrapes ``ticks`` ticks apart and the daemon's tick time between them."""
     wait_ticks(daemon, 1)

@@ -18,31 +18,13 @@ from wattprint.daemon.sources.gpu.amd import AmdSmiGpuSource, AmdVendor, open_am
 from wattprint.daemon.sources.gpu.policy import GpuSource
 
 try:
-    from gpusim import amd_proc, gpu, write_sim
+    from gpusim import FakeClock, amd_proc, gpu, write_sim
 except ImportError:  # pragma: no cover - tests/ not on sys.path
     sys.path.insert(0, str(Path(__file__).parent))
-    from gpusim import amd_proc, gpu, write_sim
+    from gpusim import FakeClock, amd_proc, gpu, write_sim
 
 UNIT_J = 15.300000190734863e-6  # one accumulator unit (counter_resolution µJ, a C float)
 GIB = 1 << 30
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def sim_path(tmp_path: Path) -> Path:
-    return tmp_path / "gpus.json"
 
 
 def source(sim_path: Path, clock: FakeClock, *, euid: int = 0, quiet: bool = False) -> GpuSource:

@@ -30,31 +30,13 @@ from wattprint.daemon.sources.amdsmi_sim import (
 from wattprint.daemon.sources.nvml_sim import SimulatedNvml
 
 try:
-    from gpusim import amd_proc, gpu, proc, write_sim
+    from gpusim import FakeClock, amd_proc, gpu, proc, write_sim
 except ImportError:  # pragma: no cover - tests/ not on sys.path
     sys.path.insert(0, str(Path(__file__).parent))
-    from gpusim import amd_proc, gpu, proc, write_sim
+    from gpusim import FakeClock, amd_proc, gpu, proc, write_sim
 
 MIB = 1 << 20
 RES = ctypes.c_float(15.3).value  # rocm_smi.cc kEnergyCounterResolution, as a C float
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def sim_path(tmp_path: Path) -> Path:
-    return tmp_path / "gpus.json"
 
 
 def started(sim_path: Path, clock: FakeClock) -> SimulatedAmdSmi:

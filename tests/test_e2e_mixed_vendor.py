@@ -24,10 +24,11 @@ A second test runs an MI300X in CPX mode (eight partition devices ``amdgpu0-p<k>
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from daemon_harness import DaemonProcess, scrape, wait_ticks
+from daemon_harness import DaemonProcess, Scrape, scrape, wait_ticks
 from gpusim import amd_proc, gpu, proc, write_sim
 
 pytestmark = pytest.mark.slow
@@ -42,6 +43,27 @@ def absent_pid() -> int:
         if not os.path.exists(f"/proc/{pid}"):
             return pid
     raise RuntimeError("no free PID")
+
+
+def gpu_window(daemon: DaemonProcess, ids: dict[str, str]) -> tuple[
+        Scrape, Scrape, float, Callable[[str], float], Callable[[str], float]]:
+    """Two scrapes 8 ticks apart (after one more tick), the daemon's tick time between
+    them (at least 6 s), and the GPU energy booked between them to a job (by its key in
+    ``ids``) and to a device (by name)."""
+    wait_ticks(daemon, 1)
+    s1 = scrape(daemon)
+    wait_ticks(daemon, 8)
+    s2 = scrape(daemon)
+    t = s2.tick_at - s1.tick_at
+    assert t >= 6.0
+
+    def job(k: str) -> float:
+        return s2.job_j(ids[k])["gpu"] - s1.job_j(ids[k])["gpu"]
+
+    def dev(name: str) -> float:
+        return s2.device_j("gpu", name) - s1.device_j("gpu", name)
+
+    return s1, s2, t, job, dev
 
 
 def test_two_nvidia_two_amd_jobs_on_both(tmp_path, labelled_process, tag):
@@ -63,18 +85,7 @@ def test_two_nvidia_two_amd_jobs_on_both(tmp_path, labelled_process, tag):
     try:
         ids = {k: daemon.wait_for_job(v)["id"] for k, v in labels.items()}
         wait_ticks(daemon, 2)  # every process seen twice: engine-time baselines exist
-        wait_ticks(daemon, 1)
-        s1 = scrape(daemon)
-        wait_ticks(daemon, 8)
-        s2 = scrape(daemon)
-        t = s2.tick_at - s1.tick_at
-        assert t >= 6.0
-
-        def job(k: str) -> float:
-            return s2.job_j(ids[k])["gpu"] - s1.job_j(ids[k])["gpu"]
-
-        def dev(name: str) -> float:
-            return s2.device_j("gpu", name) - s1.device_j("gpu", name)
+        s1, s2, t, job, dev = gpu_window(daemon, ids)
 
         # Devices: simulated power x time, named per vendor.
         truth_dev = {"gpu0": NV0_W * t, "gpu1": NV1_W * t, "amdgpu0": AMD0_W * t, "amdgpu1": AMD1_W * t}
@@ -154,18 +165,7 @@ def test_mi300x_cpx_partitions_are_devices_of_their_own(tmp_path, labelled_proce
     daemon.start()
     try:
         ids = {k: daemon.wait_for_job(v)["id"] for k, v in labels.items()}
-        wait_ticks(daemon, 1)
-        s1 = scrape(daemon)
-        wait_ticks(daemon, 8)
-        s2 = scrape(daemon)
-        t = s2.tick_at - s1.tick_at
-        assert t >= 6.0
-
-        def job(k: str) -> float:
-            return s2.job_j(ids[k])["gpu"] - s1.job_j(ids[k])["gpu"]
-
-        def dev(name: str) -> float:
-            return s2.device_j("gpu", name) - s1.device_j("gpu", name)
+        s1, s2, t, job, dev = gpu_window(daemon, ids)
 
         parts = [f"amdgpu0-p{k}" for k in range(8)]
         amd_total = sum(dev(p) for p in parts) + dev("amdgpu0")

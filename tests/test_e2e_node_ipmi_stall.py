@@ -48,8 +48,8 @@ from node_e2e import (
     booked_total,
     health_state,
     job_total,
+    jobs_live,
     start_node,
-    wait_node_live,
     window,
 )
 from redfish_server import RedfishBmc
@@ -87,10 +87,7 @@ def test_ipmi_node_power_on_the_real_simulator_is_each_jobs_share(tmp_path: Path
         toml = bmc.node_config_toml(poll_interval_s=1.0, timeout_s=1.0, remainder="proportional")
         node = start_node(tmp_path, labelled_process, toml)
         daemon = node.daemon
-        a_id = daemon.wait_for_job(JOB_A)["id"]
-        b_id = daemon.wait_for_job(JOB_B)["id"]
-        wait_node_live(daemon)
-        wait_ticks(daemon, 2)
+        a_id, b_id = jobs_live(daemon)
         first, last, t = window(daemon, 8)
         assert t >= 6.0
         a = job_total(last, a_id) - job_total(first, a_id)
@@ -144,10 +141,7 @@ def test_a_10s_bmc_stall_keeps_every_tick_on_time_and_the_totals_right(tmp_path:
                 f'poll_interval_s = 1.0\ntimeout_s = 1.0\nmax_age_s = {MAX_AGE_S}\nremainder = "proportional"\n')
         node = start_node(tmp_path, labelled_process, toml, env={"WATTPRINT_NODE_PASSWORD": bmc.password})
         daemon = node.daemon
-        a_id = daemon.wait_for_job(JOB_A)["id"]
-        b_id = daemon.wait_for_job(JOB_B)["id"]
-        wait_node_live(daemon)
-        wait_ticks(daemon, 2)
+        a_id, b_id = jobs_live(daemon)
 
         # Before: the node's total is the counter's difference.
         s0, s1, t01 = window(daemon, 5)

@@ -34,7 +34,7 @@ from node_e2e import (
     bmc_counter_at,
     booked_total,
     job_total,
-    wait_node_live,
+    jobs_live,
     window,
 )
 from redfish_server import RedfishBmc
@@ -58,10 +58,7 @@ def start_node(tmp_path: Path, labelled_process, remainder: str):
 def test_proportional_node_power_is_each_jobs_share_of_the_wall_meter(tmp_path, labelled_process):
     daemon, bmc, feed = start_node(tmp_path, labelled_process, "proportional")
     try:
-        a_id = daemon.wait_for_job("node-job-a")["id"]
-        b_id = daemon.wait_for_job("node-job-b")["id"]
-        wait_node_live(daemon)
-        wait_ticks(daemon, 2)
+        a_id, b_id = jobs_live(daemon)
         first, last, t = window(daemon, 8)
         bmc_first = bmc_counter_at(bmc, first.tick_at, NODE_W)
         assert t >= 6.0
@@ -110,10 +107,7 @@ def test_proportional_node_power_is_each_jobs_share_of_the_wall_meter(tmp_path, 
 def test_unattributed_policy_leaves_the_remainder_unattributed(tmp_path, labelled_process):
     daemon, bmc, feed = start_node(tmp_path, labelled_process, "unattributed")
     try:
-        a_id = daemon.wait_for_job("node-job-a")["id"]
-        b_id = daemon.wait_for_job("node-job-b")["id"]
-        wait_node_live(daemon)
-        wait_ticks(daemon, 2)
+        a_id, b_id = jobs_live(daemon)
         first, last, t = window(daemon, 8)
         assert t >= 6.0
         assert job_total(last, a_id) - job_total(first, a_id) == pytest.approx(GPU_A_W * t, rel=0.02)

@@ -20,20 +20,12 @@ from wattprint.daemon.sources.gpu import NvmlGpuSource, open_gpu_source
 from wattprint.daemon.sources.nvml_sim import SimFileError, SimulatedNvml
 
 try:
-    from gpusim import gpu, mig_instance, proc, write_raw, write_sim
+    from gpusim import FakeClock, gpu, mig_instance, proc, write_raw, write_sim
 except ImportError:  # pragma: no cover - tests/ not on sys.path (e.g. importlib mode)
     sys.path.insert(0, str(Path(__file__).parent))
-    from gpusim import gpu, mig_instance, proc, write_raw, write_sim
+    from gpusim import FakeClock, gpu, mig_instance, proc, write_raw, write_sim
 
 MJ_TOL_J = 0.002  # the counter is integer millijoules: at most 1 mJ off per end
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class CountingNvml(SimulatedNvml):
@@ -49,16 +41,6 @@ class CountingNvml(SimulatedNvml):
             calls = super().__getattribute__("calls")
             calls[name] = calls.get(name, 0) + 1
         return attr
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def sim_path(tmp_path: Path) -> Path:
-    return tmp_path / "gpus.json"
 
 
 def make_source(sim_path: Path, clock: FakeClock, nvml_cls=SimulatedNvml, pid_exists=lambda pid: True, **options):

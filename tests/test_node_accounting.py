@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from attribution_inputs import SimNvmlEngine, gpu, view
 from gpusim import gpu as sim_gpu
 from gpusim import proc, write_sim
 from hypothesis import given
@@ -29,32 +30,12 @@ from wattprint.daemon.model import (
     COMPONENTS,
     MEASURED_COMPONENTS,
     DeviceReading,
-    GpuProcessUse,
 )
-from wattprint.daemon.procs import JobIdentity, JobUsage, ProcessView
+from wattprint.daemon.procs import JobIdentity
 from wattprint.daemon.report import NODE_NOTE_WITH, NODE_NOTE_WITHOUT, format_report
-from wattprint.daemon.sources.gpu import NvmlGpuSource
-from wattprint.daemon.sources.nvml_sim import SimulatedNvml
 
 V3_DDL = Path(__file__).parent / "fixtures" / "ledger" / "schema_v3.sql"
 STATIC = Intensity(400.0, "final", "static", "DK1", "static")
-
-
-def ident(n: int) -> JobIdentity:
-    return JobIdentity(job_id=f"j{n}", label=f"l{n}", label_source="WATTPRINT_JOB", uid=0, user="root",
-                       command="python", root_pid=n, started_at=0.0)
-
-
-def view(*job_pids: int) -> ProcessView:
-    """One job per PID (job n holds PID 10 x n)."""
-    usages = tuple(JobUsage(identity=ident(n), pids=frozenset({10 * n}), cpu_s=0.0, rss_bytes=0) for n in job_pids)
-    return ProcessView(jobs=usages, pid_to_job={10 * n: f"j{n}" for n in job_pids}, cpu_busy_s=0.0,
-                       mem_used_bytes=0, scanned=True)
-
-
-def gpu(device: str, energy_j: float, pids: tuple[int, ...] = ()) -> DeviceReading:
-    return DeviceReading("gpu", device, energy_j, energy_j, "counter", 1.0,
-                         processes=tuple(GpuProcessUse(p, 1 << 30, 100.0) for p in pids))
 
 
 def node(energy_j: float, method: str = "redfish", source: str = "counter") -> DeviceReading:
@@ -189,15 +170,10 @@ def test_engine_books_other_and_degrades_node_once_per_episode(tmp_path, labelle
     sim = tmp_path / "sim.json"
     write_sim(sim, [sim_gpu(0, power_w=420.0, processes=[proc(job.pid, sm_util=100)]),
                     sim_gpu(1, power_w=280.0, processes=[])])
-    clock = {"mono": 100.0, "wall": 1_795_000_000.0}
     stub = NodeStub()
     stub.power_w = 1000.0
-    engine = make_engine(sources=[NvmlGpuSource(SimulatedNvml(str(sim), clock=lambda: clock["mono"])), stub])
-
-    def tick():
-        clock["mono"] += 1.0
-        clock["wall"] += 1.0
-        return engine.tick_blocking(clock["mono"], clock["wall"])
+    run = SimNvmlEngine(make_engine, sim, stub)
+    engine, tick = run.engine, run.tick
 
     tick()  # baseline
     for _ in range(5):
@@ -233,7 +209,7 @@ def test_engine_books_other_and_degrades_node_once_per_episode(tmp_path, labelle
     engine.store.flush()
     reader = LedgerReader(engine.ledger.path)
     try:
-        [rec] = [j for j in reader.jobs(now=clock["wall"]) if j["label"] == "node-acct"]
+        [rec] = [j for j in reader.jobs(now=run.wall) if j["label"] == "node-acct"]
         assert rec["energy_j"]["other"] == pytest.approx(7 * 180.0, rel=1e-6)
         assert rec["energy_j"]["total"] == pytest.approx(7 * 600.0 + 3 * 420.0, rel=1e-6)
         assert rec["energy_sources"]["node"] == "redfish"
@@ -251,15 +227,11 @@ def test_engine_unattributed_policy(tmp_path, labelled_process, make_engine):
     time.sleep(0.3)
     sim = tmp_path / "sim.json"
     write_sim(sim, [sim_gpu(0, power_w=420.0, processes=[proc(job.pid, sm_util=100)])])
-    clock = {"mono": 100.0, "wall": 1_795_000_000.0}
     stub = NodeStub()
     stub.power_w = 600.0
-    engine = make_engine(sources=[NvmlGpuSource(SimulatedNvml(str(sim), clock=lambda: clock["mono"])), stub],
-                         remainder_policy="unattributed")
+    run = SimNvmlEngine(make_engine, sim, stub, remainder_policy="unattributed")
     for _ in range(4):
-        clock["mono"] += 1.0
-        clock["wall"] += 1.0
-        snap = engine.tick_blocking(clock["mono"], clock["wall"])
+        snap = run.tick()
     [mine] = [j for j in snap.jobs if j.label == "node-unattr"]
     assert mine.energy_j["other"] == 0.0
     assert snap.unattributed_j_total["other"] == pytest.approx(3 * 180.0, rel=1e-6)

@@ -18,38 +18,19 @@ answered (``served_energy_j``).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
+from attribution_inputs import SimNvmlEngine, gpu, view
 from gpusim import gpu as sim_gpu
 from gpusim import proc, write_sim
 from redfish_server import RedfishBmc
 from wattprint.daemon.attribution import SpanMeasured, attribute
 from wattprint.daemon.engine.book import MeasuredWindow
 from wattprint.daemon.ledger import LedgerReader
-from wattprint.daemon.model import COMPONENTS, DeviceReading, GpuProcessUse
-from wattprint.daemon.procs import JobIdentity, JobUsage, ProcessView
-from wattprint.daemon.sources.gpu import NvmlGpuSource
+from wattprint.daemon.model import COMPONENTS, DeviceReading
 from wattprint.daemon.sources.node import NodeSource, RedfishClient
-from wattprint.daemon.sources.nvml_sim import SimulatedNvml
 
 TICK_S = 0.05
-
-
-def ident(n: int) -> JobIdentity:
-    return JobIdentity(job_id=f"j{n}", label=f"l{n}", label_source="WATTPRINT_JOB", uid=0, user="root",
-                       command="python", root_pid=n, started_at=0.0)
-
-
-def view(*job_pids: int) -> ProcessView:
-    usages = tuple(JobUsage(identity=ident(n), pids=frozenset({10 * n}), cpu_s=0.0, rss_bytes=0) for n in job_pids)
-    return ProcessView(jobs=usages, pid_to_job={10 * n: f"j{n}" for n in job_pids}, cpu_busy_s=0.0,
-                       mem_used_bytes=0, scanned=True)
-
-
-def gpu(device: str, energy_j: float, pids: tuple[int, ...] = ()) -> DeviceReading:
-    return DeviceReading("gpu", device, energy_j, energy_j, "counter", 1.0,
-                         processes=tuple(GpuProcessUse(p, 1 << 30, 100.0) for p in pids))
 
 
 def node(energy_j: float, interval_s: float) -> DeviceReading:
@@ -160,14 +141,9 @@ def test_engine_books_a_gap_to_the_jobs_of_the_span_an_ended_one_included(tmp_pa
                         sim_gpu(2, power_w=140.0, processes=[])])
 
     gpus(True)
-    clock = {"mono": 100.0, "wall": 1_795_000_000.0}
     stub = GapNode(1000.0)
-    engine = make_engine(sources=[NvmlGpuSource(SimulatedNvml(str(sim), clock=lambda: clock["mono"])), stub])
-
-    def tick():
-        clock["mono"] += 1.0
-        clock["wall"] += 1.0
-        return engine.tick_blocking(clock["mono"], clock["wall"])
+    run = SimNvmlEngine(make_engine, sim, stub)
+    engine, tick = run.engine, run.tick
 
     tick()  # baseline
     for _ in range(3):  # 3 ticks with a node figure: other 300 J = 180 (A) + 60 (B) + 60
@@ -197,7 +173,7 @@ def test_engine_books_a_gap_to_the_jobs_of_the_span_an_ended_one_included(tmp_pa
     engine.store.flush()
     reader = LedgerReader(engine.ledger.path)
     try:
-        recs = {j["label"]: j for j in reader.jobs(now=clock["wall"])}
+        recs = {j["label"]: j for j in reader.jobs(now=run.wall)}
         assert recs["gap-b"]["state"] == "finished"  # its life is left as it was
         assert recs["gap-b"]["energy_j"]["other"] == pytest.approx(480.0, rel=1e-6)
         assert recs["gap-a"]["energy_j"]["other"] == pytest.approx(2340.0, rel=1e-6)
@@ -211,15 +187,6 @@ def test_engine_books_a_gap_to_the_jobs_of_the_span_an_ended_one_included(tmp_pa
 
 
 # ------------------------------------------------------------ the source (Redfish test BMC)
-
-
-@pytest.fixture
-def bmc() -> Iterator[RedfishBmc]:
-    server = RedfishBmc().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def client(bmc: RedfishBmc) -> RedfishClient:

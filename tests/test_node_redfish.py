@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,6 @@ from wattprint.daemon.sources.node import (
 )
 
 TICK_S = 0.05
-
-
-@pytest.fixture
-def bmc() -> Iterator[RedfishBmc]:
-    server = RedfishBmc().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def client(bmc: RedfishBmc, **kw: object) -> RedfishClient:

@@ -30,31 +30,13 @@ from wattprint.daemon.sources.nvml_sim import SimFileError, SimMigHandle, Simula
 
 try:
     import nvml_captures as cap
-    from gpusim import gpu, mig_instance, proc, write_sim
+    from gpusim import FakeClock, gpu, mig_instance, proc, write_sim
 except ImportError:  # pragma: no cover - tests/ not on sys.path (e.g. importlib mode)
     sys.path.insert(0, str(Path(__file__).parent))
     import nvml_captures as cap
-    from gpusim import gpu, mig_instance, proc, write_sim
+    from gpusim import FakeClock, gpu, mig_instance, proc, write_sim
 
 MIB = 1 << 20
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def sim_path(tmp_path: Path) -> Path:
-    return tmp_path / "gpus.json"
 
 
 def started(sim_path: Path, clock: FakeClock) -> SimulatedNvml:

@@ -183,6 +183,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from . import sim_power
 from .nvml_sim import (
     _boolean,
     _integer,
@@ -190,7 +191,6 @@ from .nvml_sim import (
     _number,
     _object,
     _parse_pattern,
-    _PowerProfile,
     _string,
 )
 
@@ -582,24 +582,14 @@ class _BoardState:
     spec: _SimBoard
     energy_j: float = 0.0
     integrated_to_s: float = 0.0
-    power: list[tuple[float, _PowerProfile]] = field(default_factory=list)
+    power: sim_power.Timeline = field(default_factory=list)
     engine: dict[int, _ProcTime] = field(default_factory=dict)  # pid -> cumulative ns
 
     def energy_between_j(self, a: float, b: float) -> float:
-        total = 0.0
-        for i, (start, prof) in enumerate(self.power):
-            lo = a if i == 0 else max(a, start)
-            hi = b if i + 1 == len(self.power) else min(b, self.power[i + 1][0])
-            if hi > lo:
-                total += prof.energy_j(lo, hi)
-        return total
+        return sim_power.energy_between_j(self.power, a, b)
 
     def instant_w(self, t: float) -> float:
-        prof = self.power[0][1]
-        for start, p in self.power:
-            if start <= t:
-                prof = p
-        return prof.instant_w(t)
+        return sim_power.instant_w(self.power, t)
 
     def advance(self, now: float) -> None:
         """Integrate energy and per-process engine time up to ``now`` at the current spec."""
@@ -866,24 +856,14 @@ class SimulatedAmdSmi:
                 old.advance(now)
                 if spec.counter_epoch != old.spec.counter_epoch:
                     old.energy_j = 0.0  # driver reload
-                prev = old.power[-1][1]
-                if spec.power_pattern:
-                    t0 = prev.t0 if prev.steps == spec.power_pattern else now
-                    profile = _PowerProfile(spec.power_w, spec.power_pattern, t0)
-                else:
-                    profile = _PowerProfile(spec.power_w)
-                if profile != prev:
-                    old.power.append((now, profile))
-                keep = [k for k, (start, _) in enumerate(old.power) if start <= now - 2 * AVERAGE_WINDOW_S]
-                if keep:
-                    del old.power[:keep[-1]]
+                sim_power.update_timeline(old.power, spec.power_w, spec.power_pattern, now, 2 * AVERAGE_WINDOW_S)
                 listed = {p.pid for p in spec.processes}
                 old.engine = {pid: t for pid, t in old.engine.items() if pid in listed}
                 old.spec = spec
                 st = old
             else:
                 st = _BoardState(spec=spec, integrated_to_s=now)
-                st.power = [(now, _PowerProfile(spec.power_w, spec.power_pattern, now))]
+                st.power = sim_power.new_timeline(spec.power_w, spec.power_pattern, now)
             states.append(st)
         self._boards = states
         self._api = doc.api

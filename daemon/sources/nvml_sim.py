@@ -223,6 +223,8 @@ from typing import Any, Callable
 
 import pynvml
 
+from . import sim_power
+
 UTIL_BUFFER = 512  # utilisation samples kept per GPU (idealised mode)
 NOT_AVAILABLE_U64 = pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value
 NO_INSTANCE_ID = 0xFFFFFFFF  # gpuInstanceId / computeInstanceId without MIG
@@ -410,46 +412,6 @@ class _SimDoc:
     pid_namespace: str = "daemon"
 
 
-@dataclass(frozen=True)
-class _PowerProfile:
-    """Power over time: a constant, or a cycle of (watts, seconds) steps from ``t0``."""
-
-    watts: float
-    steps: tuple[tuple[float, float], ...] = ()
-    t0: float = 0.0
-
-    def instant_w(self, t: float) -> float:
-        if not self.steps:
-            return self.watts
-        x = (t - self.t0) % sum(s for _, s in self.steps)
-        for w, s in self.steps:
-            if x < s:
-                return w
-            x -= s
-        return self.steps[-1][0]
-
-    def energy_j(self, a: float, b: float) -> float:
-        """Joules drawn from clock time ``a`` to ``b`` (b >= a)."""
-        if b <= a:
-            return 0.0
-        if not self.steps:
-            return self.watts * (b - a)
-        return self._cumulative(b) - self._cumulative(a)
-
-    def _cumulative(self, t: float) -> float:
-        period = sum(s for _, s in self.steps)
-        cycles = math.floor((t - self.t0) / period)
-        x = (t - self.t0) - cycles * period
-        acc = cycles * sum(w * s for w, s in self.steps)
-        for w, s in self.steps:
-            take = min(x, s)
-            acc += w * take
-            x -= take
-            if x <= 0:
-                break
-        return acc
-
-
 @dataclass
 class _GpuState:
     """What the simulated driver keeps per GPU between file reads."""
@@ -459,26 +421,16 @@ class _GpuState:
     integrated_to_s: float  # clock time the counter is integrated up to
     samples: deque = field(default_factory=lambda: deque(maxlen=UTIL_BUFFER))
     # [(from clock s, profile)], ascending; the first one also stands for all time before.
-    power: list[tuple[float, _PowerProfile]] = field(default_factory=list)
+    power: sim_power.Timeline = field(default_factory=list)
     reset_at_s: float = -math.inf  # when the counter last restarted at 0
     latest: dict[int, Any] = field(default_factory=dict)  # realistic: pid -> latest sample
     util_calls: int = 0  # realistic: non-empty utilisation results so far
 
     def energy_between_j(self, a: float, b: float) -> float:
-        total = 0.0
-        for i, (start, prof) in enumerate(self.power):
-            lo = a if i == 0 else max(a, start)
-            hi = b if i + 1 == len(self.power) else min(b, self.power[i + 1][0])
-            if hi > lo:
-                total += prof.energy_j(lo, hi)
-        return total
+        return sim_power.energy_between_j(self.power, a, b)
 
     def instant_w(self, t: float) -> float:
-        prof = self.power[0][1]
-        for start, p in self.power:
-            if start <= t:
-                prof = p
-        return prof.instant_w(t)
+        return sim_power.instant_w(self.power, t)
 
 
 def _nvml_error(code: int) -> pynvml.NVMLError:
@@ -1209,24 +1161,14 @@ class SimulatedNvml:
                     old.energy_mj = 0.0  # driver reload
                     old.reset_at_s = now
                 old.integrated_to_s = max(old.integrated_to_s, now)
-                prev = old.power[-1][1]
-                if spec.power_pattern:
-                    t0 = prev.t0 if prev.steps == spec.power_pattern else now
-                    profile = _PowerProfile(spec.power_w, spec.power_pattern, t0)
-                else:
-                    profile = _PowerProfile(spec.power_w)
-                if profile != prev:
-                    old.power.append((now, profile))
-                keep = [k for k, (start, _) in enumerate(old.power) if start <= now - _POWER_HISTORY_S]
-                if keep:
-                    del old.power[:keep[-1]]
+                sim_power.update_timeline(old.power, spec.power_w, spec.power_pattern, now, _POWER_HISTORY_S)
                 listed = {p.pid for p in spec.processes}
                 old.latest = {pid: s for pid, s in old.latest.items() if pid in listed}
                 old.spec = spec  # new power from now on
                 st = old
             else:
                 st = _GpuState(spec=spec, energy_mj=0.0, integrated_to_s=now)
-                st.power = [(now, _PowerProfile(spec.power_w, spec.power_pattern, now))]
+                st.power = sim_power.new_timeline(spec.power_w, spec.power_pattern, now)
             if not doc.realistic:
                 for p in spec.processes:
                     if p.sampled(False):
