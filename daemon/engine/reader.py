@@ -110,9 +110,6 @@ class SourceReader:
         self.sources = sources
         self.health = health
         self.counters: dict[str, float] = {"source_read_timeouts_total": 0.0}
-        # Health parts held degraded by the accounting (a node reading below the measured
-        # components): a clean read leaves their state alone until the hold is lifted.
-        self.held: set[str] = set()
         for src in sources:
             health.register(src.name)
         self._workers = [_SourceWorker(src) for src in sources]
@@ -167,7 +164,7 @@ class SourceReader:
                 continue
             if problems:
                 self.health.fail(src.name, "; ".join(problems))
-            elif src.name not in self.held:
+            else:
                 self.health.ok(src.name)
             readings.extend(_merge_readings(got, now_got) if got else now_got)
         return readings

@@ -182,14 +182,13 @@ class Engine:
     def _check_node(self, att: Attribution) -> None:
         """A node reading below the measured components (the remainder booked as 0) is
         counted in ``node_below_components_total`` and degrades ``node`` for as long
-        as it lasts (one log line per episode: the reader leaves a held part's state
-        alone, and the next clean read after the episode says it recovered)."""
+        as it lasts (one log line per episode: a cause of its own on the health board,
+        so the source's clean reads do not end the episode)."""
         if att.node_below_j > 0.0:
             self._counters["node_below_components_total"] += 1
-            self.reader.held.add(NODE_HEALTH)
-            self.health.fail(NODE_HEALTH, NODE_BELOW_DETAIL)
+            self.health.fail(NODE_HEALTH, NODE_BELOW_DETAIL, cause="accounting")
         else:
-            self.reader.held.discard(NODE_HEALTH)
+            self.health.ok(NODE_HEALTH, cause="accounting")
 
     def _counters_now(self) -> dict[str, float]:
         """The engine's self-metrics: the tick's, the reader's, the store's, the book's,
