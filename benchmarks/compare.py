@@ -7,6 +7,12 @@ window are what count.
 
     .venv/bin/python benchmarks/compare.py --baseline HEAD [--seconds 60] [--markdown FILE] [--json FILE]
         [--scenarios idle,gpus,procs,scrapes,shortjob-per-s,shortjobs-x10,threads] [--no-peer]
+    .venv/bin/python benchmarks/compare.py --from-json FILE      (the table of an earlier run)
+
+``--after-files a,b`` makes *after* the baseline plus exactly those working-tree files
+(``path=FILE``: FILE's content at that path, e.g. one change's hunks of a file others are
+editing too); ``--after-ref REF`` takes *after* from another commit (plus the files), to
+measure several commits at once.
 
 Each scenario runs in a PID namespace of its own (overhead.run_isolated; root).
 Derived figures: the CPU of a job start (shortjob-per-s against procs is not the same
@@ -43,8 +49,9 @@ def cpu(r: dict[str, Any], who: str) -> float | None:
 def table(results: list[dict[str, Any]]) -> str:
     lines = [("| scenario | before CPU | after CPU | after / before | floor CPU | codecarbon CPU "
               "| before / floor | after / floor | after / codecarbon | tick p99 before / after (ms) "
-              "| tick max before / after (ms) | RSS steady before / after (MiB) | codecarbon RSS | load 1m start / end |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| tick max before / after (ms) | tick CPU mean before / after (ms) | RSS steady before / after (MiB) "
+              "| codecarbon RSS | load 1m start / end |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         b, a, f, c = (cpu(r, k) for k in ("before", "wattprint", "floor", "codecarbon"))
 
@@ -59,6 +66,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {r['scenario']} | {pc(b)} | {pc(a)} | {ratio(a, b)} | {pc(f)} | {pc(c)} | {ratio(b, f)} | "
             f"{ratio(a, f)} | {ratio(a, c)} | {bb.get('tick_ms_p99', '-')} / {aa['tick_ms_p99']} | "
             f"{bb.get('tick_ms_max', '-')} / {aa['tick_ms_max']} | "
+            f"{bb.get('tick_cpu_ms_mean', '-')} / {aa.get('tick_cpu_ms_mean', '-')} | "
             f"{bb.get('rss_steady_mib', '-')} / {aa['rss_steady_mib']} | {cc.get('rss_steady_mib', '-')} | "
             f"{r['box']['loadavg_1m_start_end'][0]:.2f} / {r['box']['loadavg_1m_start_end'][1]:.2f} |")
     return "\n".join(lines)
@@ -84,21 +92,33 @@ def derived(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline", required=True, metavar="GIT_REF")
+    ap.add_argument("--baseline", metavar="GIT_REF")
     ap.add_argument("--after-files", default="",
                     help="comma-separated files (daemon/..., exporters/...): 'after' is the baseline plus the working "
-                         "tree's version of exactly these files, instead of the whole working tree")
+                         "tree's version of exactly these files (PATH=FILE: FILE's content at PATH), instead of the "
+                         "whole working tree")
+    ap.add_argument("--after-ref", metavar="GIT_REF",
+                    help="'after' is this commit (plus --after-files) instead of the baseline's: the effect of "
+                         "several commits at once")
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--scenarios", default=DEFAULT)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--from-json", help="print the table of an earlier run's --json instead of running")
     ap.add_argument("--split", action="store_true", help="also run the in-process stage split (more load)")
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     args = ap.parse_args()
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+        print(table(res["overhead"]) + "\n\nDerived (ms of CPU): " + json.dumps(derived(res["overhead"])))
+        return 0
+    if not args.baseline:
+        ap.error("--baseline is required (unless --from-json)")
     code = baseline_tree(args.baseline)
     overlay = tuple(f for f in args.after_files.split(",") if f)
-    after = baseline_tree(args.baseline, overlay) if overlay else None
+    after = baseline_tree(args.after_ref or args.baseline, overlay) if overlay or args.after_ref else None
     out: dict[str, Any] = {"machine": run_all.machine(), "baseline": args.baseline, "after_files": list(overlay),
+                           "after_ref": args.after_ref,
                            "seconds": args.seconds,
                            "loadavg_1m_at_start": loadavg()}
     try:
@@ -120,7 +140,8 @@ def main() -> int:
     out["loadavg_1m_at_end"] = loadavg()
     m = out["machine"]
     text = (f"Machine: {m['cpus']} x {m['cpu']}, {m['mem_gib']} GiB, Linux {m['kernel']}, Python {m['python']}; "
-            + (f"after = {args.baseline} + the working tree's {', '.join(overlay)}; " if overlay else
+            + (f"after = {args.after_ref or args.baseline} + the working tree's {', '.join(overlay)}; " if overlay else
+               f"after = commit {args.after_ref}; " if args.after_ref else
                f"after = commit {m['commit']} + uncommitted {', '.join(m['uncommitted_daemon_files']) or 'nothing'}; ")
             + f"before = {args.baseline}; {m['date']}; {args.seconds:g} s windows.\n\n"
             + table(results) + "\n\nDerived (ms of CPU): " + json.dumps(out["derived"]) + "\n")

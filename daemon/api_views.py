@@ -10,13 +10,19 @@ daemon/openapi.py documents them:
   ``co2e_status`` is ``final`` only when no slot is provisional and all energy had an
   intensity; the mean intensity is energy-weighted; cost = kWh x PUE x price.
 - A bucket's carbon figures come from the job's slots in it (``bucket_values``).
+- Lifecycle (issue 16): ``embodied_co2e_g``, ``co2e_market_g``, ``water_l`` and
+  ``sci_g`` are computed when read (``footprint.lifecycle.job_lifecycle``) from the
+  stored energy, CO2e and occupancy with the footprint's current factors, so they are
+  restated when factors change; the single-job view adds ``occupancy_s`` and the
+  ``factors`` used. A job stored before schema 5 has no occupancy: embodied 0.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .carbon import BASIS_RANK, J_PER_KWH, co2e_g
+from .footprint.lifecycle import job_lifecycle
 from .ledger.reader import (
     HostRows,
     IntensityRow,
@@ -27,9 +33,15 @@ from .ledger.reader import (
 )
 from .model import COMPONENTS
 
+if TYPE_CHECKING:
+    from .footprint.factors import Footprint
 
-def job_json(rec: JobRecord, now: float, pue: float, price_per_kwh: float, currency: str) -> dict[str, Any]:
-    """A job object (``Job`` in the OpenAPI document); ``now`` ends a running job's duration."""
+
+def job_json(rec: JobRecord, now: float, pue: float, price_per_kwh: float, currency: str,
+             footprint: Footprint | None = None, detail: bool = False) -> dict[str, Any]:
+    """A job object (``Job`` in the OpenAPI document); ``now`` ends a running job's
+    duration. With a ``footprint``, its lifecycle figures; ``detail`` (the single-job
+    view) adds its occupancy and the factors used."""
     energy = dict(rec.energy_j)
     total_j = sum(energy.values())
     kwh = total_j / J_PER_KWH
@@ -38,7 +50,7 @@ def job_json(rec: JobRecord, now: float, pue: float, price_per_kwh: float, curre
     no_int = carbon.no_intensity_j if carbon is not None else 0.0
     provisional = bool(carbon.provisional) if carbon is not None else False
     end = rec.ended_at if rec.ended_at is not None else (rec.last_seen if rec.state == "finished" else now)
-    return {
+    out = {
         "id": rec.id,
         "label": rec.label,
         "label_raw": rec.label_raw,
@@ -71,6 +83,15 @@ def job_json(rec: JobRecord, now: float, pue: float, price_per_kwh: float, curre
             "array_task_id": rec.slurm.array_task_id, "partition": rec.slurm.partition, "user": rec.slurm.user,
             "steps": list(rec.slurm.steps)},
     }
+    if footprint is not None:
+        life = job_lifecycle(total_j, gj * pue, rec.occupancy_s, footprint, pue)
+        out.update({"embodied_co2e_g": life.embodied_co2e_g, "co2e_market_g": life.co2e_market_g,
+                    "water_l": life.water_l, "sci_g": life.sci_g})
+        if detail:
+            items = sorted(rec.occupancy_s)
+            out["occupancy_s"] = {item: rec.occupancy_s[item] for item in items}
+            out["factors"] = [f.as_dict() for f in footprint.factors_for(items)]
+    return out
 
 
 def bucket_values(slots: Sequence[SlotValue], pue: float) -> dict[str, Any]:
@@ -155,14 +176,20 @@ class JobViews(StoreReader):
     """The store as the API's JSON objects, with the accounting settings they are
     computed with. Thread-safe (the reader's lock)."""
 
-    def __init__(self, path: str, pue: float = 1.0, price_per_kwh: float = 0.0, currency: str = "EUR"):
+    def __init__(self, path: str, pue: float = 1.0, price_per_kwh: float = 0.0, currency: str = "EUR",
+                 footprint: Footprint | None = None):
         super().__init__(path)
         self.pue = pue
         self.price_per_kwh = price_per_kwh
         self.currency = currency
+        if footprint is None:  # the shipped factors, no config
+            from .footprint.factors import default_footprint
 
-    def _job_json(self, rec: JobRecord, now: float) -> dict[str, Any]:
-        return job_json(rec, now, self.pue, self.price_per_kwh, self.currency)
+            footprint = default_footprint()
+        self.footprint = footprint
+
+    def _job_json(self, rec: JobRecord, now: float, detail: bool = False) -> dict[str, Any]:
+        return job_json(rec, now, self.pue, self.price_per_kwh, self.currency, self.footprint, detail)
 
     def jobs(self, *, state: str | None = None, since: float | None = None, until: float | None = None,
              label: str | None = None, user: str | None = None, limit: int = 100, now: float,
@@ -173,7 +200,7 @@ class JobViews(StoreReader):
 
     def job(self, job_id: str, now: float) -> dict[str, Any] | None:
         rec = self.job_record(job_id)
-        return None if rec is None else self._job_json(rec, now)
+        return None if rec is None else self._job_json(rec, now, detail=True)
 
     def job_series(self, job_id: str) -> list[dict[str, Any]]:
         return series_json(self.series_buckets(job_id), self.pue)

@@ -21,6 +21,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -33,9 +34,9 @@ from .api import Api, ConnectionLimiter, fitting_max_connections, raise_nofile_l
 from .carbon import KEEP_S, IntensityBook
 from .config import Config, ConfigError, parse_listen
 from .engine import Engine
+from .footprint.factors import build_footprint
 from .grid import make_provider
 from .grid.base import IntensityPoint, IntensityProvider
-from .grid.scheduler import GridFetcher
 from .grid.static import StaticProvider
 from .health import HealthBoard
 from .ledger import Ledger, LedgerError, LedgerReader
@@ -47,6 +48,9 @@ from .sources.gpu import open_gpu_sources
 from .sources.node import NO_BMC, open_node_source
 from .startup import _STATE_DIR_CONFIG_ERRNOS, StartupError, prepare_state_dir
 from .unix_socket import UnixSocket, _socket_in_use
+
+if TYPE_CHECKING:
+    from .grid.scheduler import GridFetcher
 
 __all__ = ["Daemon", "RedactingFilter", "StartupError", "UnixSocket", "_STATE_DIR_CONFIG_ERRNOS", "_socket_in_use",
            "build_daemon", "build_engine", "build_sinks", "last_actual_end", "make_book", "on_points",
@@ -165,6 +169,7 @@ def build_engine(cfg: Config, health: HealthBoard) -> Engine:
         idle_policy=cfg.jobs.idle_policy,
         remainder_policy=cfg.node.remainder,
         retention_days=cfg.daemon.retention_days,
+        footprint=build_footprint(cfg),  # lifecycle factors: shipped data + [footprint]/[market]
     )
     running = ledger.running_jobs()
     if running:
@@ -192,7 +197,8 @@ async def serve(cfg: Config, daemon: Daemon, stop: asyncio.Event) -> None:
         for collector in sink.collectors():
             registry.register(collector)
     reader = LedgerReader(store_path(cfg), pue=cfg.accounting.pue,
-                          price_per_kwh=cfg.accounting.price_per_kwh, currency=cfg.accounting.currency)
+                          price_per_kwh=cfg.accounting.price_per_kwh, currency=cfg.accounting.currency,
+                          footprint=engine.book.footprint)
     max_connections = fitting_max_connections(cfg.http.max_connections)
     if max_connections < cfg.http.max_connections:
         log.warning("[http] max_connections = %d does not fit the open-files limit (%d): at most %d connections "
@@ -240,6 +246,9 @@ async def serve(cfg: Config, daemon: Daemon, stop: asyncio.Event) -> None:
                 raise StartupError(f"sink {sink.name}: cannot start: {type(exc).__name__}: {exc}") from None
             started.append(sink)
         if not daemon.book.is_static:
+            # imported here: apscheduler (about 2 MiB of RSS) only for a live grid provider (issue 18)
+            from .grid.scheduler import GridFetcher
+
             fetcher = GridFetcher(daemon.provider, lambda points: on_points(daemon, points), engine.health,
                                   interval_s=cfg.grid.fetch_interval_s,
                                   last_actual_end=last_actual_end(daemon.book))

@@ -38,6 +38,8 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table ([footprint] gpu_kgco2e)
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
     return json.dumps(str(v))
 
 
@@ -57,6 +59,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     note = _static_grid_note(cfg)
     if note:
         print(f"\n# grid: {_printable(note, 1000)}")
+    from .footprint import build_footprint
+
+    print(f"{'' if note else chr(10)}# footprint: {_printable(build_footprint(cfg).describe(), 1000)}")
     return EXIT_OK
 
 
@@ -174,10 +179,10 @@ def cmd_fleet(args: argparse.Namespace, cfg: Config) -> int:
         json.dump({"labels": rows, "since": since, "until": until}, sys.stdout, indent=2)
         print()
         return EXIT_OK
-    print(f"{'LABEL':<32} {'kWh':>12} {'CO2e g':>12}  HOSTS")
+    print(f"{'LABEL':<32} {'kWh':>12} {'CO2e g':>12} {'EMBODIED g':>12} {'WATER L':>10}  HOSTS")
     for r in rows:
-        print(f"{_printable(r['label'] or '-', 32):<32} {r['energy_kwh']:>12.4f} {r['co2e_g']:>12.2f}  "
-              f"{_printable(','.join(r['hosts']), 60)}")
+        print(f"{_printable(r['label'] or '-', 32):<32} {r['energy_kwh']:>12.4f} {r['co2e_g']:>12.2f} "
+              f"{r['embodied_co2e_g']:>12.2f} {r['water_l']:>10.3f}  {_printable(','.join(r['hosts']), 60)}")
     return EXIT_OK
 
 
@@ -203,13 +208,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     except OSError as exc:
         # No daemon answering: read the local store directly.
         from .app import store_path
+        from .footprint.factors import build_footprint
         from .ledger import LedgerError, LedgerReader
 
         print(f"wattprint jobs: daemon at {base} not reachable ({getattr(exc, 'reason', exc)}); "
               "reading the local store", file=sys.stderr)
         try:
             reader = LedgerReader(store_path(cfg), pue=cfg.accounting.pue,
-                                  price_per_kwh=cfg.accounting.price_per_kwh, currency=cfg.accounting.currency)
+                                  price_per_kwh=cfg.accounting.price_per_kwh, currency=cfg.accounting.currency,
+                                  footprint=build_footprint(cfg))
         except LedgerError as exc2:
             print(f"wattprint jobs: {exc2}", file=sys.stderr)
             return EXIT_FAIL
@@ -260,6 +267,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         print(f"wattprint estimate: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     doc = estimate_json(result)
+    life = None
+    if args.embodied or args.water:
+        life = _estimate_lifecycle(args, result, args.zone if args.zone is not None else "WORLD")
+        if life is None:
+            return EXIT_CONFIG
+        doc.update(_lifecycle_json(life))
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         print()
@@ -271,7 +284,52 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     print(f"power:     {doc['power_kw']:g} kW")
     print(f"energy:    {doc['energy_kwh']:g} kWh over {args.hours:g} h")
     print(f"CO2e:      {doc['co2e_g']:g} g at {g_per_kwh:g} gCO2e/kWh x PUE {args.pue:g} ({source})")
+    if life is not None:
+        _print_lifecycle(doc, life, args)
     return EXIT_OK
+
+
+def _estimate_lifecycle(args: argparse.Namespace, result: Any, zone: str) -> Any:
+    """The ``--embodied`` / ``--water`` parts with the config's ``[footprint]`` factors
+    (``--config``, else /etc/wattprint/wattprint.toml when present, else the shipped data)
+    and the plan's zone for EWIF. None after printing a config error."""
+    import dataclasses
+
+    from .footprint import build_footprint
+    from .plan import lifecycle
+
+    try:
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        print(f"wattprint estimate: {exc}", file=sys.stderr)
+        return None
+    cfg = dataclasses.replace(cfg, grid=dataclasses.replace(cfg.grid, zone=zone))
+    return lifecycle(result, build_footprint(cfg), embodied=args.embodied, water=args.water)
+
+
+def _lifecycle_json(life: Any) -> dict[str, Any]:
+    from .plan import lifecycle_json
+
+    return lifecycle_json(life)
+
+
+def _print_lifecycle(doc: dict[str, Any], life: Any, args: argparse.Namespace) -> None:
+    life_factor = next((f for f in life.factors if f.name == "service_life"), None)
+    if life.embodied_co2e_g is not None and life_factor is not None:
+        for d in doc["lifecycle"]["devices"]:
+            note = " (class default)" if d["default"] else ""
+            print(f"  {d['spec']:<20} {d['count']} x {d['kgco2e_per_board']:g} kgCO2e{note} x {args.hours:g} h / "
+                  f"{life_factor.value:g} y = {d['embodied_co2e_g']:g} g")
+        print(f"embodied:  {doc['embodied_co2e_g']:g} g CO2e (GPU boards' manufacturing over {args.hours:g} h of "
+              f"a {life_factor.value:g}-year service life; the host's CPU, DRAM and platform are not in a plan)")
+    if life.water_l is not None:
+        wue = next(f for f in life.factors if f.name == "wue")
+        ewif = next(f for f in life.factors if f.name == "ewif")
+        print(f"water:     {doc['water_l']:g} L = {doc['energy_kwh']:g} kWh x (WUE {wue.value:g} + PUE "
+              f"{args.pue:g} x EWIF {ewif.value:g} L/kWh)")
+    for f in life.factors:
+        print(f"  factor {_printable(f.name, 60)} = {f.value:g} {f.unit} [{f.version}{', default' if f.default else ''}]"
+              f": {_printable(f.source, 160)}")
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -337,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--g-per-kwh", type=float, dest="g_per_kwh", help="grid intensity in gCO2e/kWh")
     est.add_argument("--pue", type=float, default=1.0)
     est.add_argument("--json", action="store_true")
+    est.add_argument("--embodied", action="store_true",
+                     help="add the GPU boards' manufacturing CO2e over the run (docs/carbon.md, Lifecycle footprint)")
+    est.add_argument("--water", action="store_true", help="add the run's water: kWh x (WUE + PUE x EWIF of the zone)")
+    est.add_argument("--config", help="config whose [footprint] factors --embodied/--water use "
+                                      "(default /etc/wattprint/wattprint.toml if present, else the shipped data)")
     est.set_defaults(func=cmd_estimate)
 
     dep = sub.add_parser("deploy", help="write the shipped systemd unit and example config, Prometheus config "

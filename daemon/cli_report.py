@@ -116,12 +116,13 @@ def job_series_api(base: str, job_id: str, token: str = "") -> list[dict[str, An
 
 def open_reader(cfg: Config, state_dir: str | None = None) -> Any:
     from .app import store_path
+    from .footprint.factors import build_footprint
     from .ledger import LedgerReader
 
     if state_dir is not None:
         cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, state_dir=state_dir))
     return LedgerReader(store_path(cfg), pue=cfg.accounting.pue, price_per_kwh=cfg.accounting.price_per_kwh,
-                        currency=cfg.accounting.currency)
+                        currency=cfg.accounting.currency, footprint=build_footprint(cfg))
 
 
 def find_job_store(cfg: Config, ref: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]], str | None]:
@@ -135,7 +136,8 @@ def find_job_store(cfg: Config, ref: str) -> tuple[dict[str, Any] | None, list[d
         if job is None:
             for label in _label_refs(ref):
                 job, note = _most_recent(reader.jobs(label=label, limit=LABEL_LOOKUP_LIMIT, now=now), ref)
-                if job is not None:
+                if job is not None:  # the single-job view carries more (occupancy, factors)
+                    job = reader.job(job["id"], now=now) or job
                     break
         series = reader.job_series(job["id"]) if job is not None else []
         if job is not None:

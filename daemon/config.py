@@ -171,6 +171,48 @@ class NodeConfig:
     remainder: str = "proportional"  # proportional | unattributed: who gets node - (gpu+cpu+dram)
 
 
+def _shipped_factor(path: str) -> Callable[[], float]:
+    """A default read from the shipped footprint data file (daemon/data/
+    footprint_factors.json), marked as not set (``DefaultNumber``), so the data file's
+    citation, not "config", is its source."""
+    def default() -> float:
+        from .footprint.factors import shipped_value
+
+        return DefaultNumber(shipped_value(path))
+
+    return default
+
+
+@dataclass(frozen=True)
+class FootprintConfig:
+    """Lifecycle factors (issue 16; docs/carbon.md "Lifecycle footprint"). A key left
+    unset uses the shipped data file's sourced value; a key set here wins and is
+    reported with the source ``config: [footprint] <key>``."""
+
+    service_life_years: float = field(default_factory=_shipped_factor("service_life"))
+    # GPU model substring (matched as the data file's entries are) -> kgCO2e per board;
+    # tried before the data file's models, longest match first.
+    gpu_kgco2e: dict[str, float] = field(default_factory=dict)
+    cpu_kgco2e_per_socket: float = field(default_factory=_shipped_factor("cpu"))
+    dram_kgco2e_per_gb: float = field(default_factory=_shipped_factor("dram"))
+    platform_kgco2e: float = field(default_factory=_shipped_factor("platform"))  # chassis, board, PSU, storage
+    cpu_sockets: int = 0  # 0 = detect (distinct physical package ids), else 1
+    dram_gb: float = 0.0  # 0 = detect (MemTotal)
+    wue_l_per_kwh: float = field(default_factory=_shipped_factor("wue"))  # on-site water per kWh of IT energy
+    # Off-site water of the electricity; unset: the [grid] zone's entry in the data file,
+    # else the world default shown here.
+    ewif_l_per_kwh: float = field(default_factory=_shipped_factor("ewif.default"))
+
+
+@dataclass(frozen=True)
+class MarketConfig:
+    """Contractual instruments for market-based CO2e (GHG Protocol Scope 2 dual reporting)."""
+
+    contract_share: float = 0.0  # 0..1 of the energy covered by a supplier contract or PPA
+    contract_g_per_kwh: float = DefaultNumber(0.0)  # the contract's gCO2e/kWh; required when share > 0
+    residual_g_per_kwh: float = DefaultNumber(0.0)  # residual mix for the rest; unset: location-based
+
+
 @dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
@@ -184,6 +226,8 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     accounting: AccountingConfig = field(default_factory=AccountingConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
+    footprint: FootprintConfig = field(default_factory=FootprintConfig)
+    market: MarketConfig = field(default_factory=MarketConfig)
     source_path: str = ""  # the file it was read from, "" for embedded defaults
 
     @property
@@ -373,7 +417,21 @@ _RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("node", "poll_interval_s"): (0.2, 3600.0),
     ("node", "timeout_s"): (0.1, 600.0),
     ("node", "max_age_s"): (1.0, 86400.0),
+    # Lifecycle factors: never negative (docs/carbon.md); the upper bounds catch unit slips.
+    ("footprint", "service_life_years"): (0.1, 100.0),
+    ("footprint", "cpu_kgco2e_per_socket"): (0.0, 100_000.0),
+    ("footprint", "dram_kgco2e_per_gb"): (0.0, 1000.0),
+    ("footprint", "platform_kgco2e"): (0.0, 1_000_000.0),
+    ("footprint", "cpu_sockets"): (0, 1024),
+    ("footprint", "dram_gb"): (0.0, 1_000_000.0),
+    ("footprint", "wue_l_per_kwh"): (0.0, 100.0),
+    ("footprint", "ewif_l_per_kwh"): (0.0, 1000.0),
+    ("market", "contract_share"): (0.0, 1.0),
+    ("market", "contract_g_per_kwh"): (0.0, 5000.0),
+    ("market", "residual_g_per_kwh"): (0.0, 5000.0),
 }
+# [footprint] gpu_kgco2e: kgCO2e per GPU board, each value within this range.
+GPU_KGCO2E_RANGE = (0.0, 100_000.0)
 
 
 def _shown(value: Any, limit: int = 80) -> str:
@@ -425,6 +483,8 @@ def _coerce(value: Any, typ: Any, from_env: bool) -> Any:
                 raise ValueError("contains a NUL character")
             return value
         raise ValueError(f"expected a string, got {type(value).__name__} {_shown(value)}")
+    if get_origin(typ) is dict:
+        return _coerce_table(value, from_env)
     if get_origin(typ) is tuple:
         if from_env and isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -432,6 +492,30 @@ def _coerce(value: Any, typ: Any, from_env: bool) -> Any:
             raise ValueError(f"expected a list of strings, got {_shown(value)}")
         return tuple(value)
     raise ValueError(f"unsupported type {typ}")  # pragma: no cover - programming error
+
+
+def _coerce_table(value: Any, from_env: bool) -> dict[str, float]:
+    """A table of name -> number (``[footprint] gpu_kgco2e``): a TOML table, or from the
+    environment ``NAME=NUMBER,NAME=NUMBER``. Raises ValueError with a short reason."""
+    if from_env and isinstance(value, str):
+        pairs: dict[str, Any] = {}
+        for item in (p for p in value.split(",") if p.strip()):
+            name, sep, number = item.partition("=")
+            if not sep:
+                raise ValueError(f"expected NAME=NUMBER pairs separated by ',', got {_shown(item.strip())}")
+            pairs[name.strip()] = number.strip()
+        value = pairs
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a table of name = number, got {type(value).__name__} {_shown(value)}")
+    out: dict[str, float] = {}
+    for name, number in value.items():
+        if not isinstance(name, str) or not name.strip() or "\x00" in name:
+            raise ValueError(f"{_shown(name)}: expected a non-empty name")
+        try:
+            out[name.strip()] = _coerce(number, float, from_env)
+        except ValueError as exc:
+            raise ValueError(f"{_shown(name)}: {exc}") from None
+    return out
 
 
 def _sink_sections() -> list[SinkSection[Any]]:
@@ -630,6 +714,28 @@ def _cross_checks(c: dict[str, Any], origin: Callable[[str, str], str]) -> list[
             problems.append(f"{origin('jobs', 'label_env')}: [jobs] label_env: {_shown(name)} is not an environment "
                             "variable name")
     problems.extend(_node_checks(c["node"], origin))
+    problems.extend(_footprint_checks(c["footprint"], c["market"], origin))
+    return problems
+
+
+def _footprint_checks(fp: FootprintConfig, market: MarketConfig, origin: Callable[[str, str], str]) -> list[str]:
+    """``[footprint] gpu_kgco2e`` values in range and names that can match a model;
+    ``[market]``: a contract share needs the contract's factor."""
+    from .footprint.factors import normalise
+
+    problems: list[str] = []
+    low, high = GPU_KGCO2E_RANGE
+    for name, kg in fp.gpu_kgco2e.items():
+        where = f"{origin('footprint', 'gpu_kgco2e')}: [footprint] gpu_kgco2e: {_shown(name)}"
+        if not normalise(name):
+            problems.append(f"{where}: the name matches no GPU model (it is empty once 'NVIDIA', 'Tesla', "
+                            "'GeForce', 'Quadro' and separators are removed)")
+        if not (low <= kg <= high):
+            problems.append(f"{where}: {kg:g} kgCO2e is outside {low:g}..{high:g} (a factor cannot be negative)")
+    if market.contract_share > 0 and not is_set(market.contract_g_per_kwh):
+        problems.append(f"{origin('market', 'contract_share')}: [market] contract_g_per_kwh: required when "
+                        f"contract_share > 0 (got contract_share = {market.contract_share:g}): the gCO2e/kWh of "
+                        "the supplier contract or PPA")
     return problems
 
 

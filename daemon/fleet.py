@@ -1,7 +1,9 @@
 """Per-label totals across every host that writes to the same InfluxDB (``wattprint
 jobs --fleet``).
 
-Sums ``job_energy.joules`` and ``job_co2e.grams`` grouped by label and host. Every
+Sums ``job_energy.joules`` and ``job_co2e.grams`` grouped by label and host (and the
+lifecycle figures, issue 16: ``job_co2e.market_grams``, ``job_footprint.embodied_grams``
+and ``job_footprint.water_litres``; 0 for hosts that do not write them). Every
 user-supplied value (time range, label) is a bound parameter: InfluxQL ``$name``
 placeholders with ``params=`` on the v1 ``/query`` endpoint (InfluxDB 1.x, and the
 v1-compatibility API of 2.x/3.x), Flux ``params`` through influxdb-client for v2.
@@ -114,33 +116,40 @@ def _v2_query(cfg: InfluxConfig, measurement: str, field: str, params: dict[str,
             for table in tables for r in table.records]
 
 
+# (measurement, field, the total's key in a row of fleet_totals); joules become kWh
+FLEET_SUMS: tuple[tuple[str, str, str], ...] = (
+    ("job_energy", "joules", "energy_kwh"),
+    ("job_co2e", "grams", "co2e_g"),
+    ("job_co2e", "market_grams", "co2e_market_g"),
+    ("job_footprint", "embodied_grams", "embodied_co2e_g"),
+    ("job_footprint", "water_litres", "water_l"),
+)
+
+
 def fleet_totals(cfg: InfluxConfig, since: float, until: float, label: str | None = None) -> list[dict[str, Any]]:
-    """Per label: energy (kWh), CO2e (g) and the hosts it ran on, largest first."""
-    params: dict[str, Any]
+    """Per label: energy (kWh), CO2e (g; location- and market-based), embodied CO2e (g),
+    water (L) and the hosts it ran on, largest energy first."""
+    params: dict[str, Any] = {"since": _iso(since), "until": _iso(until)}
+    if label is not None:
+        params["label"] = label
+    sums: list[tuple[str, list[dict[str, Any]]]] = []
     if cfg.api == "v2":
-        params = {"since": _iso(since), "until": _iso(until)}
-        if label is not None:
-            params["label"] = label
-        energy = _v2_query(cfg, "job_energy", "joules", params)
-        co2e = _v2_query(cfg, "job_co2e", "grams", params)
+        for measurement, field, key in FLEET_SUMS:
+            sums.append((key, _v2_query(cfg, measurement, field, params)))
     else:
         where = "time >= $since AND time < $until" + (' AND "label" = $label' if label is not None else "")
-        params = {"since": _iso(since), "until": _iso(until)}
-        if label is not None:
-            params["label"] = label
-        energy = _v1_query(cfg, f'SELECT sum("joules") AS "sum" FROM "job_energy" WHERE {where} GROUP BY "label", "host"', params)
-        co2e = _v1_query(cfg, f'SELECT sum("grams") AS "sum" FROM "job_co2e" WHERE {where} GROUP BY "label", "host"', params)
+        for measurement, field, key in FLEET_SUMS:
+            # names from the table above, never from the user; values are bound parameters
+            sums.append((key, _v1_query(cfg, f'SELECT sum("{field}") AS "sum" FROM "{measurement}" WHERE {where} '
+                                             'GROUP BY "label", "host"', params)))
     totals: dict[str, dict[str, Any]] = {}
-    for row in energy:
-        t = totals.setdefault(row.get("label") or "", {"label": row.get("label") or "", "energy_kwh": 0.0,
-                                                        "co2e_g": 0.0, "hosts": set()})
-        t["energy_kwh"] += float(row["sum"] or 0.0) / J_PER_KWH
-        t["hosts"].add(row.get("host") or "")
-    for row in co2e:
-        t = totals.setdefault(row.get("label") or "", {"label": row.get("label") or "", "energy_kwh": 0.0,
-                                                        "co2e_g": 0.0, "hosts": set()})
-        t["co2e_g"] += float(row["sum"] or 0.0)
-        t["hosts"].add(row.get("host") or "")
+    for key, rows in sums:
+        for row in rows:
+            name = row.get("label") or ""
+            t = totals.setdefault(name, {"label": name, **{k: 0.0 for _, _, k in FLEET_SUMS}, "hosts": set()})
+            value = float(row["sum"] or 0.0)
+            t[key] += value / J_PER_KWH if key == "energy_kwh" else value
+            t["hosts"].add(row.get("host") or "")
     out = [{**t, "hosts": sorted(t["hosts"])} for t in totals.values()]
     return sorted(out, key=lambda t: -t["energy_kwh"])
 

@@ -76,6 +76,11 @@ class DeviceReading:
     parent: str = ""
     uuid: str = ""  # GPU only: the board's NVML UUID (also on its MIG instances); "" when unknown
     vendor: str = ""  # GPU only: "nvidia" | "amd"; "" for CPU and DRAM
+    # GPU only: the fraction of the physical board this reading stands for (embodied
+    # carbon is booked by board-time): 1.0 for a whole board; a partition (MIG GPU
+    # instance, AMD partition) its slices / the board's; a partitioned board's own
+    # reading (the remainder) the rest.
+    board_share: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +105,13 @@ class JobTotals:
     energy_j: Mapping[str, float]  # component -> joules
     co2e_g: float
     state: Literal["running", "finished"]
+    # Lifecycle figures (issue 16; daemon/footprint/): manufacturing carbon amortised
+    # over the devices' service life and booked by the device-time the job occupied;
+    # market-based CO2e (contractual instruments, GHG Protocol Scope 2); water (on-site
+    # WUE + off-site EWIF x PUE). co2e_g above stays the location-based figure.
+    embodied_co2e_g: float = 0.0
+    co2e_market_g: float = 0.0
+    water_l: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +185,11 @@ class TickRecord:
     # the job's slots in the bucket so far, and "final" only when all of them are final.
     bucket_g_per_kwh: Mapping[str, float] = field(default_factory=dict)
     bucket_intensity_status: Mapping[str, str] = field(default_factory=dict)
+    # Lifecycle (issue 16): per job, market-based CO2e of the bucket so far (beside
+    # bucket_co2e_g, settled with it), and this tick's embodied CO2e and water.
+    bucket_co2e_market_g: Mapping[str, float] = field(default_factory=dict)
+    job_embodied_co2e_g: Mapping[str, float] = field(default_factory=dict)  # job_id -> grams this tick
+    job_water_l: Mapping[str, float] = field(default_factory=dict)  # job_id -> litres this tick
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +201,7 @@ class SettledBucket:
     co2e_g: float
     g_per_kwh: float
     status: str  # provisional | final
+    co2e_market_g: float = 0.0  # market-based CO2e of the bucket with the revised values (issue 16)
 
 
 @dataclass(frozen=True, slots=True)

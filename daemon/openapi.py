@@ -121,7 +121,36 @@ def _schemas() -> dict[str, Any]:
             "currency": _STR,
             "price_per_kwh": {"type": "number", "minimum": 0},
         }),
+        # Lifecycle (issue 16; docs/carbon.md "Lifecycle"): computed when read from the stored energy,
+        # CO2e and occupancy with the factors in effect, so restated when factors change.
+        "embodied_co2e_g": {"type": "number", "minimum": 0,
+                            "description": ("manufacturing carbon of the devices the job occupied, amortised over "
+                                            "their service life: Σ over items factor (kg) x 1000 x item-seconds / "
+                                            "life (s); 0 for jobs stored before schema 5")},
+        "co2e_market_g": {"type": "number", "minimum": 0,
+                          "description": ("market-based CO2e (GHG Protocol Scope 2): PUE x kWh x contract_share x "
+                                          "contract + (1 - contract_share) x (PUE x kWh x residual, or the "
+                                          "location-based co2e_g of that part without a residual mix)")},
+        "water_l": {"type": "number", "minimum": 0, "description": "litres: kWh x (WUE + PUE x EWIF)"},
+        "sci_g": {"type": "number", "minimum": 0,
+                  "description": "co2e_g + embodied_co2e_g (the SCI with the job as its functional unit)"},
     }, description="One job's totals. Fields may be added; none is removed without a changelog entry.")
+    job["properties"]["occupancy_s"] = {
+        "type": "object", "additionalProperties": {"type": "number", "minimum": 0},
+        "description": ("Only in GET /api/v1/jobs/{id}: item -> item-seconds the job occupied: `gpu:<model>` "
+                        "board-seconds (a MIG instance by its slices), `cpu` socket-seconds, `dram` GB-seconds, "
+                        "`platform` server-seconds; empty for jobs stored before schema 5")}
+    job["properties"]["factors"] = {
+        "type": "array", "items": _obj({
+            "name": {"type": "string", "description": ("`gpu:<model>`, `cpu`, `dram`, `platform`, `service_life`, "
+                                                       "`wue`, `ewif`, `market.contract`, `market.residual`")},
+            "value": {"type": "number"},
+            "unit": {"type": "string", "description": "e.g. kgCO2e/device, year, L/kWh, gCO2e/kWh"},
+            "source": {"type": "string", "description": "citation in the data file, or `config: [section] key`"},
+            "version": {"type": "string", "description": "data file version, or `config`"},
+            "default": {"type": "boolean", "description": "a class default standing in for an unknown model"},
+        }),
+        "description": "Only in GET /api/v1/jobs/{id}: every factor the lifecycle figures used"}
     job["properties"]["carbon_hint"] = _obj({
         "window_start": _EPOCH,
         "window_end": _EPOCH,

@@ -8,6 +8,16 @@ the devices' energy; the PUE applies to the CO2e only, as in the ledger.
 
 SPEC is ``MODEL_OR_WATTS[:COUNT[:UTILISATION]]``: ``V100:10:0.8`` is ten V100s at 80 %,
 ``200:2:0.6`` two 200 W devices at 60 %. COUNT defaults to 1 and UTILISATION to 1.0.
+
+Lifecycle parts (``--embodied``, ``--water``; issue 16, docs/carbon.md "Lifecycle
+footprint"), with the factors of a ``Footprint`` (daemon/footprint/factors.py):
+
+- embodied = Σ countᵢ x Fᵢ x 1000 x T x 3600 / life_s grams, Fᵢ the GPU board's
+  manufacturing footprint (kgCO2e, by model; a device given in watts takes the
+  datacenter class default and says so) and life_s the service life in seconds. The
+  boards are occupied for the whole run, whatever their utilisation. GPU boards only:
+  a plan names no host, so its CPU, DRAM and platform are not counted.
+- water = E x (WUE + PUE x EWIF) litres, E the devices' energy in kWh.
 """
 
 from __future__ import annotations
@@ -19,7 +29,10 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from .footprint.factors import Factor, Footprint
 
 TABLE_FILE = "gpu_rated_power.json"
 MAX_WATTS = 100_000.0  # one device; anything above is a typo
@@ -61,6 +74,18 @@ class EstimateResult:
     power_kw: float
     energy_kwh: float
     co2e_g: float | None
+
+
+@dataclass(frozen=True)
+class LifecycleEstimate:
+    """The ``--embodied`` / ``--water`` parts of a plan; None for a part not asked for."""
+
+    embodied_co2e_g: float | None
+    water_l: float | None
+    gpu_factors: tuple[Factor, ...]  # one per device spec, in order (embodied only)
+    device_embodied_g: tuple[float, ...]  # each device spec's share of embodied_co2e_g
+    factors: tuple[Factor, ...]  # every factor used (each once)
+    devices: tuple[DeviceSpec, ...] = ()
 
 
 def _normalise(name: str) -> str:
@@ -205,3 +230,59 @@ def estimate_json(result: EstimateResult) -> dict[str, Any]:
         },
         "formula": "energy_kwh = sum(rated_w * count * utilisation) / 1000 * hours; co2e_g = energy_kwh * pue * g_per_kwh",
     }
+
+
+WATTS_ONLY_NAME = "gpu:(given in watts)"
+
+
+def lifecycle(result: EstimateResult, fp: Footprint, embodied: bool = True, water: bool = True) -> LifecycleEstimate:
+    """Embodied CO2e of the planned GPU boards over the run and the run's water
+    (module docstring), with the factors used."""
+    import dataclasses
+
+    gpu_factors: list[Factor] = []
+    used: dict[str, Factor] = {}
+    embodied_g: float | None = None
+    grams: list[float] = []
+    if embodied:
+        for d in result.devices:
+            if d.model is None:  # given in watts: no model to look up
+                base = fp.gpu("")
+                f = dataclasses.replace(base, name=WATTS_ONLY_NAME, source=f"device given in watts: {base.source}")
+            else:
+                f = fp.gpu(d.model)
+            gpu_factors.append(f)
+            used.setdefault(f.name, f)
+            grams.append(d.count * f.value * 1000.0 * result.hours * 3600.0 / fp.life_s)
+        embodied_g = math.fsum(grams)
+        used.setdefault(fp.service_life.name, fp.service_life)
+    water_l: float | None = None
+    if water:
+        water_l = result.energy_kwh * (fp.wue.value + result.pue * fp.ewif.value)
+        used.setdefault(fp.wue.name, fp.wue)
+        used.setdefault(fp.ewif.name, fp.ewif)
+    return LifecycleEstimate(embodied_co2e_g=embodied_g, water_l=water_l, gpu_factors=tuple(gpu_factors),
+                             device_embodied_g=tuple(grams), factors=tuple(used.values()), devices=result.devices)
+
+
+def lifecycle_json(life: LifecycleEstimate) -> dict[str, Any]:
+    """The lifecycle keys added to the ``--json`` document."""
+    out: dict[str, Any] = {}
+    if life.embodied_co2e_g is not None:
+        out["embodied_co2e_g"] = _r(life.embodied_co2e_g, 3)
+    if life.water_l is not None:
+        out["water_l"] = _r(life.water_l, 6)
+    formulas = []
+    if life.embodied_co2e_g is not None:
+        formulas.append("embodied_co2e_g = sum(count * gpu_kgco2e * 1000 * hours * 3600 / life_s), "
+                        "life_s = service_life_years * 365.25 * 86400 (GPU boards only)")
+    if life.water_l is not None:
+        formulas.append("water_l = energy_kwh * (wue_l_per_kwh + pue * ewif_l_per_kwh)")
+    out["lifecycle"] = {
+        "devices": [{"spec": d.spec, "count": d.count, "factor": f.name, "kgco2e_per_board": f.value,
+                     "default": f.default, "embodied_co2e_g": _r(g, 3)}
+                    for d, f, g in zip(life.devices, life.gpu_factors, life.device_embodied_g)],
+        "factors": [f.as_dict() for f in life.factors],
+        "formula": "; ".join(formulas),
+    }
+    return out

@@ -2,7 +2,9 @@
 plain-text report people read: kWh by component (gpu, cpu, dram and other, the node
 remainder from the BMC, with a note on what it means) with the source of each figure,
 CO2e with its status, intensity and zone, duration, GPU-hours, peak GPU memory,
-cost, everyday equivalents and an optional carbon-aware hint.
+cost, the lifecycle figures (embodied carbon, market-based CO2e, water, SCI, with
+the occupancy and every factor named with its source; issue 16), everyday
+equivalents (of the SCI too) and an optional carbon-aware hint.
 
 Everyday equivalents come from the shipped table ``data/equivalents.json``; each
 entry names its source (or says it is plain arithmetic). Untrusted text (label,
@@ -178,6 +180,44 @@ def _intensity_range(series: list[dict[str, Any]]) -> str | None:
     return ", ".join(parts)
 
 
+OCCUPANCY_UNITS = {"cpu": "socket-s", "dram": "GB-s", "platform": "server-s"}
+
+
+def _lifecycle_lines(job: dict[str, Any]) -> list[str]:
+    """The lifecycle section: embodied, operational, SCI, market-based, water, then
+    (single-job view) the occupancy and each factor with its unit and source."""
+    w = TEXT_WIDTH
+    out = [
+        "Lifecycle",
+        (f"  embodied      {fmt_mass_g(job['embodied_co2e_g'])} CO2e (device manufacturing, amortised over the "
+         "service life, by the device-time the job occupied)"),
+        f"  operational   {fmt_mass_g(job['co2e_g'])} CO2e (location-based, as above)",
+        (f"  SCI           {fmt_mass_g(job.get('sci_g', job['co2e_g'] + job['embodied_co2e_g']))} CO2e "
+         "(operational + embodied)"),
+        (f"  market-based  {fmt_mass_g(job.get('co2e_market_g', 0.0))} CO2e (contractual instruments; "
+         "location-based where none)"),
+        f"  water         {fmt_sig(job.get('water_l', 0.0))} L (on-site WUE + off-site EWIF x PUE)",
+    ]
+    occupancy = job.get("occupancy_s") or {}
+    if occupancy:
+        out.append("  occupancy")
+        for item, seconds in occupancy.items():
+            unit = OCCUPANCY_UNITS.get(item, "board-s")
+            out.append(f"    {printable(str(item), 60):<40} {fmt_sig(float(seconds)):>10} {unit}")
+    elif "occupancy_s" in job:
+        out.append("  occupancy     none stored (a job booked before lifecycle accounting: embodied 0)")
+    factors = job.get("factors") or []
+    if factors:
+        out.append("  factors")
+        for f in factors:
+            mark = " [class default: model not in the data file]" if f.get("default") else ""
+            out.append(f"    {printable(str(f.get('name', '')), 60):<40} {fmt_sig(float(f.get('value', 0.0))):>10} "
+                       f"{printable(str(f.get('unit', '')), 20)}{mark}")
+            out.append(f"      {printable(str(f.get('source', '')), w)} (version "
+                       f"{printable(str(f.get('version', '')), 40)})")
+    return out
+
+
 def format_report(job: dict[str, Any], series: list[dict[str, Any]] | None = None,
                   hint: dict[str, Any] | None = None) -> str:
     """A readable plain-text report of one job object; ends with a newline.
@@ -240,10 +280,19 @@ def format_report(job: dict[str, Any], series: list[dict[str, Any]] | None = Non
         add("Cost          not configured ([accounting] price_per_kwh)")
     add("")
 
+    if "embodied_co2e_g" in job:
+        lines.extend(_lifecycle_lines(job))
+        add("")
+
     add("Everyday equivalents (approximate)")
     for eq in equivalents(job["energy_kwh"], job["co2e_g"]):
         add(f"  {fmt_sig(eq['count']):>10}  {eq['text']}")
         add(f"  {'':>10}  ({_source_line(eq)})")
+    if job.get("sci_g") and job["sci_g"] != job["co2e_g"]:
+        add(f"  with embodied carbon (SCI, {fmt_mass_g(job['sci_g'])}):")
+        for eq in equivalents(job["energy_kwh"], job["sci_g"]):
+            if eq["basis"] == "gCO2e":
+                add(f"  {fmt_sig(eq['count']):>10}  {eq['text']}")
 
     if hint is not None:
         add("")

@@ -1,6 +1,8 @@
 """The InfluxDB sink as the daemon sees it (the ``Sink`` contract, exporters/sink.py):
 one call per tick, per settlement and per grid fetch, each turning the daemon's values
-into contract lines (influx_points) and queueing them on the ``InfluxSink``'s durable
+into contract lines (influx_points: per tick also each job's ``job_footprint``, embodied
+CO2e and water; per bucket ``job_co2e`` with its market-based ``market_grams``, rewritten
+at settlement) and queueing them on the ``InfluxSink``'s durable
 spool (never blocking on the network); start/stop run its delivery task; its figures
 become the ``wattprint_influx_*`` / ``wattprint_spool_*`` self-metrics.
 
@@ -48,7 +50,8 @@ class InfluxPublisher:
                 status = "final" if known == "final" else "provisional"
                 line = job_co2e_line(host=self.host, job_id=job_id, label=ref.label if ref else "",
                                      user=ref.user if ref else "", grams=grams, g_per_kwh=g,
-                                     status=status, at_s=record.bucket_start)  # type: ignore[arg-type]
+                                     status=status, at_s=record.bucket_start,  # type: ignore[arg-type]
+                                     market_grams=record.bucket_co2e_market_g.get(job_id))
                 if line is not None:
                     lines.append(line)
         self.sink.submit(lines)
@@ -59,7 +62,7 @@ class InfluxPublisher:
             line = job_co2e_line(host=self.host, job_id=s.job.job_id, label=s.job.label, user=s.job.user,
                                  grams=s.co2e_g, g_per_kwh=s.g_per_kwh,
                                  status="final" if s.status == "final" else "provisional",  # type: ignore[arg-type]
-                                 at_s=s.bucket_start)
+                                 at_s=s.bucket_start, market_grams=s.co2e_market_g)
             if line is not None:
                 lines.append(line)
         self.sink.submit(lines)

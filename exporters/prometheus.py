@@ -51,6 +51,9 @@ RESERVED_NAMES = frozenset(
         "wattprint_device_info",
         "wattprint_job_energy_joules_total",
         "wattprint_job_co2e_grams",
+        "wattprint_job_embodied_co2e_grams",
+        "wattprint_job_market_co2e_grams",
+        "wattprint_job_water_litres",
         "wattprint_job_running",
         "wattprint_unattributed_energy_joules_total",
         "wattprint_grid_intensity_grams_per_kwh",
@@ -115,6 +118,9 @@ COUNTER_HELP: Mapping[str, str] = {
                                  "in-memory backlog filled.",
     "tick_errors_total": "Ticks that failed with an unexpected error (the interval's energy is kept for the next).",
     "tick_overruns_total": "Ticks that took longer than [daemon] interval_s.",
+    "unattributed_embodied_co2e_grams_total":
+        "Embodied (manufacturing) CO2e of device time no job occupied (idle, non-job or invisible processes), "
+        "in grams, since the daemon started; amortised over the service life as for jobs (docs/carbon.md).",
 }
 PLACEHOLDER_HELP = "Daemon self-metric {key} (no description)."
 # wattprint_influx_points_dropped_<reason>_total: deprecated (CHANGELOG, docs/api.md); the
@@ -198,6 +204,24 @@ def _jobs(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
         "CO2e of each job so far, in grams; settlement of provisional intensity may revise it.",
         labels=["job_id", "label", "user"],
     )
+    embodied = GaugeMetricFamily(
+        "wattprint_job_embodied_co2e_grams",
+        "Embodied (manufacturing) CO2e of the devices each job occupied so far, amortised over their service "
+        "life, in grams; restated when the footprint factors change.",
+        labels=["job_id", "label", "user"],
+    )
+    market = GaugeMetricFamily(
+        "wattprint_job_market_co2e_grams",
+        "Market-based CO2e of each job so far (contractual instruments, GHG Protocol Scope 2), in grams; "
+        "settlement of provisional intensity may revise it.",
+        labels=["job_id", "label", "user"],
+    )
+    water = GaugeMetricFamily(
+        "wattprint_job_water_litres",
+        "Water consumed for each job so far (on-site WUE plus off-site water intensity of the electricity "
+        "times PUE), in litres.",
+        labels=["job_id", "label", "user"],
+    )
     running = GaugeMetricFamily(
         "wattprint_job_running", "1 while the job runs, 0 once it has finished.", labels=["job_id", "label", "user"]
     )
@@ -207,8 +231,11 @@ def _jobs(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
         for component, joules in _components(job.energy_j, with_other):
             energy.add_metric(key + [component], joules)
         co2e.add_metric(key, float(job.co2e_g))
+        embodied.add_metric(key, float(job.embodied_co2e_g))
+        market.add_metric(key, float(job.co2e_market_g))
+        water.add_metric(key, float(job.water_l))
         running.add_metric(key, 1.0 if job.state == "running" else 0.0)
-    return [energy, co2e, running]
+    return [energy, co2e, embodied, market, water, running]
 
 
 def _unattributed(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:

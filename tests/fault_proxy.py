@@ -10,8 +10,11 @@ Modes (``FaultProxy.set(mode)``; each stays until the next ``set``):
 - ``"302"`` / ``"307"``: a redirect to ``/login``, a page that answers 200 with HTML
   (a login proxy, a moved endpoint);
 - ``"html"``: 200 with an HTML body (a captive page that is not InfluxDB);
-- ``"hang"``: no answer until the mode changes or ``hang_max_s`` passes (the client's
-  timeout fires first); the request is never forwarded.
+- ``"hang"``: no answer; the request is never forwarded. A request that hangs keeps
+  hanging after the mode changes (as one sent to a stuck server does): it ends when the
+  client gives up and closes the connection (its timeout), ``hang_max_s`` passes, or
+  ``release()`` is called (the test's cleanup). So a client whose write hung sees a
+  timeout, never some other answer because the test moved on meanwhile.
 
 Only ``"forward"`` lets anything reach influxd. The proxy records every answer it gave
 (``answers``: ``(mode, status)`` per request) and every line influxd acknowledged with
@@ -47,6 +50,7 @@ class FaultProxy:
         self.answers: list[tuple[str, int]] = []
         self.delivered: Counter[str] = Counter()
         self._session: aiohttp.ClientSession | None = None
+        self._released = False
 
     # -- control (test thread) ------------------------------------------------
 
@@ -60,6 +64,11 @@ class FaultProxy:
             raise ValueError(f"unknown proxy mode {mode!r} (known: {', '.join(MODES)})")
         with self._lock:
             self._mode = mode
+
+    def release(self) -> None:
+        """End every hanging request now (cleanup: the proxy can stop)."""
+        with self._lock:
+            self._released = True
 
     def answer_counts(self) -> Counter[tuple[str, int]]:
         with self._lock:
@@ -95,9 +104,9 @@ class FaultProxy:
         mode = self.mode
         if mode == "hang":
             deadline = time.monotonic() + self.hang_max_s
-            while self.mode == "hang" and time.monotonic() < deadline:
+            while not self._released and time.monotonic() < deadline and not _client_gone(request):
                 await asyncio.sleep(0.05)
-            # The client gave up long ago (its timeout is shorter); nothing was forwarded.
+            # The client gave up (its timeout is shorter); nothing was forwarded.
             self._record("hang", 504)
             return web.json_response({"error": "proxy: gave up"}, status=504)
         if mode == "500":
@@ -127,3 +136,9 @@ class FaultProxy:
                 self.delivered.update(line for line in body.decode("utf-8", "replace").split("\n") if line)
         return web.Response(status=status, body=text,
                             content_type=r.content_type if text else None)
+
+
+def _client_gone(request: web.Request) -> bool:
+    """The client closed the connection (gave up waiting)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()

@@ -21,7 +21,7 @@ from gpusim import gpu, proc, write_sim
 from wattprint.daemon.carbon import FALLBACK_SLOT_S, IntensityBook
 from wattprint.daemon.config import GridConfig
 from wattprint.daemon.grid.base import IntensityPoint
-from wattprint.daemon.ledger import Intensity, JobTick, Ledger, LedgerReader
+from wattprint.daemon.ledger import SCHEMA_VERSION, Intensity, JobTick, Ledger, LedgerReader
 from wattprint.daemon.model import SettledBucket, TickRecord
 from wattprint.daemon.procs import JobIdentity
 from wattprint.daemon.sources.gpu import NvmlGpuSource
@@ -329,7 +329,7 @@ def test_schema_2_store_is_read_as_it_is_and_migrated_with_the_same_co2e(tmp_pat
     assert reader.job(job.job_id, now=T0 + 300)["co2e_g"] == pytest.approx(truth, rel=1e-12)
     assert [b["g_per_kwh"] for b in reader.job_series(job.job_id)] == [100.0, 200.0, 300.0]
     led = Ledger(path, host="h", bucket_s=60)  # the daemon migrates it in place
-    assert led.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
+    assert led.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     assert reader.job(job.job_id, now=T0 + 300)["co2e_g"] == pytest.approx(truth, rel=1e-12)
     assert [(b["g_per_kwh"], b["co2e_g"]) for b in reader.job_series(job.job_id)] == \
         [(pytest.approx(100.0 * (i + 1)), pytest.approx(360.0 / J_PER_KWH * 100.0 * (i + 1))) for i in range(3)]

@@ -36,7 +36,8 @@ from wattprint.daemon.config import ENV_PREFIX, Config, ConfigError, choices, lo
 # Every section: the daemon's own and each sink's (declared next to the sink).
 SECTIONS: dict[str, dict[str, Any]] = {name: get_type_hints(typ) for name, typ in section_types().items()}
 # Cross checks blame the key that makes another one a problem.
-TRIGGERS = {("gpu", "sim_file"): ("gpu", "backend"), ("grid", "token"): ("grid", "provider")}
+TRIGGERS = {("gpu", "sim_file"): ("gpu", "backend"), ("grid", "token"): ("grid", "provider"),
+            ("market", "contract_g_per_kwh"): ("market", "contract_share")}
 
 # ------------------------------------------------------------------------- TOML writer
 
@@ -141,7 +142,7 @@ def environments(draw: st.DrawFn, allow_nul: bool = True) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------ oracle
 
-_KEY_PROBLEM = re.compile(r"\[(?P<sec>[a-z]+)\] (?P<key>[a-z_]+(?:, [a-z_]+)*): ")
+_KEY_PROBLEM = re.compile(r"\[(?P<sec>[a-z]+)\] (?P<key>[a-z0-9_]+(?:, [a-z0-9_]+)*): ")  # gpu_kgco2e has digits
 
 
 def assert_problems_are_named(problems: list[str], path: str, doc: dict[str, Any] | None, env: dict[str, str]) -> None:

@@ -67,6 +67,10 @@ INFLUX_BUILTINS = {"__interval": "10s", "__interval_ms": "10000"}
 PER_JOB_TOTALS = {
     ("wattprint-live", "Per-job energy and CO2e"): {"kWh": "energy_kwh", "CO2e": "co2e_g"},
     ("wattprint-jobs", "Per-job energy and CO2e"): {"kWh": "energy_kwh", "CO2e": "co2e_g"},
+    ("wattprint-jobs", "Per-job lifecycle footprint"): {"Embodied": "embodied_co2e_g", "Water": "water_l",
+                                                       "Location": "co2e_g", "Market": "co2e_market_g"},
+    ("wattprint-live", "Per-job lifecycle footprint"): {"Embodied": "embodied_co2e_g", "Water": "water_l",
+                                                       "Location": "co2e_g", "Market": "co2e_market_g"},
 }
 
 
@@ -362,7 +366,7 @@ def test_dashboards_use_real_metric_names() -> None:
     counters = {"wattprint_spool_bytes", "wattprint_tick_overruns_total", "wattprint_tick_errors_total"}
     used = {name for _, query, _ in all_queries("prometheus") for name in re.findall(r"\bwattprint_[a-z0-9_]+", query)}
     assert used and used <= RESERVED_NAMES | counters, used - RESERVED_NAMES - counters
-    measurements = {"device_power", "job_energy", "job_co2e", "grid_intensity", "unattributed_energy"}
+    measurements = {"device_power", "job_energy", "job_co2e", "grid_intensity", "unattributed_energy", "job_footprint"}
     used = {m for _, query, _ in all_queries("influxdb") for m in re.findall(r'FROM "([a-z0-9_]+)"', query)}
     assert used == measurements
 
@@ -516,7 +520,10 @@ def advancing_snapshot(started: float) -> Callable[[], Snapshot]:
             jobs=tuple(
                 JobTotals(job_id=jid, label=label, user=user, uid=1000 + n,
                           energy_j={"gpu": 60.0 * t, "cpu": 15.0 * t, "dram": 1.5 * t, "other": 30.0 * t},
-                          co2e_g=106.5 * t / J_PER_KWH * 82.5, state="running")
+                          co2e_g=106.5 * t / J_PER_KWH * 82.5, state="running",
+                          # lifecycle (issue 16): a 60 % PPA at 20 g/kWh, 0.5 g embodied and 2 mL water a second
+                          co2e_market_g=106.5 * t / J_PER_KWH * (0.4 * 82.5 + 0.6 * 20.0),
+                          embodied_co2e_g=0.5 * t * (n + 1), water_l=0.002 * t)
                 for n, (jid, label, user) in enumerate(JOBS)
             ),
             unattributed_j_total={"gpu": 20.0 * t, "cpu": 5.0 * t, "dram": 1.0 * t, "other": 11.0 * t},
@@ -568,6 +575,13 @@ def test_prometheus_panels_parse_and_return_data(
     co2e = totals_by_job(results[where_co2e], influx=False)
     assert set(kwh) == set(co2e) == {jid}
     assert co2e[jid] == pytest.approx(kwh[jid] * 82.5, rel=0.05)  # both read within a scrape or two
+    # The lifecycle table: the snapshot's figures for the selected job (t from its energy).
+    t = kwh[jid] * J_PER_KWH / 106.5
+    want = {"Location": 82.5 * t * 106.5 / J_PER_KWH, "Market": (0.4 * 82.5 + 0.6 * 20.0) * t * 106.5 / J_PER_KWH,
+            "Embodied": 0.5 * t * 1, "Water": 0.002 * t}
+    for ref, value in want.items():
+        got = totals_by_job(results[per_job_where("wattprint-live", "Per-job lifecycle footprint", ref)], influx=False)
+        assert got == {jid: pytest.approx(value, rel=0.05)}, ref
     # With a node from its BMC, the unattributed share is over the node's energy (250 W), not over
     # node + GPU + CPU + DRAM: unattributed 26 W measured + 11 W of the remainder.
     share = results[per_job_where("wattprint-live", "Unattributed share of energy", "A")]
@@ -588,7 +602,9 @@ def influx_points(now: float) -> tuple[str, dict[str, dict[str, float]]]:
     """Line protocol for 120 one-second ticks ending at ``now`` plus CO2e buckets and grid
     intensity, made by wattprint's own exporter code; and the per-job totals written."""
     lines: list[str] = []
-    totals: dict[str, dict[str, float]] = {jid: {"energy_kwh": 0.0, "co2e_g": 0.0} for jid, _, _ in JOBS}
+    totals: dict[str, dict[str, float]] = {
+        jid: {"energy_kwh": 0.0, "co2e_g": 0.0, "co2e_market_g": 0.0, "embodied_co2e_g": 0.0, "water_l": 0.0}
+        for jid, _, _ in JOBS}
     refs = {jid: JobRef(jid, label, user, 1000 + n) for n, (jid, label, user) in enumerate(JOBS)}
     for k in range(120):
         at = now - 120 + k
@@ -604,19 +620,27 @@ def influx_points(now: float) -> tuple[str, dict[str, dict[str, float]]]:
             ),
             jobs=refs, job_energy_j=job_energy,
             unattributed_j={"gpu": 20.0, "cpu": 5.0, "dram": 1.0, "other": 11.0},
+            # lifecycle (issue 16): this tick's embodied grams and litres per job
+            job_embodied_co2e_g={jid: 0.0125 * (n + 1) * (1 + k % 4) for n, (jid, _, _) in enumerate(JOBS)},
+            job_water_l={jid: 0.0015 * (n + 2) * (1 + k % 3) for n, (jid, _, _) in enumerate(JOBS)},
         )
         lines += tick_to_lines(record, host="gpu-node-01")
         for jid, parts in job_energy.items():
             totals[jid]["energy_kwh"] += sum(parts.values()) / J_PER_KWH
+            totals[jid]["embodied_co2e_g"] += record.job_embodied_co2e_g[jid]
+            totals[jid]["water_l"] += record.job_water_l[jid]
     for b in range(2):  # two 60 s CO2e buckets per job
         at = now - 120 + 60 * b
         for n, (jid, label, user) in enumerate(JOBS):
             grams = (106.5 + n) * 60 / J_PER_KWH * 82.5
+            market = grams * 0.4 + (106.5 + n) * 60 / J_PER_KWH * 0.6 * 20.0  # a 60 % PPA at 20 g/kWh
             line = job_co2e_line(host="gpu-node-01", job_id=jid, label=label, user=user, grams=grams,
-                                 g_per_kwh=82.5, status="final" if b == 0 else "provisional", at_s=at)
+                                 g_per_kwh=82.5, status="final" if b == 0 else "provisional", at_s=at,
+                                 market_grams=market)
             assert line is not None
             lines.append(line)
             totals[jid]["co2e_g"] += grams
+            totals[jid]["co2e_market_g"] += market
     for h in range(-3, 3):
         at = now + 300 * h
         for kind, value in (("actual", 80.0 + h), ("forecast", 85.0 + h)):
@@ -664,6 +688,23 @@ def test_influxql_panels_parse_and_return_data(influxdb_server: InfluxServer) ->
     assert set(kwh) == set(co2e) == {jid}  # the label and user variables select one job
     assert kwh[jid] == pytest.approx(totals[jid]["energy_kwh"], rel=1e-9)
     assert co2e[jid] == pytest.approx(totals[jid]["co2e_g"], rel=1e-9)
+    # The lifecycle table (issue 16): each column the total that went in, for the selected job.
+    for ref, field in PER_JOB_TOTALS[("wattprint-jobs", "Per-job lifecycle footprint")].items():
+        got = totals_by_job(results[per_job_where("wattprint-jobs", "Per-job lifecycle footprint", ref)], influx=True)
+        assert got == {jid: pytest.approx(totals[jid][field], rel=1e-9)}, ref
+    # ... and with "All", every job's.
+    for ref, field in PER_JOB_TOTALS[("wattprint-jobs", "Per-job lifecycle footprint")].items():
+        got = totals_by_job(every[per_job_where("wattprint-jobs", "Per-job lifecycle footprint", ref)], influx=True)
+        assert got == {j: pytest.approx(totals[j][field], rel=1e-9) for j, _, _ in JOBS}, ref
+    # Cumulative curves end at the totals: per job for embodied CO2e and water, over the
+    # selected jobs for market and location CO2e.
+    for title, field in (("Embodied CO2e per job, cumulative (g)", "embodied_co2e_g"),
+                         ("Water per job, cumulative (L)", "water_l")):
+        last = {s["tags"]["job_id"]: float(s["values"][-1][1]) for s in every[per_job_where("wattprint-jobs", title, "A")]}
+        assert last == {j: pytest.approx(totals[j][field], rel=1e-9) for j, _, _ in JOBS}, title
+    for ref, field in (("Location", "co2e_g"), ("Market", "co2e_market_g")):
+        [curve] = every[per_job_where("wattprint-jobs", "CO2e, market vs location, cumulative (g)", ref)]
+        assert float(curve["values"][-1][1]) == pytest.approx(sum(totals[j][field] for j, _, _ in JOBS), rel=1e-9)
 
     # Forecast and actual come out as separate series of the grid panel, for the selected
     # host's zone only ($host: gpu-node-02's GB points are not shown).
@@ -743,7 +784,9 @@ def test_panels_return_data_end_to_end(
         tmp_path, sim_file=sim, powercap_root=tmp_path / "powercap",
         extra_toml=f'[influxdb]\nenabled = true\nurl = "{influxdb_server.url}"\ndatabase = "wattprint"\n'
                    'flush_interval_s = 0.5\n'
-                   f'[grid]\nprovider = "carbonintensity_uk"\nzone = "GB"\nbase_url = "{grid.url}"\n',
+                   f'[grid]\nprovider = "carbonintensity_uk"\nzone = "GB"\nbase_url = "{grid.url}"\n'
+                   # a 60 % PPA at 20 g/kWh, so that market-based CO2e differs from location-based
+                   '[market]\ncontract_share = 0.6\ncontract_g_per_kwh = 20.0\n',
         env={"WATTPRINT_DAEMON_BUCKET_S": "5"},
     )
     feeder = tree.start_feeding({zones["package"]: 30.0, zones["dram"]: 5.0}, period_s=0.05)
@@ -761,6 +804,9 @@ def test_panels_return_data_end_to_end(
             return j
 
         api_job = _poll("job finished", finished, 20)
+        # the lifecycle figures are there to compare (the shipped factors: a GPU class default)
+        assert api_job["embodied_co2e_g"] > 0 and api_job["water_l"] > 0, api_job
+        assert 0 < api_job["co2e_market_g"] < 0.9 * api_job["co2e_g"], api_job  # the grid is above 100 g/kWh
         # A dashboard-like range: grid intensity points are stamped at the start of the
         # provider's interval (up to an hour back; forecasts lie ahead). The database is
         # this test's own, so the per-job sums see this daemon's job only.
@@ -774,6 +820,12 @@ def test_panels_return_data_end_to_end(
             co2e = totals_by_job(res[per_job_where("wattprint-jobs", "Per-job energy and CO2e", "CO2e")], influx=True)
             assert kwh.get(api_job["id"]) == pytest.approx(api_job["energy_kwh"], rel=0.01), (kwh, api_job["energy_kwh"])
             assert co2e.get(api_job["id"]) == pytest.approx(api_job["co2e_g"], rel=0.01), (co2e, api_job["co2e_g"])
+            # The lifecycle table (issue 16): embodied CO2e, water, location- and market-based
+            # CO2e as the daemon booked them, per tick and per bucket, sum to the API's totals.
+            for ref, field in PER_JOB_TOTALS[("wattprint-jobs", "Per-job lifecycle footprint")].items():
+                got = totals_by_job(res[per_job_where("wattprint-jobs", "Per-job lifecycle footprint", ref)],
+                                    influx=True)
+                assert got.get(api_job["id"]) == pytest.approx(api_job[field], rel=0.01), (ref, got, api_job[field])
             return res
 
         _poll("InfluxDB per-job panels agree with the API", influx_agrees, 40)
@@ -791,6 +843,11 @@ def test_panels_return_data_end_to_end(
             co2e = totals_by_job(res[per_job_where("wattprint-live", "Per-job energy and CO2e", "CO2e")], influx=False)
             assert kwh.get(api_job["id"]) == pytest.approx(api_job["energy_kwh"], rel=0.01), (kwh, api_job["energy_kwh"])
             assert co2e.get(api_job["id"]) == pytest.approx(api_job["co2e_g"], rel=0.01), (co2e, api_job["co2e_g"])
+            # the lifecycle table: the daemon's per-job gauges, as the API restates them
+            for ref, field in PER_JOB_TOTALS[("wattprint-live", "Per-job lifecycle footprint")].items():
+                got = totals_by_job(res[per_job_where("wattprint-live", "Per-job lifecycle footprint", ref)],
+                                    influx=False)
+                assert got.get(api_job["id"]) == pytest.approx(api_job[field], rel=0.01), (ref, got, api_job[field])
 
         _poll("Prometheus per-job panels agree with the API", prometheus_agrees, 40)
         run_prometheus_queries(prometheus, {"host": ".*", "label": ".*", "user": ".*"})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from daemon_harness import sample, wait_ticks
@@ -39,13 +39,17 @@ from gpusim import gpu, proc, write_sim
 
 
 @pytest.fixture
-def real_influx(influxdb_server, background_app) -> tuple[FaultProxy, Any]:
+def real_influx(influxdb_server, background_app) -> Iterator[tuple[FaultProxy, Any]]:
     """The real influxd (tests/servers.py), behind the fault proxy (tests/fault_proxy.py)
-    whose mode the test switches ("forward", "hang", ...): (proxy, server)."""
+    whose mode the test switches ("forward", "hang", ...): (proxy, server). Hanging
+    requests are released afterwards, so the proxy stops at once."""
     influxdb_server.create_database(INFLUX_DB)
     proxy = FaultProxy(influxdb_server.url, hang_max_s=300.0)
     proxy.url = background_app(proxy.app()).url
-    return proxy, influxdb_server
+    try:
+        yield proxy, influxdb_server
+    finally:
+        proxy.release()
 
 
 def test_influxdb_hanging(tmp_path, labelled_process, tag, real_influx):
@@ -102,7 +106,8 @@ def test_influxdb_hanging(tmp_path, labelled_process, tag, real_influx):
         # ...and never twice: no line was acknowledged by influxd more than once.
         assert proxy.delivered_twice() == []
     finally:
-        proxy.set("forward")  # a hanging handler returns, so the proxy can stop
+        proxy.set("forward")
+        proxy.release()  # a hanging handler returns, so the proxy can stop
         daemon.kill()
 
 

@@ -755,6 +755,23 @@ def test_mig_energy_is_split_by_instance_size_and_processes_by_instance(sim_path
     assert src.problems() == []
 
 
+def test_mig_readings_say_which_share_of_the_board_they_stand_for(sim_path, clock):
+    """Issue 16: embodied carbon is booked by board-time, so each reading carries its
+    fraction of the physical board: a 3g instance of a 7-slice board 3/7, the board's
+    own remainder reading the free slices (7 - 3 - 2 = 2 -> 2/7); a whole board 1."""
+    instances = [mig_instance(1, "3g.40gb"), mig_instance(5, "2g.20gb")]
+    write_sim(sim_path, [gpu(0, 700.0, mig=True, mig_instances=instances, processes=[proc(101, 1 << 30, gi_id=1)]),
+                         gpu(1, 300.0)], realistic=True)
+    src, _ = make_source(sim_path, clock)
+    tick(src, clock, 1000.0)
+    rs = tick(src, clock, 1001.0)
+    assert rs["gpu0-mig1"].board_share == pytest.approx(3 / 7)
+    assert rs["gpu0-mig5"].board_share == pytest.approx(2 / 7)
+    assert rs["gpu0"].board_share == pytest.approx(2 / 7)
+    assert rs["gpu1"].board_share == 1.0
+    assert sum(r.board_share for d, r in rs.items() if d.startswith("gpu0")) == pytest.approx(1.0)
+
+
 def test_mig_parent_without_privileges_reads_the_mig_device_lists(sim_path, clock):
     instances = [mig_instance(1, "3g.40gb"), mig_instance(2, "4g.40gb", slices=4)]
     procs = [proc(101, 4 << 30, gi_id=1), proc(102, 2 << 30, gi_id=2)]

@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import aiohttp
 import pytest
+from aiohttp import web
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from servers import InfluxServer
-
 from wattprint.daemon.config import InfluxConfig
 from wattprint.daemon.health import HealthBoard
 from wattprint.daemon.model import DeviceReading, JobRef, TickRecord
@@ -54,6 +55,9 @@ def tick(i: int, jobs: dict[str, JobRef] = JOBS) -> TickRecord:
     return TickRecord(
         sampled_at=T0 + i, interval_s=1.0, readings=readings, jobs=jobs,
         job_energy_j=job_energy, unattributed_j=unattributed,
+        # lifecycle (issue 16): this tick's embodied grams and water litres per job
+        job_embodied_co2e_g={job_id: 0.01 * (1 + i % 5) for job_id in jobs},
+        job_water_l={job_id: 0.002 * (1 + i % 3) for job_id in jobs},
     )
 
 
@@ -102,6 +106,13 @@ def assert_complete(server: InfluxServer, ticks: range) -> None:
     per_second = rows(server, f"SELECT count(watts) FROM device_power WHERE time >= {expected_ns(ticks)[0]} "
                               f"AND time <= {expected_ns(ticks)[-1]} GROUP BY time(1s)")
     assert [r[1] for r in per_second] == [len(DEVICES)] * len(ticks)
+    # job_footprint too: one point per job and tick, so SUM is what the ticks booked
+    sums = grouped(server, 'SELECT sum("embodied_grams"), sum("water_litres"), count("water_litres") '
+                           'FROM "job_footprint" GROUP BY "job_id"')
+    assert {json.loads(k)["job_id"]: v[0][1:] for k, v in sums.items()} == {
+        job_id: [pytest.approx(sum(tick(i).job_embodied_co2e_g[job_id] for i in ticks), rel=1e-9),
+                 pytest.approx(sum(tick(i).job_water_l[job_id] for i in ticks), rel=1e-9), len(ticks)]
+        for job_id in JOBS}
 
 
 # ----------------------------------------------------------------------------- basics
@@ -299,7 +310,7 @@ def test_hostile_labels_round_trip_as_exactly_one_series_each(influxdb_server: I
 
     asyncio.run(main())
     measurements = sorted(r[0] for r in rows(influxdb_server, "SHOW MEASUREMENTS"))
-    assert measurements == ["device_power", "job_energy", "unattributed_energy"]
+    assert measurements == ["device_power", "job_energy", "job_footprint", "unattributed_energy"]
     stored = sorted(r[1] for r in rows(influxdb_server, 'SHOW TAG VALUES FROM job_energy WITH KEY = "label"'))
     assert stored == sorted(lp.sanitize_tag_value(label) for label in HOSTILE_LABELS)
     series = rows(influxdb_server, "SHOW SERIES FROM job_energy")
@@ -339,3 +350,172 @@ def test_any_text_round_trips_through_real_influxd(influxdb_server: InfluxServer
         (1_000, lp.sanitize_tag_value(label), 1.0, lp.sanitize_string_field(text_value)),
         (2_000, "canary", 2.0, "c"),
     ]
+
+
+# ------------------------------------------------- lifecycle figures (issue 16), v1 and v2
+
+
+LIFECYCLE_JOBS = {
+    "train-1": JobRef(job_id="train-1", label='lora "7b", run=1 a\\b\nx', user="alice", uid=1000),
+    "eval-2": JobRef(job_id="eval-2", label="eval", user="bob", uid=1001),
+    "idle-3": JobRef(job_id="idle-3", label="idle", user="carol", uid=1002),
+}
+BUCKET_TICKS = 10
+
+
+def lifecycle_tick(i: int) -> TickRecord:
+    """Tick ``i``: per job this tick's embodied grams and water litres (the idle job: 0
+    and 0), and per job the bucket's location and market CO2e so far (10 ticks a bucket)."""
+    base = tick(i, LIFECYCLE_JOBS)
+    k = i % BUCKET_TICKS
+    factor = {"train-1": 1.0, "eval-2": 0.25, "idle-3": 0.0}
+    return TickRecord(
+        sampled_at=base.sampled_at, interval_s=1.0, readings=base.readings, jobs=LIFECYCLE_JOBS,
+        job_energy_j=base.job_energy_j, unattributed_j=base.unattributed_j,
+        bucket_start=int(T0) + (i // BUCKET_TICKS) * BUCKET_TICKS,
+        bucket_co2e_g={j: 0.5 * (k + 1) * f for j, f in factor.items()},
+        bucket_co2e_market_g={j: 0.3 * (k + 1) * f for j, f in factor.items()},
+        g_per_kwh=250.0, intensity_status="provisional",
+        job_embodied_co2e_g={j: 0.0125 * (1 + i % 5) * f for j, f in factor.items()},
+        job_water_l={j: 0.004 * (1 + i % 3) * f for j, f in factor.items()},
+    )
+
+
+class V2ToV1:
+    """What an InfluxDB 2.x server does with a v2 write, in front of the 1.x influxd of
+    the tests (1.6 has no /api/v2/write): ``POST /api/v2/write?org=&bucket=&precision=``
+    is stored in the database named like the bucket. Records the requests it saw."""
+
+    def __init__(self, influx_url: str) -> None:
+        self.influx_url = influx_url
+        self.seen: list[tuple[str, dict[str, str], str]] = []  # (path, query, Authorization)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/api/v2/write", self.write)
+        return app
+
+    async def write(self, request: web.Request) -> web.Response:
+        body = await request.read()  # aiohttp undoes Content-Encoding: gzip
+        self.seen.append((request.path, dict(request.query), request.headers.get("Authorization", "")))
+        params = {"db": request.query["bucket"], "precision": request.query.get("precision", "ns")}
+        async with aiohttp.ClientSession() as session, \
+                session.post(self.influx_url + "/write", params=params, data=body) as r:
+            return web.Response(status=r.status, body=await r.read())
+
+
+@pytest.mark.parametrize("api", ["v1", "v2"])
+def test_lifecycle_fields_and_job_footprint_sum_to_what_was_booked(
+        influxdb_server: InfluxServer, background_app: Any, tmp_path: Path, api: str) -> None:
+    from wattprint.daemon.model import SettledBucket
+    from wattprint.exporters.influx_publish import InfluxPublisher
+
+    ticks = range(2 * BUCKET_TICKS)
+    influxdb_server.create_database(DB)
+    extra: dict[str, Any] = {}
+    proxy = None
+    if api == "v2":
+        proxy = V2ToV1(influxdb_server.url)
+        extra = {"url": background_app(proxy.app()).url, "api": "v2", "org": "acme", "bucket": DB, "token": "tok-v2"}
+
+    async def main() -> None:
+        sink = make_sink(influxdb_server.url if api == "v1" else extra.pop("url"), tmp_path / "spool", **extra)
+        publisher = InfluxPublisher(sink, HOST)
+        sink.start()
+        for i in ticks:
+            publisher.on_tick(lifecycle_tick(i))
+        # New grid data revise the first bucket of the two working jobs (final figures).
+        publisher.on_settled([
+            SettledBucket(job=LIFECYCLE_JOBS["train-1"], bucket_start=int(T0), co2e_g=4.6, g_per_kwh=230.0,
+                          status="final", co2e_market_g=2.9),
+            SettledBucket(job=LIFECYCLE_JOBS["eval-2"], bucket_start=int(T0), co2e_g=1.15, g_per_kwh=230.0,
+                          status="final", co2e_market_g=0.725),
+        ])
+        await eventually(lambda: sink.stats()["spool_pending_points"] == 0, what="all points written")
+        stats = sink.stats()
+        assert stats["points_written_total"] == stats["points_submitted_total"]
+        assert not any(n for reason, n in stats["points_dropped_total"].items() if reason != "no_fields")
+        await sink.stop()
+
+    asyncio.run(main())
+    if proxy is not None:  # the writes really went through influxdb-client's v2 API
+        assert proxy.seen and all(p == "/api/v2/write" and q["org"] == "acme" and a == "Token tok-v2"
+                                  for p, q, a in proxy.seen)
+
+    def by_job(q: str) -> dict[str, list[Any]]:
+        return {json.loads(k)["job_id"]: v[0][1:] for k, v in grouped(influxdb_server, q).items()}
+
+    # job_footprint: SUM over time is what the ticks booked; the idle job has no point.
+    sums = by_job('SELECT sum("embodied_grams"), sum("water_litres"), count("embodied_grams") '
+                  'FROM "job_footprint" GROUP BY "job_id"')
+    assert set(sums) == {"train-1", "eval-2"}
+    for job_id in sums:
+        embodied = sum(lifecycle_tick(i).job_embodied_co2e_g[job_id] for i in ticks)
+        water = sum(lifecycle_tick(i).job_water_l[job_id] for i in ticks)
+        assert sums[job_id][0] == pytest.approx(embodied, rel=1e-9)
+        assert sums[job_id][1] == pytest.approx(water, rel=1e-9)
+        assert sums[job_id][2] == len(ticks)  # one point per job per tick
+    # job_co2e: one point per bucket; the settled bucket holds the final figures, the
+    # other the last tick's; market_grams beside grams.
+    co2e = by_job('SELECT sum("grams"), sum("market_grams"), count("grams") FROM "job_co2e" GROUP BY "job_id"')
+    assert co2e["train-1"] == [pytest.approx(4.6 + 5.0, rel=1e-9), pytest.approx(2.9 + 3.0, rel=1e-9), 2]
+    assert co2e["eval-2"] == [pytest.approx(1.15 + 1.25, rel=1e-9), pytest.approx(0.725 + 0.75, rel=1e-9), 2]
+    assert co2e["idle-3"] == [0.0, 0.0, 2]
+    status = rows(influxdb_server, 'SELECT "status" FROM "job_co2e" WHERE "job_id" = $j', {"j": "train-1"})
+    assert [r[1] for r in status] == ["final", "provisional"]
+    # tags as job_co2e: the hostile label arrives as one series, escaped like everything else
+    labels = rows(influxdb_server, 'SHOW TAG VALUES FROM "job_footprint" WITH KEY = "label"')
+    assert sorted(r[1] for r in labels) == sorted([lp.sanitize_tag_value(LIFECYCLE_JOBS["train-1"].label), "eval"])
+    assert len(rows(influxdb_server, 'SHOW SERIES FROM "job_footprint"')) == 2
+
+
+def test_fleet_totals_sum_the_lifecycle_figures_per_label_across_hosts(influxdb_server: InfluxServer,
+                                                                       tmp_path: Path) -> None:
+    """``wattprint jobs --fleet``: per label, market CO2e, embodied CO2e and water summed
+    over hosts from the points the sink writes; a hostile label is a bound parameter."""
+    from wattprint.daemon.fleet import fleet_totals
+    from wattprint.exporters.influx_points import job_co2e_line
+
+    influxdb_server.create_database(DB)
+    lines: list[str] = []
+    for host in ("node-a", "node-b"):
+        for i in range(2 * BUCKET_TICKS):
+            record = lifecycle_tick(i)
+            lines += tick_to_lines(record, host)
+            if i % BUCKET_TICKS == BUCKET_TICKS - 1:  # the bucket's last figures
+                for job_id, ref in LIFECYCLE_JOBS.items():
+                    line = job_co2e_line(host=host, job_id=job_id, label=ref.label, user=ref.user,
+                                         grams=record.bucket_co2e_g[job_id], g_per_kwh=250.0, status="final",
+                                         at_s=record.bucket_start, market_grams=record.bucket_co2e_market_g[job_id])
+                    assert line is not None
+                    lines.append(line)
+    influxdb_server.write("\n".join(lines), db=DB)
+    cfg = InfluxConfig(enabled=True, url=influxdb_server.url, database=DB, timeout_s=5.0)
+
+    rows = {r["label"]: r for r in fleet_totals(cfg, T0 - 60, T0 + 3600)}
+    for job_id, ref in LIFECYCLE_JOBS.items():
+        row = rows[lp.sanitize_tag_value(ref.label)]
+        assert row["hosts"] == ["node-a", "node-b"]
+        ticks = [lifecycle_tick(i) for i in range(2 * BUCKET_TICKS)]
+        assert row["embodied_co2e_g"] == pytest.approx(2 * sum(t.job_embodied_co2e_g[job_id] for t in ticks), rel=1e-9)
+        assert row["water_l"] == pytest.approx(2 * sum(t.job_water_l[job_id] for t in ticks), rel=1e-9)
+        last = ticks[BUCKET_TICKS - 1]
+        assert row["co2e_g"] == pytest.approx(2 * 2 * last.bucket_co2e_g[job_id], rel=1e-9)
+        assert row["co2e_market_g"] == pytest.approx(2 * 2 * last.bucket_co2e_market_g[job_id], rel=1e-9)
+    assert rows["eval"]["embodied_co2e_g"] > 0 and rows["idle"]["embodied_co2e_g"] == 0.0
+    [only] = fleet_totals(cfg, T0 - 60, T0 + 3600, label="eval")
+    assert only["label"] == "eval" and only["water_l"] == rows["eval"]["water_l"]
+    assert fleet_totals(cfg, T0 - 60, T0 + 3600, label="eval\" OR 1=1 --") == []
+    # The CLI's table shows them (the JSON has the same figures).
+    toml = tmp_path / "fleet.toml"
+    toml.write_text(f'[influxdb]\nenabled = true\nurl = "{influxdb_server.url}"\ndatabase = "{DB}"\n')
+    r = subprocess.run([sys.executable, "-m", "wattprint.daemon", "jobs", "--fleet", "--config", str(toml),
+                        "--since", str(T0 - 60), "--until", str(T0 + 3600), "--label", "eval"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    header, row_text = r.stdout.splitlines()
+    assert header.split() == ["LABEL", "kWh", "CO2e", "g", "EMBODIED", "g", "WATER", "L", "HOSTS"]
+    cells = row_text.split()
+    assert cells[0] == "eval" and cells[-1] == "node-a,node-b"
+    assert float(cells[3]) == pytest.approx(rows["eval"]["embodied_co2e_g"], abs=0.005)
+    assert float(cells[4]) == pytest.approx(rows["eval"]["water_l"], abs=0.0005)

@@ -122,7 +122,8 @@ def hostile_jobs(draw: st.DrawFn) -> list[JobTotals]:
         energy = {c: draw(FINITE) for c in draw(st.sets(st.sampled_from(["gpu", "cpu", "dram"]), min_size=1))}
         jobs.append(JobTotals(job_id=f"{100 + i}-{draw(st.integers(0, 10**12))}", label=draw(ANY_TEXT),
                               user=draw(ANY_TEXT), uid=draw(st.integers(0, 2**32 - 1)), energy_j=energy,
-                              co2e_g=draw(FINITE), state=draw(st.sampled_from(["running", "finished"]))))
+                              co2e_g=draw(FINITE), state=draw(st.sampled_from(["running", "finished"])),
+                              embodied_co2e_g=draw(FINITE), co2e_market_g=draw(FINITE), water_l=draw(FINITE)))
     return jobs
 
 
@@ -157,6 +158,10 @@ def test_prometheus_exposition_stays_valid_and_exact(promtool_bin: str, jobs: li
             assert ident["label"] == job.label and ident["user"] == job.user  # exactly as given
         assert got[("wattprint_job_co2e_grams", frozenset(ident.items()))] == job.co2e_g
         assert got[("wattprint_job_running", frozenset(ident.items()))] == (1.0 if job.state == "running" else 0.0)
+        for name, value in (("wattprint_job_embodied_co2e_grams", job.embodied_co2e_g),
+                            ("wattprint_job_market_co2e_grams", job.co2e_market_g),
+                            ("wattprint_job_water_litres", job.water_l)):
+            assert got[(name, frozenset(ident.items()))] == value
         for component, joules in job.energy_j.items():
             key = ("wattprint_job_energy_joules_total", frozenset({**ident, "kind": component}.items()))
             assert got[key] == joules
@@ -168,7 +173,8 @@ def test_prometheus_exposition_stays_valid_and_exact(promtool_bin: str, jobs: li
                "uuid", "model_name", "vendor"}
     assert all(set(dict(labels)) <= allowed for _, labels in got)
     # nothing a user wrote made a series of its own
-    assert len([k for k in got if k[0].startswith("wattprint_job_")]) == sum(2 + len(j.energy_j) for j in jobs)
+    # (per job: co2e, embodied, market, water, running, and energy per component)
+    assert len([k for k in got if k[0].startswith("wattprint_job_")]) == sum(5 + len(j.energy_j) for j in jobs)
 
 
 # ------------------------------------------------------------------------ line protocol

@@ -571,3 +571,86 @@ def test_job_co2e_and_grid_intensity_lines() -> None:
     g = grid_intensity_line(zone="DK1", provider="energidataservice", kind="actual", g_per_kwh=82.5, at_s=1_700_000_000)
     assert g == "grid_intensity,kind=actual,provider=energidataservice,zone=DK1 g_per_kwh=82.5 1700000000000000000"
     assert grid_intensity_line(zone="DK1", provider="x", kind="forecast", g_per_kwh=math.inf, at_s=0) is None
+
+
+# ------------------------------------------------------- lifecycle figures (issue 16)
+
+
+def test_job_co2e_line_carries_market_grams_when_given() -> None:
+    line = job_co2e_line(host=HOST, job_id="j1", label="a b", user="alice", grams=57.0, g_per_kwh=82.5,
+                         status="provisional", at_s=T0, market_grams=22.75)
+    assert line is not None
+    p = parse_line(line)
+    assert p.fields == {"grams": 57.0, "g_per_kwh": 82.5, "status": "provisional", "market_grams": 22.75}
+    assert p.tags == {"host": HOST, "job_id": "j1", "label": "a b", "user": "alice"}
+    # not given: the field is left out (an earlier value of it stays in InfluxDB)
+    bare = job_co2e_line(host=HOST, job_id="j1", label="a b", user="alice", grams=57.0, g_per_kwh=82.5,
+                         status="provisional", at_s=T0)
+    assert bare is not None and "market_grams" not in parse_line(bare).fields
+    # a non-finite market figure is dropped, the rest of the point stays
+    nan = job_co2e_line(host=HOST, job_id="j1", label="", user="", grams=1.0, g_per_kwh=2.0, status="final",
+                        at_s=T0, market_grams=math.nan)
+    assert nan is not None and parse_line(nan).fields == {"grams": 1.0, "g_per_kwh": 2.0, "status": "final"}
+
+
+def footprint_record(embodied: dict[str, float], water: dict[str, float], jobs: dict[str, JobRef]) -> TickRecord:
+    return TickRecord(sampled_at=T0, interval_s=1.0, readings=(), jobs=jobs, job_energy_j={}, unattributed_j={},
+                      job_embodied_co2e_g=embodied, job_water_l=water)
+
+
+def test_job_footprint_points_one_per_job_with_this_ticks_amounts() -> None:
+    jobs = {
+        "j1": JobRef("j1", NASTY_LABEL, 'bob"}, evil="1', 1000),
+        "j2": JobRef("j2", "", "carol", 1001),
+        "idle": JobRef("idle", "idle", "dave", 1002),
+    }
+    record = footprint_record({"j1": 0.125, "j2": 0.0, "idle": 0.0, "gone": 0.5},
+                              {"j1": 0.0375, "j2": 0.002, "idle": 0.0}, jobs)
+    points = [parse_line(line) for line in tick_to_lines(record, HOST)]
+    fp = {p.tags["job_id"]: p for p in points if p.measurement == "job_footprint"}
+    assert set(fp) == {"j1", "j2", "gone"}  # "idle": both 0 this tick, no point
+    assert fp["j1"].fields == {"embodied_grams": 0.125, "water_litres": 0.0375}
+    assert fp["j1"].tags == {"host": HOST, "job_id": "j1", "label": lp.sanitize_tag_value(NASTY_LABEL),
+                             "user": lp.sanitize_tag_value('bob"}, evil="1')}
+    assert fp["j2"].fields == {"embodied_grams": 0.0, "water_litres": 0.002}
+    assert fp["j2"].tags["label"] == lp.EMPTY_TAG_VALUE
+    assert fp["gone"].fields == {"embodied_grams": 0.5, "water_litres": 0.0}  # no ref: empty tags, point kept
+    assert all(p.timestamp == lp.ns_from_s(T0) for p in fp.values())
+    # nothing at all without lifecycle figures (the points of before)
+    assert not [ln for ln in tick_to_lines(footprint_record({}, {}, jobs), HOST) if ln.startswith("job_footprint")]
+    # a non-finite figure is left out of its point, not the point
+    [nan] = [parse_line(ln) for ln in tick_to_lines(footprint_record({"j1": math.inf}, {"j1": 0.5}, jobs), HOST)]
+    assert nan.fields == {"water_litres": 0.5}
+
+
+NASTY_LABEL = 'evil" f=1 1\nevil,host=x embodied_grams=1e9 2 \\'
+
+
+def test_publisher_writes_market_grams_per_bucket_and_at_settlement() -> None:
+    from wattprint.daemon.model import SettledBucket
+    from wattprint.exporters.influx_publish import InfluxPublisher
+
+    class Sink:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def submit(self, lines: list[str]) -> None:
+            self.lines.extend(lines)
+
+    sink = Sink()
+    pub = InfluxPublisher(sink, HOST)  # type: ignore[arg-type]
+    ref = JobRef("j", "l", "u", 1)
+    pub.on_tick(TickRecord(sampled_at=T0 + 5, interval_s=1.0, readings=(), jobs={"j": ref}, job_energy_j={},
+                           unattributed_j={}, bucket_start=1_700_000_000, bucket_co2e_g={"j": 12.5},
+                           bucket_co2e_market_g={"j": 7.25}, g_per_kwh=300.0, intensity_status="provisional",
+                           job_embodied_co2e_g={"j": 0.5}, job_water_l={"j": 0.25}))
+    pub.on_settled([SettledBucket(job=ref, bucket_start=1_700_000_000, co2e_g=11.0, g_per_kwh=264.0, status="final",
+                                  co2e_market_g=6.5)])
+    co2e = [parse_line(ln) for ln in sink.lines if ln.startswith("job_co2e")]
+    assert [p.fields for p in co2e] == [
+        {"grams": 12.5, "g_per_kwh": 300.0, "status": "provisional", "market_grams": 7.25},
+        {"grams": 11.0, "g_per_kwh": 264.0, "status": "final", "market_grams": 6.5},
+    ]
+    assert co2e[0].tags == co2e[1].tags and co2e[0].timestamp == co2e[1].timestamp  # settlement overwrites
+    [fp] = [parse_line(ln) for ln in sink.lines if ln.startswith("job_footprint")]
+    assert fp.fields == {"embodied_grams": 0.5, "water_litres": 0.25} and fp.timestamp == lp.ns_from_s(T0 + 5)

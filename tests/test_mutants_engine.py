@@ -154,8 +154,10 @@ def test_settlement_skips_a_less_sure_value_and_settles_the_rest(caplog, make_en
 
     gj = 1000.0 * 100.0 + 3000.0 * 150.0 + 2000.0 * 320.0
     want_g = gj / J_PER_KWH * PUE
+    # (no [market] config: the market-based figure is the location-based one, settled with it)
     assert settled == [[SettledBucket(job=settled[0][0].job, bucket_start=BUCKET, co2e_g=pytest.approx(want_g),
-                                      g_per_kwh=pytest.approx(gj / 6000.0), status="provisional")]]
+                                      g_per_kwh=pytest.approx(gj / 6000.0), status="provisional",
+                                      co2e_market_g=pytest.approx(want_g))]]
     job = settled[0][0].job
     assert (job.job_id, job.label, job.user, job.uid) == (A.job_id, "job-a", "ann", 1000)
     snap = tick(engine, src, tracker, T0 + 620.0, 0.0, A)
@@ -270,6 +272,11 @@ def test_what_a_tick_hands_out_field_by_field(make_engine):
     assert snap.counters["spool_pending_points"] == 12.0
     assert snap.unattributed_j_total == {"gpu": 0.0, "cpu": 60.0, "dram": 0.0, "other": 0.0}
     rec = records[-1]
+    # Lifecycle (issue 16), with the shipped factors (no [market]: market = location): A held
+    # gpu0 alone for the reading's 2 s, and had 100 of the tick's 130 measured J over the
+    # CPU reading's 1 s (platform); no CPU time, no memory figure: no CPU or DRAM share.
+    fp = engine.book.footprint
+    a_embodied = (fp.gpu("H100").value * 2.0 + fp.platform.value * 100.0 / 130.0 * 1.0) * 1000.0 / fp.life_s
     assert rec == TickRecord(
         sampled_at=T0 + 2.0, interval_s=2.0,
         readings=(dataclasses.replace(g0, energy_j=100.0, power_w=50.0, uuid=""), c0),
@@ -282,6 +289,10 @@ def test_what_a_tick_hands_out_field_by_field(make_engine):
                                             B_.job_id: 0.0},
         g_per_kwh=400.0, intensity_status="final",
         bucket_g_per_kwh={A.job_id: 400.0}, bucket_intensity_status={A.job_id: "final"},
+        bucket_co2e_market_g={A.job_id: pytest.approx(300.0 / J_PER_KWH * 400.0 * PUE, rel=1e-12), B_.job_id: 0.0},
+        job_embodied_co2e_g={A.job_id: pytest.approx(a_embodied, rel=1e-12), B_.job_id: 0.0},
+        job_water_l={A.job_id: pytest.approx(100.0 / J_PER_KWH * (fp.wue.value + PUE * fp.ewif.value), rel=1e-12),
+                     B_.job_id: 0.0},
     )
     # A third tick with no readings: the record's interval is the engine's own; every job has
     # ended (R at T0 + 2, A and B_ at T0 + 3), and only the newest-ended one (by ended_at,

@@ -96,6 +96,14 @@ def test_job_answer_field_by_field(tmp_path):
     try:
         now = B0 + 400.0
         a = reader.job(A.job_id, now=now)
+        fp = reader.footprint  # the shipped factors: no occupancy stored, no [market]
+
+        def lifecycle(total_j: float, co2e_g: float) -> dict:
+            return {"embodied_co2e_g": 0.0, "co2e_market_g": pytest.approx(co2e_g, rel=1e-12),
+                    "water_l": pytest.approx(total_j / J_PER_KWH * (fp.wue.value + PUE * fp.ewif.value), rel=1e-12),
+                    "sci_g": pytest.approx(co2e_g, rel=1e-12), "occupancy_s": {},
+                    "factors": [f.as_dict() for f in (fp.service_life, fp.wue, fp.ewif)]}
+
         assert a == {
             "id": A.job_id, "label": "job_a", "label_raw": "job/a", "label_sanitised": True,
             "label_source": "WATTPRINT_JOB", "host": "host-1", "user": "ann", "uid": 1000,
@@ -108,7 +116,7 @@ def test_job_answer_field_by_field(tmp_path):
             "zone": "Z1,Z2", "pue": PUE, "gpu_seconds": 8.0, "peak_gpu_memory_bytes": 5 << 30,
             "cost": {"amount": pytest.approx(A_TOTAL / J_PER_KWH * PUE * PRICE, rel=1e-12), "currency": "DKK",
                      "price_per_kwh": PRICE},
-            "slurm": None,
+            "slurm": None, **lifecycle(A_TOTAL, A_GJ * PUE),
         }
         b = reader.job(B.job_id, now=now)
         b_gj = grams((7200.0, 100.0))
@@ -124,7 +132,7 @@ def test_job_answer_field_by_field(tmp_path):
             "gpu_seconds": 1.0, "peak_gpu_memory_bytes": 5 << 30,
             "cost": {"amount": pytest.approx(7200.0 / J_PER_KWH * PUE * PRICE, rel=1e-12), "currency": "DKK",
                      "price_per_kwh": PRICE},
-            "slurm": None,
+            "slurm": None, **lifecycle(7200.0, b_gj * PUE),
         }
     finally:
         reader.close()

@@ -79,6 +79,9 @@ def full_snapshot(label: str = "lora-7b", user: str = "alice", counters: Mapping
                 energy_j={"gpu": 2_000_000.0, "cpu": 380_000.0, "dram": 118_400.0, "total": 2_498_400.0},
                 co2e_g=57.25,
                 state="running",
+                embodied_co2e_g=12.75,
+                co2e_market_g=31.5,
+                water_l=4.125,
             ),
             JobTotals(
                 job_id="99-1699990000",
@@ -99,7 +102,8 @@ def full_snapshot(label: str = "lora-7b", user: str = "alice", counters: Mapping
         grid_zone="DK1",
         grid_provider="energidataservice",
         grid_g_per_kwh=82.5,
-        counters=counters if counters is not None else {"spool_bytes": 4096.0, "points_dropped_total": 3.0},
+        counters=counters if counters is not None else {"spool_bytes": 4096.0, "points_dropped_total": 3.0,
+                                                        "unattributed_embodied_co2e_grams_total": 2.5},
     )
 
 
@@ -127,6 +131,13 @@ def test_full_snapshot_renders_exact_values() -> None:
         series("wattprint_job_energy_joules_total", **finished, kind="cpu"): 10.5,
         series("wattprint_job_co2e_grams", **job): 57.25,
         series("wattprint_job_co2e_grams", **finished): 0.0,
+        # lifecycle figures (issue 16): every job has them, 0 until booked
+        series("wattprint_job_embodied_co2e_grams", **job): 12.75,
+        series("wattprint_job_embodied_co2e_grams", **finished): 0.0,
+        series("wattprint_job_market_co2e_grams", **job): 31.5,
+        series("wattprint_job_market_co2e_grams", **finished): 0.0,
+        series("wattprint_job_water_litres", **job): 4.125,
+        series("wattprint_job_water_litres", **finished): 0.0,
         series("wattprint_job_running", **job): 1.0,
         series("wattprint_job_running", **finished): 0.0,
         series("wattprint_unattributed_energy_joules_total", kind="gpu"): 12.5,
@@ -147,6 +158,7 @@ def test_full_snapshot_renders_exact_values() -> None:
         series("wattprint_last_tick_timestamp_seconds"): 1_700_000_000.25,
         series("wattprint_spool_bytes"): 4096.0,
         series("wattprint_points_dropped_total"): 3.0,
+        series("wattprint_unattributed_embodied_co2e_grams_total"): 2.5,
         series("wattprint_exporter_errors_total"): 0.0,
     }
     assert got == expected
@@ -165,12 +177,16 @@ def test_metric_types_and_no_created_series() -> None:
         "wattprint_source_errors",
         "wattprint_ticks",
         "wattprint_points_dropped",
+        "wattprint_unattributed_embodied_co2e_grams",
         "wattprint_exporter_errors",
     }
     assert gauges == {
         "wattprint_device_power_watts",
         "wattprint_device_info",
         "wattprint_job_co2e_grams",
+        "wattprint_job_embodied_co2e_grams",
+        "wattprint_job_market_co2e_grams",
+        "wattprint_job_water_litres",
         "wattprint_job_running",
         "wattprint_grid_intensity_grams_per_kwh",
         "wattprint_source_up",
@@ -321,3 +337,18 @@ def test_real_prometheus_scrapes_and_label_round_trips(
     }
     up = prometheus.query("up")
     assert [float(item["value"][1]) for item in up] == [1.0]
+
+    # Lifecycle figures (issue 16) as Prometheus stored them: the values the snapshot set,
+    # per job with the same labels as wattprint_job_co2e_grams, and the unattributed counter.
+    for metric, value in (("wattprint_job_embodied_co2e_grams", 12.75), ("wattprint_job_market_co2e_grams", 31.5),
+                          ("wattprint_job_water_litres", 4.125)):
+        got = {item["metric"]["job_id"]: (item["metric"].get("label", ""), item["metric"]["user"],
+                                          float(item["value"][1]))
+               for item in prometheus.query(metric)}  # (Prometheus leaves an empty label out)
+        assert got == {"1234-1700000000": (NASTY, NASTY_USER, value), "99-1699990000": ("", "bob", 0.0)}, metric
+    [unattributed] = prometheus.query("wattprint_unattributed_embodied_co2e_grams_total")
+    assert float(unattributed["value"][1]) == 2.5
+    # Grafana's "market vs location" reads both per job
+    ratio = prometheus.query('wattprint_job_market_co2e_grams{job_id="1234-1700000000"} '
+                             '/ on(job_id) wattprint_job_co2e_grams')
+    assert [float(item["value"][1]) for item in ratio] == [pytest.approx(31.5 / 57.25)]

@@ -179,3 +179,30 @@ def test_report_of_a_job_object_from_a_real_store(tmp_path):
     assert "Peak GPU mem  3.00 GiB" in text
     assert f"{fmt_sig(kwh * 1.2 * 0.5)} DKK at 0.5 DKK/kWh x PUE 1.20" in text
     assert "over 2 bucket(s), 2 provisional" in text
+
+
+def test_lifecycle_section_names_every_figure_and_factor():
+    """Issue 16: the job's embodied, SCI, market-based CO2e and water beside the
+    operational CO2e, its occupancy and every factor with unit, source and version
+    (a class default marked as such); the SCI's gCO2e equivalents too."""
+    factors = [
+        {"name": "gpu:NVIDIA H200", "value": 150.0, "unit": "kgCO2e/device", "source": "class default (datacenter)",
+         "version": "2026.12.1", "default": True},
+        {"name": "service_life", "value": 5.0, "unit": "year", "source": "config: [footprint] service_life_years",
+         "version": "config", "default": False},
+    ]
+    job = lora_job(embodied_co2e_g=12.34, co2e_market_g=40.0, water_l=1.5, sci_g=57.26 + 12.34,
+                   occupancy_s={"gpu:NVIDIA H200": 27_800.0, "cpu": 13_900.0}, factors=factors)
+    text = format_report(job)
+    block = text.split("Lifecycle\n", 1)[1].split("\n\n", 1)[0]
+    assert line_with(block, "  embodied ").split()[1:3] == ["12.3", "g"]
+    assert line_with(block, "SCI").split()[1:3] == [fmt_sig(57.26 + 12.34), "g"]
+    assert line_with(block, "market-based").split()[1:3] == ["40.0", "g"]
+    assert line_with(block, "  water ").split()[1:3] == ["1.50", "L"]
+    assert line_with(block, "board-s").split() == ["gpu:NVIDIA", "H200", "27,800", "board-s"]
+    assert line_with(block, "    cpu").split()[-2:] == ["13,900", "socket-s"]
+    assert "[class default: model not in the data file]" in line_with(block, "kgCO2e/device")
+    assert "config: [footprint] service_life_years (version config)" in block
+    assert "with embodied carbon (SCI" in text
+    # a job object without lifecycle fields (an older daemon's answer) has no section
+    assert "Lifecycle" not in format_report(lora_job())

@@ -23,7 +23,7 @@ import pytest
 
 from daemon_harness import DaemonProcess
 from wattprint.daemon.grid.base import IntensityPoint
-from wattprint.daemon.ledger import Intensity, JobTick, Ledger, LedgerReader
+from wattprint.daemon.ledger import SCHEMA_VERSION, Intensity, JobTick, Ledger, LedgerReader
 from wattprint.daemon.model import DeviceReading
 from wattprint.daemon.procs import JobIdentity
 
@@ -206,7 +206,7 @@ def test_schema_1_store_is_migrated_and_still_read(tmp_path):
     reader = LedgerReader(path)  # an old store read as it is
     assert reader.job(job.job_id, now=T0)["co2e_g"] == pytest.approx(101.0 / 3.6e6 * 300.0)
     led = Ledger(path, host="h", bucket_s=60)  # the daemon migrates it in place
-    assert led.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"  # current
+    assert led.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)  # current
     assert led.conn.execute("SELECT pruned_co2e_g FROM jobs").fetchone()[0] == 0.0
     assert reader.job(job.job_id, now=T0)["co2e_g"] == pytest.approx(101.0 / 3.6e6 * 300.0)
     reader.close()

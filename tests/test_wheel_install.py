@@ -37,6 +37,13 @@ DEPLOY_FILES = ["systemd/wattprint.service", "systemd/wattprint.toml", "promethe
                 "grafana/provisioning/datasources/wattprint.yml"]
 # Keys the example may leave commented out, and why.
 NOT_IN_EXAMPLE = {("daemon", "host"): "its default is the machine's hostname"}
+# Lifecycle factors (issue 16): unset means the shipped data file's sourced value (or no
+# contract); set, even to that value, it becomes "config: [footprint] <key>". The example
+# lists them commented out.
+NOT_IN_EXAMPLE |= {(s, k): "unset = the data file's sourced value" for s, k in (
+    ("footprint", "service_life_years"), ("footprint", "gpu_kgco2e"), ("footprint", "cpu_kgco2e_per_socket"),
+    ("footprint", "dram_kgco2e_per_gb"), ("footprint", "platform_kgco2e"), ("footprint", "wue_l_per_kwh"),
+    ("footprint", "ewif_l_per_kwh"), ("market", "contract_g_per_kwh"), ("market", "residual_g_per_kwh"))}
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("WATTPRINT_")}
 
 

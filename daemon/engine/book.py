@@ -18,6 +18,16 @@ store writes (``book_tick``), and the immutable ``Snapshot`` that /metrics and t
 API read (``snapshot``); finished jobs leave the snapshot after the grace period,
 the oldest-ended first beyond ``max_finished_in_metrics``.
 
+Lifecycle (issue 16, daemon/footprint/): per tick, each job's occupancy of the
+devices (item-seconds: GPU board-seconds by model, CPU socket-, DRAM GB- and
+server-seconds; ``lifecycle.occupancy``, the same shares as energy) is added to the
+job and stored with the tick; the devices' whole occupancy minus the jobs' is the
+unattributed embodied carbon (``unattributed_embodied_co2e_grams_total``), so jobs +
+unattributed = the devices' amortised total. A job's embodied, market-based CO2e and
+water are restated from its energy, CO2e and occupancy with the footprint's factors
+(``lifecycle.job_lifecycle``) whenever the snapshot is built; the record carries this
+tick's embodied grams and water per job and the bucket's market-based grams.
+
 Time: the wall clock only says which ledger bucket (and slot) a tick lands in and
 stamps the outputs, so a wall clock step moves where energy is booked, never how much.
 
@@ -38,16 +48,21 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from ..attribution import Attribution, SpanMeasured
 from ..carbon import IntensityBook, co2e_g
+from ..footprint.lifecycle import embodied_co2e_g, job_lifecycle, market_co2e_g, occupancy, water_l
 from ..ledger import BASIS_RANK, JobTick, Ledger, TickRow
 from ..model import (COMPONENTS, MEASURED_COMPONENTS, DeviceReading, DeviceState, Intensity, JobIdentity, JobRef, JobTotals,
                      SettledBucket, SourceHealth, Snapshot, TickRecord)
 from ..procs import ProcessView
 
+if TYPE_CHECKING:
+    from ..footprint.factors import Footprint
+
 log = logging.getLogger("wattprint.engine")
+UNATTRIBUTED_EMBODIED = "unattributed_embodied_co2e_grams_total"  # a Snapshot.counters key
 
 # How far back the measured energy of ticks is kept for node readings that cover a gap
 # (the node source books a gap of at most its MAX_GAP_S = 600 s; a margin on top).
@@ -102,6 +117,18 @@ class MeasuredWindow:
         return SpanMeasured(measured, jobs) if found else None
 
 
+def _tick_span_s(readings: Sequence[DeviceReading], interval_s: float) -> float:
+    """The time this tick's CPU, DRAM and server occupancy covers: the CPU/DRAM
+    readings' interval (measured on the monotonic clock, so a skipped tick is covered
+    by the next), else the GPUs', else the configured interval. Node readings may span
+    a gap and never count."""
+    for kinds in (("cpu", "dram"), ("gpu",)):
+        spans = [r.interval_s for r in readings if r.kind in kinds]
+        if spans:
+            return max(spans)
+    return interval_s
+
+
 @dataclass
 class _JobState:
     identity: JobIdentity
@@ -112,6 +139,8 @@ class _JobState:
     bucket_start: int = -1  # the ledger bucket of the last tick
     # J per slot (slot_start) in that bucket, the store's from earlier runs included
     slot_j: dict[int, float] = field(default_factory=dict)
+    # item -> item-seconds occupied over the job's life (the store's from earlier runs included)
+    occupancy: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -152,15 +181,22 @@ class JobBook:
     the intensity book is handed to each call (the daemon swaps it in after building
     the engine)."""
 
-    def __init__(self, ledger: Ledger, pue: float, finished_grace_s: float, max_finished_in_metrics: int) -> None:
+    def __init__(self, ledger: Ledger, pue: float, finished_grace_s: float, max_finished_in_metrics: int,
+                 footprint: Footprint | None = None) -> None:
+        if footprint is None:
+            from ..footprint.factors import default_footprint
+
+            footprint = default_footprint()
         self.ledger = ledger
         self.pue = pue
+        self.footprint = footprint
         self.finished_grace_s = finished_grace_s
         self.max_finished_in_metrics = max_finished_in_metrics
         self.jobs: dict[str, _JobState] = {}
         self.devices: dict[tuple[str, str], _DeviceAcc] = {}
         self.unattributed_total: dict[str, float] = {c: 0.0 for c in COMPONENTS}
-        self.counters: dict[str, float] = {"gpu_invisible_process_energy_joules_total": 0.0}
+        self.counters: dict[str, float] = {"gpu_invisible_process_energy_joules_total": 0.0,
+                                           UNATTRIBUTED_EMBODIED: 0.0}
         self.tick = 0
         self.window = MeasuredWindow()  # recent ticks' measured energy (node gaps)
         self._restored = False
@@ -169,7 +205,13 @@ class JobBook:
 
     # -- restore -------------------------------------------------------------
     def restore(self, job_rows: dict[str, dict], co2e_g: dict[str, float]) -> None:
-        """Continue jobs that were running when the daemon last stopped."""
+        """Continue jobs that were running when the daemon last stopped (their occupancy
+        read from the store)."""
+        try:
+            occupied = self.ledger.job_occupancy(list(job_rows))
+        except Exception:  # the store is failing: the jobs continue with what the ledger adds
+            log.debug("reading the jobs' occupancy failed", exc_info=True)
+            occupied = {}
         for job_id, row in job_rows.items():
             ident = JobIdentity(
                 job_id=job_id, label=row["label"], label_source=row["label_source"], uid=row["uid"],
@@ -182,16 +224,24 @@ class JobBook:
                 co2e_g=co2e_g.get(job_id, 0.0),
                 running=True,
                 ended_at=row["last_seen"],  # if not found again, it ended when last seen
+                occupancy=dict(occupied.get(job_id, {})),
             )
         self._restored = True
 
     # -- one tick ------------------------------------------------------------
     def book_tick(self, wall: float, readings: Sequence[DeviceReading], view: ProcessView, att: Attribution,
-                  book: IntensityBook, interval_s: float) -> BookedTick:
-        """Book one attributed tick: job lifecycle, per-job energy and CO2e, device
-        totals; returns the sinks' record and the store's row."""
+                  book: IntensityBook, interval_s: float,
+                  gpu_idle_floor_w: Mapping[str, float] | None = None) -> BookedTick:
+        """Book one attributed tick: job lifecycle, per-job energy, CO2e and occupancy,
+        device totals; returns the sinks' record and the store's row.
+        ``gpu_idle_floor_w``: the idle floors attribution used (GPU occupancy shares)."""
         self.counters["gpu_invisible_process_energy_joules_total"] += att.gpu_invisible_j
         ended = self._end_jobs_gone(view, wall)
+        fp = self.footprint
+        job_occ, total_occ = occupancy(att, readings, view, fp, _tick_span_s(readings, interval_s), gpu_idle_floor_w)
+        job_embodied: dict[str, float] = {}
+        job_water: dict[str, float] = {}
+        bucket_market: dict[str, float] = {}
 
         bucket = self.ledger.bucket_of(wall)
         intensity, slot = self._intensity_for(bucket, wall, book)
@@ -207,7 +257,13 @@ class JobBook:
             if st is None:
                 st = self.jobs[ident.job_id] = _JobState(ident, {c: 0.0 for c in COMPONENTS}, 0.0)
             st.running, st.ended_at = True, None
-            self._add_job_energy(st, energy, bucket, slot, g_per_kwh, bucket_co2e, bucket_g, bucket_status)
+            self._add_job_energy(st, energy, bucket, slot, g_per_kwh, bucket_co2e, bucket_g, bucket_status,
+                                 bucket_market)
+            occ = job_occ.get(ident.job_id, {})
+            for item, seconds in occ.items():
+                st.occupancy[item] = st.occupancy.get(item, 0.0) + seconds
+            job_embodied[ident.job_id] = embodied_co2e_g(occ, fp)
+            job_water[ident.job_id] = water_l(sum(energy.values()), fp, self.pue)
             job_ticks.append(JobTick(
                 identity=ident, energy_j=energy, gpu_seconds=att.gpu_seconds.get(ident.job_id, 0.0),
                 gpu_memory_bytes=att.gpu_memory_bytes.get(ident.job_id, 0),
@@ -215,6 +271,7 @@ class JobBook:
                 # tick (attribution); the ledger keeps the weakest over the job's life.
                 sources=dict(att.job_sources.get(ident.job_id, {})),
                 steps=usage.steps,
+                occupancy_s=occ,
             ))
         # Jobs no longer running that got a share of a node gap's remainder (attribution:
         # they ran in the span it covers): booked, their life left as it was.
@@ -224,7 +281,10 @@ class JobBook:
             st = self.jobs.get(job_id)
             if job_id in refs or st is None:
                 continue
-            self._add_job_energy(st, energy, bucket, slot, g_per_kwh, bucket_co2e, bucket_g, bucket_status)
+            self._add_job_energy(st, energy, bucket, slot, g_per_kwh, bucket_co2e, bucket_g, bucket_status,
+                                 bucket_market)
+            job_embodied[job_id] = 0.0  # it occupies nothing now: only its share of the node remainder
+            job_water[job_id] = water_l(sum(energy.values()), fp, self.pue)
             ident = st.identity
             refs[job_id] = JobRef(job_id, ident.label, ident.user, ident.uid)
             job_ticks.append(JobTick(identity=ident, energy_j=energy, gpu_seconds=0.0, gpu_memory_bytes=0,
@@ -232,6 +292,8 @@ class JobBook:
 
         device_rows = [(r.kind, r.device, r.energy_j, r.source) for r in readings]
         self._add_device_totals(readings, att)
+        # Embodied conservation: the devices' amortised total of the tick = jobs + unattributed.
+        self.counters[UNATTRIBUTED_EMBODIED] += max(0.0, embodied_co2e_g(total_occ, fp) - sum(job_embodied.values()))
 
         record = TickRecord(
             sampled_at=wall,
@@ -246,15 +308,18 @@ class JobBook:
             intensity_status=intensity.status,
             bucket_g_per_kwh=bucket_g,
             bucket_intensity_status=bucket_status,
+            bucket_co2e_market_g=bucket_market,
+            job_embodied_co2e_g=job_embodied,
+            job_water_l=job_water,
         )
         row = TickRow(wall, job_ticks, device_rows, dict(att.unattributed_j), intensity, ended)
         return BookedTick(record, row, intensity)
 
     def _add_job_energy(self, st: _JobState, energy: Mapping[str, float], bucket: int, slot: int,
                         g_per_kwh: float, bucket_co2e: dict[str, float], bucket_g: dict[str, float],
-                        bucket_status: dict[str, str]) -> None:
+                        bucket_status: dict[str, str], bucket_market: dict[str, float]) -> None:
         """Add a job's energy of this tick to its totals, CO2e and bucket (per slot), and
-        its bucket's figures to the record's maps."""
+        its bucket's figures (market-based CO2e too) to the record's maps."""
         job_id = st.identity.job_id
         tick_j = 0.0
         for c in COMPONENTS:
@@ -268,6 +333,7 @@ class JobBook:
             st.slot_j[slot] = st.slot_j.get(slot, 0.0) + tick_j
         grams, mean_g, status = self._bucket_co2e(st.slot_j)
         bucket_co2e[job_id] = grams
+        bucket_market[job_id] = market_co2e_g(sum(st.slot_j.values()), grams, self.footprint, self.pue)
         if mean_g is not None:
             bucket_g[job_id], bucket_status[job_id] = mean_g, status
 
@@ -360,10 +426,7 @@ class JobBook:
             devices=tuple(DeviceState(a.kind, a.device, a.name, a.power_w, a.energy_j_total, a.source, a.uuid,
                                       a.vendor)  # type: ignore[arg-type]
                           for a in sorted(self.devices.values(), key=lambda a: (a.kind, a.device))),
-            jobs=tuple(JobTotals(job_id=j, label=st.identity.label, user=st.identity.user, uid=st.identity.uid,
-                                 energy_j=dict(st.energy_j), co2e_g=st.co2e_g,
-                                 state="running" if st.running else "finished")
-                       for j, st in self.jobs.items()),
+            jobs=tuple(self._job_totals(j, st) for j, st in self.jobs.items()),
             unattributed_j_total=dict(self.unattributed_total),
             health=health,
             grid_zone=intensity.zone,
@@ -372,6 +435,15 @@ class JobBook:
             counters=counters,
             counter_glitches=counter_glitches,
         )
+
+    def _job_totals(self, job_id: str, st: _JobState) -> JobTotals:
+        """A job's totals, its lifecycle figures restated with the current factors."""
+        life = job_lifecycle(st.energy_j, st.co2e_g, st.occupancy, self.footprint, self.pue)
+        return JobTotals(job_id=job_id, label=st.identity.label, user=st.identity.user, uid=st.identity.uid,
+                         energy_j=dict(st.energy_j), co2e_g=st.co2e_g,
+                         state="running" if st.running else "finished",
+                         embodied_co2e_g=life.embodied_co2e_g, co2e_market_g=life.co2e_market_g,
+                         water_l=life.water_l)
 
     def _forget_finished(self, wall: float) -> None:
         """Finished jobs leave the snapshot (and /metrics) after the grace period, and the
@@ -410,7 +482,9 @@ class JobBook:
         if for_sinks:
             settled = [
                 SettledBucket(job=JobRef(r["job_id"], r["label"], r["user"], r["uid"]), bucket_start=r["bucket_start"],
-                              co2e_g=r["gj"] * self.pue, g_per_kwh=r["g_per_kwh"], status=r["status"])
+                              co2e_g=r["gj"] * self.pue, g_per_kwh=r["g_per_kwh"], status=r["status"],
+                              co2e_market_g=market_co2e_g(r["energy_j"], r["gj"] * self.pue, self.footprint,
+                                                          self.pue))
                 for r in self.ledger.bucket_job_energy(buckets) if r["g_per_kwh"] is not None
             ]
         return Settlement(len(buckets), len(changed), settled)

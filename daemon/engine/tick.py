@@ -44,7 +44,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..attribution import Attribution, GpuIdleFloor, attribute
 from ..carbon import IntensityBook
@@ -56,6 +56,9 @@ from ..sources.base import Source
 from .book import JobBook
 from .reader import READ_DEADLINE_FRACTION, SourceReader
 from .store import StoreWriter
+
+if TYPE_CHECKING:
+    from ..footprint.factors import Footprint
 
 log = logging.getLogger("wattprint.engine")
 
@@ -98,6 +101,8 @@ class Engine:
     remainder_policy: str = "proportional"  # [node] remainder: proportional | unattributed
     retention_days: float = 400.0  # [daemon] retention_days; 0 or less: keep everything
     read_timeout_s: float | None = None  # per-source read deadline; None: READ_DEADLINE_FRACTION x interval
+    # Lifecycle factors (daemon/footprint/): None = default_footprint() (shipped data, no config)
+    footprint: Footprint | None = None
     sinks: list[TickSink] = field(default_factory=list)
     settle_sinks: list[SettleSink] = field(default_factory=list)
     # Each feed's figures become wattprint_<key> self-metrics, merged in list order (a later
@@ -121,7 +126,8 @@ class Engine:
         self.reader = SourceReader(self.sources, self.health)
         self.health.register("processes")
         self.store = StoreWriter(self.ledger, self.health)
-        self.book = JobBook(self.ledger, self.pue, self.finished_grace_s, self.max_finished_in_metrics)
+        self.book = JobBook(self.ledger, self.pue, self.finished_grace_s, self.max_finished_in_metrics,
+                            self.footprint)
         self._has_node = any(getattr(s, "name", "") == NODE_HEALTH for s in self.sources)
 
     def restore(self, job_rows: dict[str, dict], co2e_g: dict[str, float]) -> None:
@@ -135,7 +141,8 @@ class Engine:
         readings = self.reader.read(now_mono, self._read_budget_s())
         view = self._observe_processes(now_mono, readings)
         att = self._attribute(readings, view, now_mono)
-        booked = self.book.book_tick(wall, readings, view, att, self.intensity, self.interval_s)
+        booked = self.book.book_tick(wall, readings, view, att, self.intensity, self.interval_s,
+                                     self._gpu_idle.floor_w)
         feed(self.sinks, booked.record, self.health)
         self.store.write(booked.row)
         self.store.maybe_prune(now_mono, wall, self.retention_days)

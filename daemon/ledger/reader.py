@@ -6,7 +6,8 @@ Readers open their own read-only connection; WAL lets them read while the writer
 writes. Queries that must agree with each other (a job's energy and its CO2e; device,
 attributed and unattributed totals) run in one read transaction. A store of an older
 schema (1, 2 or 3, before a daemon of this version migrated it) is read as it is
-(a schema-3 job has no ``other_j``: its ``other`` reads 0).
+(a schema-3 job has no ``other_j``: its ``other`` reads 0; a store before schema 5 has
+no ``job_occupancy``: its jobs' occupancy reads empty, so their embodied carbon is 0).
 
 All query values are bound parameters; nothing from users is ever formatted into SQL.
 """
@@ -18,7 +19,7 @@ import os
 import sqlite3
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 from ..model import COMPONENTS
@@ -76,9 +77,12 @@ class JobRecord:
     sources: Mapping[str, Any]  # component -> counter | power | estimate
     carbon: JobCarbon | None
     slurm: SlurmRecord | None
+    # item -> item-seconds the job occupied (schema 5, issue 16); empty when none is stored
+    occupancy_s: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_row(cls, r: sqlite3.Row, carbon: JobCarbon | None, slurm: SlurmRecord | None) -> JobRecord:
+    def from_row(cls, r: sqlite3.Row, carbon: JobCarbon | None, slurm: SlurmRecord | None,
+                 occupancy_s: Mapping[str, float] | None = None) -> JobRecord:
         return cls(
             id=r["id"], host=r["host"], label=r["label"], label_raw=r["label_raw"], label_source=r["label_source"],
             user=r["user"], uid=r["uid"], command=r["command"], root_pid=r["root_pid"], state=r["state"],
@@ -87,7 +91,7 @@ class JobRecord:
             # a store of schema 3 or older (not yet migrated by a daemon) has no other_j: 0
             energy_j={c: (r[f"{c}_j"] if f"{c}_j" in r.keys() else 0.0) for c in COMPONENTS},
             sources=json.loads(r["sources"] or "{}"),
-            carbon=carbon, slurm=slurm,
+            carbon=carbon, slurm=slurm, occupancy_s=dict(occupancy_s or {}),
         )
 
 
@@ -198,6 +202,21 @@ class StoreReader:
             for r in rows
         }
 
+    def _occupancy(self, job_ids: list[str]) -> dict[str, dict[str, float]]:
+        """job id -> item -> item-seconds (jobs with no rows left out; {} before schema 5)."""
+        out: dict[str, dict[str, float]] = {}
+        for i in range(0, len(job_ids), 500):
+            chunk = job_ids[i : i + 500]
+            try:
+                rows = self.conn.execute(
+                    f"SELECT job_id, item, quantity_s FROM job_occupancy WHERE job_id IN ({','.join('?' * len(chunk))})",
+                    chunk).fetchall()
+            except sqlite3.OperationalError:  # a store no daemon of schema 5 has opened yet
+                return {}
+            for r in rows:
+                out.setdefault(r["job_id"], {})[r["item"]] = float(r["quantity_s"])
+        return out
+
     def job_records(self, *, state: str | None = None, since: float | None = None, until: float | None = None,
                     label: str | None = None, user: str | None = None, limit: int = 100,
                     uid: int | None = None) -> list[JobRecord]:
@@ -235,7 +254,8 @@ class StoreReader:
             rows = self.conn.execute(sql, params).fetchall()
             co2 = self._co2e([r["id"] for r in rows])
             slurm = self._slurm([r["id"] for r in rows])
-        return [JobRecord.from_row(r, co2.get(r["id"]), slurm.get(r["id"])) for r in rows]
+            occupied = self._occupancy([r["id"] for r in rows])
+        return [JobRecord.from_row(r, co2.get(r["id"]), slurm.get(r["id"]), occupied.get(r["id"])) for r in rows]
 
     def job_record(self, job_id: str) -> JobRecord | None:
         with self._read():
@@ -244,7 +264,8 @@ class StoreReader:
                 return None
             co2 = self._co2e([job_id])
             slurm = self._slurm([job_id])
-        return JobRecord.from_row(r, co2.get(job_id), slurm.get(job_id))
+            occupied = self._occupancy([job_id])
+        return JobRecord.from_row(r, co2.get(job_id), slurm.get(job_id), occupied.get(job_id))
 
     def series_buckets(self, job_id: str) -> list[SeriesBucket]:
         """Per bucket of the job (in time order): energy per component and the job's

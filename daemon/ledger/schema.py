@@ -5,7 +5,9 @@ Schema versions: 1 (first release); 2 adds ``jobs.pruned_co2e_g`` (retention); 3
 ``job_slots`` and one ``bucket_intensity`` row per slot of a bucket; 4 adds
 ``jobs.other_j`` (the node remainder, component ``other``; the bucket tables hold
 components as rows, so ``other`` needs no new column there, and the node's own
-energy is a ``device_buckets`` row of kind ``node``). Stores of schema 2 are migrated
+energy is a ``device_buckets`` row of kind ``node``); 5 adds ``job_occupancy`` (per job
+and item, the device-time it occupied, cumulative: embodied carbon, issue 16). Stores
+of schema 4 gain the empty table (their jobs have no occupancy: embodied 0). Stores of schema 2 are migrated
 in place: each old bucket becomes one slot spanning the bucket, so their CO2e is
 unchanged; stores of schema 3 gain ``jobs.other_j`` = 0 (nothing was booked to it). A store that is not a SQLite database, fails SQLite's
 ``quick_check``, or is newer than this wattprint is refused with a ``LedgerError``
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 4  # 2: jobs.pruned_co2e_g (retention); 3: job_slots, bucket_intensity per slot; 4: jobs.other_j
+SCHEMA_VERSION = 5  # 2: jobs.pruned_co2e_g (retention); 3: job_slots, bucket_intensity per slot; 4: jobs.other_j;
+# 5: job_occupancy
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -99,6 +102,15 @@ CREATE TABLE IF NOT EXISTS job_slots (
     PRIMARY KEY (job_id, bucket_start, slot_start)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS job_slots_start ON job_slots (bucket_start);
+-- Schema 5 (issue 16): the device-time a job occupied, per item ("gpu:<model>" board-seconds,
+-- "cpu" socket-, "dram" GB-, "platform" server-seconds), cumulative over its life: its
+-- embodied carbon is computed from it with the current factors when read.
+CREATE TABLE IF NOT EXISTS job_occupancy (
+    job_id TEXT NOT NULL,
+    item TEXT NOT NULL,
+    quantity_s REAL NOT NULL,
+    PRIMARY KEY (job_id, item)
+) WITHOUT ROWID;
 -- Slurm jobs (daemon/slurm.py): what Slurm says about the job, and the steps seen.
 CREATE TABLE IF NOT EXISTS slurm_jobs (
     job_id TEXT PRIMARY KEY,

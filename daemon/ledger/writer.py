@@ -21,6 +21,10 @@ that ended by then, and the finished jobs that ended before that boundary. A job
 that outlives the cut keeps its totals: the CO2e of its deleted buckets is folded
 into ``jobs.pruned_co2e_g`` first, and its energy totals live in the jobs row.
 
+Occupancy (schema 5, issue 16): each tick adds every job's device-time per item to
+its cumulative ``job_occupancy`` rows in the same transaction; retention deletes the
+rows of the jobs it deletes (a kept job keeps all of its occupancy).
+
 All query values are bound parameters; nothing from users is ever formatted into SQL.
 """
 
@@ -31,7 +35,7 @@ import json
 import math
 import os
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..carbon import J_PER_KWH
@@ -47,6 +51,7 @@ from .schema import (
 )
 
 PRUNE_TABLES = ("job_buckets", "job_slots", "device_buckets", "unattributed_buckets", "bucket_intensity")
+KNOWN_JOBS_MAX = 100_000  # bound of Ledger._known (running jobs whose identity rows are written)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +79,9 @@ class JobTick:
     # False: a job that has ended, booked a share of a node gap's remainder (engine/book.py):
     # its energy is added, its state, last_seen and ended_at are left as they are.
     running: bool = True
+    # item -> item-seconds the job occupied in this tick (embodied carbon, issue 16;
+    # daemon/footprint/lifecycle.py), added to ``job_occupancy``.
+    occupancy_s: Mapping[str, float] = field(default_factory=dict)
 
 
 # jobs.<component>_j += ? for every component (names from COMPONENTS only; values bound)
@@ -135,6 +143,13 @@ class Ledger:
         # From now on a lock held by someone else fails one tick's write (the engine
         # keeps the tick and retries), instead of blocking the tick for seconds.
         self.conn.execute(f"PRAGMA busy_timeout={TICK_BUSY_TIMEOUT_MS}")
+        # What committed ticks already wrote for running jobs (issue 18): a known job's
+        # identity row (jobs, slurm_jobs) is not written again, its sources are merged
+        # only when the tick's differ from the last merged ones, its Slurm steps only
+        # when new ones appear. Entries go when the job ends; ``_pending`` holds what
+        # the open transaction wrote, moved here only once it commits.
+        self._known: dict[str, tuple[dict[str, str], frozenset[str]]] = {}
+        self._pending: dict[str, tuple[dict[str, str], frozenset[str]]] = {}
 
     @staticmethod
     def _take_lock(path: str) -> int:
@@ -200,9 +215,21 @@ class Ledger:
     def record_ticks(self, rows: Sequence[TickRow]) -> None:
         """Book several ticks, in order, in one transaction (all or nothing): a tick
         that could not be stored is retried together with the next one."""
-        with self.conn:
-            for row in rows:
-                self._book(row.wall_s, row.jobs, row.device_j, row.unattributed_j, row.intensity, row.ended)
+        self._pending.clear()
+        try:
+            with self.conn:
+                for row in rows:
+                    self._book(row.wall_s, row.jobs, row.device_j, row.unattributed_j, row.intensity, row.ended)
+        except BaseException:
+            self._pending.clear()  # rolled back: the next try writes every row again
+            raise
+        self._known.update(self._pending)
+        self._pending.clear()
+        for row in rows:
+            for job_id, _ in row.ended:
+                self._known.pop(job_id, None)
+        if len(self._known) > KNOWN_JOBS_MAX:  # jobs that vanished without an end: start over
+            self._known.clear()
 
     def _book(
         self,
@@ -216,47 +243,68 @@ class Ledger:
         bucket = self.bucket_of(wall_s)
         slot_start, slot_end = self.slot_of(wall_s, intensity)
         slot_rows: list[tuple[str, int, int, float]] = []
+        bucket_rows: list[tuple[str, int, str, float]] = []
+        updates: dict[tuple[bool, str], list[tuple[Any, ...]]] = {}  # (running, sources SQL) -> UPDATE rows
         c = self.conn
+        known, pending = self._known, self._pending
         for jt in jobs:
             ident = jt.identity
-            c.execute(
-                """INSERT INTO jobs (id, host, label, label_raw, label_source, uid, user, command, root_pid,
-                                     state, started_at, last_seen, sources)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)
-                   ON CONFLICT(id) DO NOTHING""",
-                (ident.job_id, self.host, ident.label, ident.label_raw, ident.label_source, ident.uid, ident.user,
-                 ident.command, ident.root_pid, ident.started_at, wall_s, json.dumps(dict(jt.sources))),
-            )
-            if ident.slurm is not None:
-                sj = ident.slurm
-                c.execute("INSERT INTO slurm_jobs VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(job_id) DO NOTHING",
-                          (ident.job_id, sj.job_id, sj.name, sj.array_job_id, sj.array_task_id, sj.partition, sj.user))
+            job_id = ident.job_id
+            seen = pending.get(job_id) or known.get(job_id)
+            if seen is None:  # new to this writer: its identity row (kept if the store has it)
+                c.execute(
+                    """INSERT INTO jobs (id, host, label, label_raw, label_source, uid, user, command, root_pid,
+                                         state, started_at, last_seen, sources)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)
+                       ON CONFLICT(id) DO NOTHING""",
+                    (job_id, self.host, ident.label, ident.label_raw, ident.label_source, ident.uid, ident.user,
+                     ident.command, ident.root_pid, ident.started_at, wall_s, json.dumps(dict(jt.sources))),
+                )
+                if ident.slurm is not None:
+                    sj = ident.slurm
+                    c.execute("INSERT INTO slurm_jobs VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(job_id) DO NOTHING",
+                              (job_id, sj.job_id, sj.name, sj.array_job_id, sj.array_task_id, sj.partition, sj.user))
+            if ident.slurm is not None and not (seen is not None and jt.steps <= seen[1]):
                 c.executemany("INSERT INTO slurm_steps VALUES (?, ?) ON CONFLICT DO NOTHING",
-                              [(ident.job_id, step) for step in sorted(jt.steps)])
-            merge_sql, merge_params = _sources_merge(jt.sources)
-            life_sql = "last_seen=?, state='running', ended_at=NULL," if jt.running else ""
-            c.execute(
+                              [(job_id, step) for step in sorted(jt.steps)])
+            # The merge keeps the weaker source per component (and the latest node method):
+            # merging the same sources again changes nothing, so a known job's are merged
+            # only when they differ from the last merged ones.
+            if seen is None or seen[0] != jt.sources:
+                merge_sql, merge_params = _sources_merge(jt.sources)
+            else:
+                merge_sql, merge_params = "sources", []
+            # Remembered once committed; a job booked after its end (node gap share) is not.
+            if jt.running and (seen is None or merge_params or not jt.steps <= seen[1]):
+                pending[job_id] = (dict(jt.sources), jt.steps | seen[1] if seen is not None else jt.steps)
+            energy = jt.energy_j
+            updates.setdefault((jt.running, merge_sql), []).append(
+                (*((wall_s,) if jt.running else ()), jt.gpu_seconds, jt.gpu_memory_bytes,
+                 *(energy.get(comp, 0.0) for comp in COMPONENTS), *merge_params, job_id))
+            slot_j = 0.0
+            for comp in COMPONENTS:
+                e = energy.get(comp, 0.0)
+                if e:
+                    bucket_rows.append((job_id, bucket, comp, e))
+                    slot_j += e
+            if slot_j:
+                slot_rows.append((job_id, bucket, slot_start, slot_j))
+        for (running, merge_sql), params in updates.items():  # one statement per shape
+            life_sql = "last_seen=?, state='running', ended_at=NULL," if running else ""
+            c.executemany(
                 f"""UPDATE jobs SET {life_sql}
                        gpu_seconds=gpu_seconds+?, peak_gpu_memory_bytes=max(peak_gpu_memory_bytes, ?),
-                       {_ENERGY_SET_SQL},
-                       sources={merge_sql}
+                       {_ENERGY_SET_SQL}{"" if merge_sql == "sources" else f", sources={merge_sql}"}
                    WHERE id=?""",
-                (*((wall_s,) if jt.running else ()), jt.gpu_seconds, jt.gpu_memory_bytes,
-                 *(jt.energy_j.get(comp, 0.0) for comp in COMPONENTS),
-                 *merge_params, ident.job_id),
+                params,
             )
-            for comp in COMPONENTS:
-                e = jt.energy_j.get(comp, 0.0)
-                if e:
-                    c.execute(
-                        """INSERT INTO job_buckets VALUES (?, ?, ?, ?)
-                           ON CONFLICT(job_id, bucket_start, component)
-                           DO UPDATE SET energy_j = energy_j + excluded.energy_j""",
-                        (ident.job_id, bucket, comp, e),
-                    )
-            slot_j = sum(jt.energy_j.get(comp, 0.0) for comp in COMPONENTS)
-            if slot_j:
-                slot_rows.append((ident.job_id, bucket, slot_start, slot_j))
+        if bucket_rows:
+            c.executemany(
+                """INSERT INTO job_buckets VALUES (?, ?, ?, ?)
+                   ON CONFLICT(job_id, bucket_start, component)
+                   DO UPDATE SET energy_j = energy_j + excluded.energy_j""",
+                bucket_rows,
+            )
         if slot_rows:  # every job's energy of this tick against the tick's slot, in one statement
             c.executemany(
                 """INSERT INTO job_slots VALUES (?, ?, ?, ?)
@@ -264,22 +312,18 @@ class Ledger:
                    DO UPDATE SET energy_j = energy_j + excluded.energy_j""",
                 slot_rows,
             )
-        for kind, device, e, source in device_j:
-            c.execute(
-                """INSERT INTO device_buckets VALUES (?, ?, ?, ?, ?)
-                   ON CONFLICT(kind, device, bucket_start)
-                   DO UPDATE SET energy_j = energy_j + excluded.energy_j, source = excluded.source""",
-                (kind, device, bucket, e, source),
-            )
-        for comp, e in unattributed_j.items():
-            if not e:
-                continue
-            c.execute(
-                """INSERT INTO unattributed_buckets VALUES (?, ?, ?)
-                   ON CONFLICT(component, bucket_start)
-                   DO UPDATE SET energy_j = energy_j + excluded.energy_j""",
-                (comp, bucket, e),
-            )
+        c.executemany(
+            """INSERT INTO device_buckets VALUES (?, ?, ?, ?, ?)
+               ON CONFLICT(kind, device, bucket_start)
+               DO UPDATE SET energy_j = energy_j + excluded.energy_j, source = excluded.source""",
+            [(kind, device, bucket, e, source) for kind, device, e, source in device_j],
+        )
+        c.executemany(
+            """INSERT INTO unattributed_buckets VALUES (?, ?, ?)
+               ON CONFLICT(component, bucket_start)
+               DO UPDATE SET energy_j = energy_j + excluded.energy_j""",
+            [(comp, bucket, e) for comp, e in unattributed_j.items() if e],
+        )
         if intensity is not None:  # the first value booked for a slot stays until settlement revises it
             c.execute(
                 "INSERT OR IGNORE INTO bucket_intensity VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -288,11 +332,32 @@ class Ledger:
             )
         for job_id, ended_at in ended:
             c.execute("UPDATE jobs SET state='finished', ended_at=? WHERE id=? AND state='running'", (ended_at, job_id))
+        # Each job's occupancy of this tick, added to its cumulative rows (issue 16), in one statement.
+        occupancy_rows = [(jt.identity.job_id, item, seconds) for jt in jobs
+                          for item, seconds in jt.occupancy_s.items() if seconds]
+        if occupancy_rows:
+            c.executemany(
+                """INSERT INTO job_occupancy VALUES (?, ?, ?)
+                   ON CONFLICT(job_id, item) DO UPDATE SET quantity_s = quantity_s + excluded.quantity_s""",
+                occupancy_rows,
+            )
+
+    def job_occupancy(self, job_ids: list[str]) -> dict[str, dict[str, float]]:
+        """job_id -> item -> item-seconds stored (jobs without rows are left out)."""
+        out: dict[str, dict[str, float]] = {}
+        for i in range(0, len(job_ids), 500):
+            chunk = job_ids[i : i + 500]
+            for r in self.conn.execute(
+                    f"SELECT job_id, item, quantity_s FROM job_occupancy WHERE job_id IN ({','.join('?' * len(chunk))})",
+                    chunk):
+                out.setdefault(r[0], {})[r[1]] = float(r[2])
+        return out
 
     def finish_jobs(self, ended: Iterable[tuple[str, float]]) -> None:
         with self.conn:
             for job_id, ended_at in ended:
                 self.conn.execute("UPDATE jobs SET state='finished', ended_at=? WHERE id=? AND state='running'", (ended_at, job_id))
+                self._known.pop(job_id, None)
 
     def store_points(self, points: Iterable[Any], fetched_at: float) -> None:
         """Keep a provider's series (IntensityPoint values). An actual value is never
@@ -389,6 +454,7 @@ class Ledger:
         cut = self.bucket_of(before_wall_s)
         deleted: dict[str, int] = {}
         c = self.conn
+        self._known.clear()  # jobs rows go: the next tick writes every job's identity again
         with c:
             c.execute(
                 f"""UPDATE jobs SET pruned_co2e_g = pruned_co2e_g + COALESCE((
@@ -403,6 +469,8 @@ class Ledger:
                 "DELETE FROM jobs WHERE state = 'finished' AND COALESCE(ended_at, last_seen) < ?", (cut,)).rowcount
             c.execute("DELETE FROM slurm_jobs WHERE job_id NOT IN (SELECT id FROM jobs)")
             c.execute("DELETE FROM slurm_steps WHERE job_id NOT IN (SELECT id FROM jobs)")
+            deleted["job_occupancy"] = c.execute(
+                "DELETE FROM job_occupancy WHERE job_id NOT IN (SELECT id FROM jobs)").rowcount
             for table in PRUNE_TABLES:
                 deleted[table] = c.execute(f"DELETE FROM {table} WHERE bucket_start < ?", (cut,)).rowcount
             deleted["intensity_points"] = c.execute(

@@ -1,6 +1,9 @@
 """The process side of the GPU collector: process lists (their union, visibility
 here, utilisation when the vendor wants it), the DeviceReadings of a board, and the
-split of a partitioned board's energy over its partitions by size.
+split of a partitioned board's energy over its partitions by size. Each reading says
+which fraction of the physical board it stands for (``board_share``: a partition its
+slices / the board's, the board's own remainder reading the rest, a whole board 1.0),
+so embodied carbon can be booked by board-time.
 
 ``ProcessReading`` is a part of ``GpuSource`` (policy.py), which inherits it: it uses
 the source's vendor, problem list, counters and side-query isolation (``_side``).
@@ -202,16 +205,22 @@ class ProcessReading:
                 memory_used_bytes=sum(used) if all(u is not None for u in used) else None,  # type: ignore[misc]
                 memory_total_bytes=part.memory_total_bytes, name=part.name,
                 attributable=part_complete[part_id], parent=board.device, uuid=_known_uuid(board),
-                vendor=self._vendor.vendor,
+                vendor=self._vendor.vendor, board_share=share,
             ))
         stray_uses = self._uses(board, st, stray, now, 0, util=False)
         rest_w = power_w * (rest / energy_j) if energy_j > 0 else 0.0
-        readings.append(self._reading(board, rest, rest_w, source, dt, stray_uses, mem, attributable=False))
+        # The board's own reading stands for the slices no partition holds (embodied
+        # carbon is booked by board-time): 1 - the partitions' shares, never negative.
+        rest_share = max(0.0, 1.0 - sum(shares.values()))
+        readings.append(self._reading(board, rest, rest_w, source, dt, stray_uses, mem, attributable=False,
+                                      board_share=rest_share))
         return readings
 
     def _reading(self, board: Board, energy_j: float, power_w: float, source: EnergySource, dt: float,
-                 uses: Sequence[GpuProcessUse], mem: Any, *, attributable: bool) -> DeviceReading:
-        """The reading of a whole board (or a partitioned board's remainder)."""
+                 uses: Sequence[GpuProcessUse], mem: Any, *, attributable: bool,
+                 board_share: float = 1.0) -> DeviceReading:
+        """The reading of a whole board (``board_share`` 1.0), or a partitioned board's
+        remainder (the share of the board no partition holds)."""
         has_mem = isinstance(mem, MemoryInfo)
         return DeviceReading(
             kind="gpu", device=board.device, energy_j=energy_j, power_w=power_w, source=source, interval_s=dt,
@@ -219,6 +228,7 @@ class ProcessReading:
             memory_used_bytes=int(mem.used_bytes) if has_mem else None,
             memory_total_bytes=int(mem.total_bytes) if has_mem else None,
             name=board.name, attributable=attributable, uuid=_known_uuid(board), vendor=self._vendor.vendor,
+            board_share=board_share,
         )
 
 

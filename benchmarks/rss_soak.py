@@ -1,0 +1,141 @@
+"""Steady RSS and growth of the real daemon over a long run (issue 18: "steady RSS
+<= 48 MiB with no growth over a 30-minute run").
+
+The ``procs`` scenario of overhead.py (2,000 idle processes, 32 labelled jobs of 3
+processes, 8 simulated GPUs, 2 RAPL packages), the real daemon at 1 Hz with
+``/metrics`` scraped every 5 s, in a PID namespace of its own; ``VmRSS``,
+``RssAnon``, ``RssFile`` and ``VmHWM`` of the daemon sampled every ``--every``
+seconds. The daemon's code is the working tree's, or ``--baseline REF`` (plus
+``--after-files``, as in compare.py).
+
+    .venv/bin/python benchmarks/rss_soak.py --seconds 1800 [--baseline 8947193 [--after-files a,b]] --json OUT
+
+Growth is reported as the least-squares slope of VmRSS over the run's second half
+(MiB per hour) and as last-minus-first of the minute medians after the first 5 min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import overhead  # noqa: E402
+from harness import Box, Daemon, baseline_tree, loadavg, log  # noqa: E402
+
+
+def status_kib(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key = line.split(":", 1)[0]
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(line.split()[1])
+    return out
+
+
+def slope_mib_per_h(samples: list[tuple[float, int]]) -> float | None:
+    if len(samples) < 3:
+        return None
+    xs = [t for t, _ in samples]
+    ys = [v / 1024 for _, v in samples]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return round(3600 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den, 3) if den else None
+
+
+def inner(seconds: float, every: float, code: Path | None, out: Path) -> None:
+    box = Box("soak")
+    daemon: Daemon | None = None
+    try:
+        overhead.setup_procs(box)
+        daemon = Daemon(box, code=code)
+        daemon.wait_ticks(2)
+        t0 = time.monotonic()
+        samples: list[dict[str, Any]] = []
+        next_scrape = next_sample = t0
+        while time.monotonic() - t0 < seconds:
+            now = time.monotonic()
+            if now >= next_scrape:
+                next_scrape += 5.0
+                try:
+                    daemon.get("/metrics")
+                except OSError:
+                    pass
+            if now >= next_sample:
+                next_sample += every
+                samples.append({"t_s": round(now - t0, 1), **status_kib(daemon.p.pid), "load1": loadavg()})
+                if len(samples) % 30 == 0:
+                    Path(str(out) + ".partial").write_text(json.dumps(samples))
+            time.sleep(0.2)
+        tick = json.loads(daemon.get("/healthz")).get("tick")
+        rss = [(s["t_s"], s["VmRSS"]) for s in samples]
+        half = [x for x in rss if x[0] >= seconds / 2]
+        after5 = [x for x in rss if x[0] >= 300]
+        first_min = [v for t, v in after5 if t < 360]
+        last_min = [v for t, v in after5 if t >= seconds - 60]
+        res = {
+            "seconds": seconds, "ticks": tick, "code": str(code) if code else "working tree",
+            "rss_start_mib": round(rss[0][1] / 1024, 2),
+            "rss_steady_median_second_half_mib": round(statistics.median(v for _, v in half) / 1024, 2),
+            "rss_min_max_after_5min_mib": [round(min(v for _, v in after5) / 1024, 2),
+                                           round(max(v for _, v in after5) / 1024, 2)] if after5 else None,
+            "rss_growth_minute5_to_last_minute_mib": (round((statistics.median(last_min) - statistics.median(first_min))
+                                                            / 1024, 2) if first_min and last_min else None),
+            "rss_slope_second_half_mib_per_h": slope_mib_per_h(half),
+            "hwm_end_mib": round(samples[-1]["VmHWM"] / 1024, 2),
+            "anon_file_end_mib": [round(samples[-1]["RssAnon"] / 1024, 2), round(samples[-1]["RssFile"] / 1024, 2)],
+            "samples": samples,
+        }
+        out.write_text(json.dumps(res, indent=1))
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        box.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=1800.0)
+    ap.add_argument("--every", type=float, default=10.0)
+    ap.add_argument("--baseline", metavar="GIT_REF")
+    ap.add_argument("--after-files", default="")
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--code", help=argparse.SUPPRESS)  # inside the namespace
+    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    out = Path(args.json).resolve()
+    if args.inner:
+        inner(args.seconds, args.every, Path(args.code) if args.code else None, out)
+        return 0
+    code = None
+    if args.baseline:
+        overlay = tuple(f for f in args.after_files.split(",") if f)
+        code = baseline_tree(args.baseline, overlay)
+    try:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--inner", "--seconds", str(args.seconds),
+               "--every", str(args.every), "--json", str(out)] + (["--code", str(code)] if code else [])
+        if os.geteuid() == 0 and shutil.which("unshare"):
+            cmd = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"] + cmd
+        log(f"soak: {args.seconds:g} s of procs, RSS every {args.every:g} s -> {out}")
+        rc = subprocess.call(cmd)
+    finally:
+        if code is not None:
+            shutil.rmtree(code, ignore_errors=True)
+    if rc == 0:
+        res = json.loads(out.read_text())
+        log(json.dumps({k: v for k, v in res.items() if k != "samples"}))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
