@@ -11,6 +11,12 @@ per tick, median over rounds.
 
     .venv/bin/python benchmarks/ledger_tick.py --baseline 8947193 [--after-files daemon/ledger/writer.py]
         [--jobs 32] [--ticks 600] [--rounds 5]
+    .venv/bin/python benchmarks/ledger_tick.py --grow 1800 [--cache-kib 2000]
+
+``--grow N``: instead, N ticks in this process (the working tree's code), printing the
+process's RSS, the store's size and SQLite's page-cache limit as it goes: how much of a
+long run's RSS growth the writer's page cache is (SQLite's default ``cache_size`` is
+2,000 KiB per connection, filled as the store grows, then bounded).
 """
 
 from __future__ import annotations
@@ -27,6 +33,43 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        return [int(line.split()[1]) for line in fh if line.startswith("VmRSS:")][0] / 1024
+
+
+def grow(jobs: int, ticks: int, cache_kib: int) -> None:
+    """RSS of this process while the writer books ``ticks`` ticks of ``jobs`` jobs."""
+    from wattprint.daemon.ledger import Intensity, JobTick, Ledger
+    from wattprint.daemon.procs import JobIdentity
+
+    work = tempfile.mkdtemp(prefix="wattprint-ledger-grow-")
+    try:
+        path = os.path.join(work, "s.sqlite3")
+        led = Ledger(path, host="bench", bucket_s=60)
+        if cache_kib:
+            led.conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
+        static = Intensity(400.0, "final", "static", "DK1", "static")
+        idents = [JobIdentity(job_id=f"{1000 + j}-123456", label=f"bench-{j}", label_source="WATTPRINT_JOB",
+                              uid=1000, user="alice", command="python", root_pid=1000 + j, started_at=1.7e9)
+                  for j in range(jobs)]
+        sources = {"gpu": "counter", "cpu": "counter", "dram": "counter"}
+        devices = [("gpu", f"gpu{g}", 300.0, "counter") for g in range(8)]
+        wall = 1.7e9
+        print(json.dumps({"tick": 0, "rss_mib": round(rss_mib(), 2)}))
+        for k in range(1, ticks + 1):
+            led.record_tick(wall + k, [JobTick(i, {"gpu": 60.0, "cpu": 5.0, "dram": 0.5}, gpu_seconds=1.0,
+                                               gpu_memory_bytes=1 << 30, sources=sources) for i in idents],
+                            devices, {"gpu": 100.0}, static)
+            if k % max(1, ticks // 10) == 0:
+                print(json.dumps({"tick": k, "rss_mib": round(rss_mib(), 2),
+                                  "store_mib": round(os.path.getsize(path) / 2**20, 2),
+                                  "cache_size": led.conn.execute("PRAGMA cache_size").fetchone()[0]}))
+        led.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def worker(jobs: int, ticks: int) -> dict[str, float]:
@@ -74,8 +117,13 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=32)
     ap.add_argument("--ticks", type=int, default=600)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--grow", type=int, default=0, metavar="N")
+    ap.add_argument("--cache-kib", type=int, default=0, help="with --grow: PRAGMA cache_size=-KIB (0: default)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.grow:
+        grow(args.jobs, args.grow, args.cache_kib)
+        return 0
     if args.worker:
         print(json.dumps(worker(args.jobs, args.ticks)))
         return 0

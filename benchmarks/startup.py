@@ -14,6 +14,10 @@ as in compare.py; or the working tree), alternating, ``--rounds`` times:
   the InfluxDB modules it imported (``-X importtime`` in its log).
 
     .venv/bin/python benchmarks/startup.py --baseline 8947193 --after-files exporters/sinks.py [--rounds 5]
+    .venv/bin/python benchmarks/startup.py --breakdown [--baseline REF [--after-files ...]]
+
+``--breakdown``: instead, where the imports' RSS goes: ``VmRSS`` of a fresh interpreter
+after each group of what the daemon imports (cumulative), for each tree.
 """
 
 from __future__ import annotations
@@ -45,6 +49,20 @@ print(json.dumps({"import_ms": 1e3 * (t1 - t0), "rss_mib": rss / 1024, "modules"
                                            and m.split('.')[-1] in ('influx', 'influx_publish', 'influx_http',
                                            'influx_points', 'spool', 'dead_letter', 'lineprotocol',
                                            'influx_collector', 'influx_health'))}))
+"""
+BREAKDOWN = """
+import importlib
+def rss():
+    return [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')][0] / 1024
+out, prev = [], 0.0
+for group in ([], ["asyncio", "json", "logging", "dataclasses", "typing"], ["ssl"], ["aiohttp", "aiohttp.web"],
+              ["prometheus_client"], ["sqlite3"], ["tomllib"], ["wattprint.daemon.app", "wattprint.daemon.cli"]):
+    for m in group:
+        importlib.import_module(m)
+    v = rss()
+    out.append(f"{'+' + ','.join(group) if group else 'python'} {v:.1f} ({v - prev:+.1f})")
+    prev = v
+print(" | ".join(out))
 """
 BARE = ("rss = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')][0]\n"
         "print(rss / 1024)")
@@ -98,6 +116,7 @@ def main() -> int:
     ap.add_argument("--after-files", default="")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json")
+    ap.add_argument("--breakdown", action="store_true", help="where the imports' RSS goes (MiB, cumulative)")
     args = ap.parse_args()
     trees: dict[str, Path | None] = {}
     if args.baseline:
@@ -106,6 +125,17 @@ def main() -> int:
         trees["after"] = baseline_tree(args.baseline, overlay) if overlay else None
     else:
         trees["after"] = None
+    if args.breakdown:
+        try:
+            for name, tree in trees.items():
+                for _ in range(3):
+                    print(name, subprocess.run([PY, "-c", BREAKDOWN], env=env_for(tree), capture_output=True,
+                                               text=True, check=True, cwd="/tmp").stdout.strip())
+        finally:
+            for tree in trees.values():
+                if tree is not None:
+                    shutil.rmtree(tree, ignore_errors=True)
+        return 0
     raw: dict[str, dict[str, list[Any]]] = {k: {"imports": [], "daemon": []} for k in trees}
     bare: list[float] = []
     try:

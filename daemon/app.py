@@ -149,6 +149,8 @@ def build_engine(cfg: Config, health: HealthBoard) -> Engine:
         ledger = Ledger(store_path(cfg), host=cfg.daemon.host, bucket_s=cfg.daemon.bucket_s)
     except LedgerError as exc:
         raise StartupError(str(exc)) from None
+    footprint = build_footprint(cfg)  # lifecycle factors: shipped data + [footprint]/[market]
+    log.info("footprint: %s", footprint.describe())  # which factors, from where; class defaults said
     engine = Engine(
         sources=sources,
         tracker=ProcessTracker(
@@ -169,7 +171,7 @@ def build_engine(cfg: Config, health: HealthBoard) -> Engine:
         idle_policy=cfg.jobs.idle_policy,
         remainder_policy=cfg.node.remainder,
         retention_days=cfg.daemon.retention_days,
-        footprint=build_footprint(cfg),  # lifecycle factors: shipped data + [footprint]/[market]
+        footprint=footprint,
     )
     running = ledger.running_jobs()
     if running:

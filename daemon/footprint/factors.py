@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import math
 import os
 import re
@@ -59,6 +60,8 @@ GPU_CLASSES: tuple[str, ...] = ("datacenter", "consumer_workstation", "amd_insti
 _VENDOR_WORDS = re.compile(r"\b(nvidia|tesla|geforce|quadro)\b")
 _CONSUMER_WORDS = re.compile(r"\b(geforce|rtx|gtx|titan|quadro|radeon)\b", re.IGNORECASE)
 _AMD_INSTINCT = re.compile(r"\b(instinct|mi\d{2,3}[a-z]*)\b", re.IGNORECASE)
+
+log = logging.getLogger("wattprint.footprint")
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +362,10 @@ class Footprint:
                            source=f"class default ({cls_used} GPU; model {shown!r} is not in the data file): "
                                   f"{base.source}",
                            version=base.version, default=True)
+            # Said once per model (the cache): the figure is a class default, not the model's.
+            log.warning("footprint: GPU model %r has no entry in the footprint data file: its embodied carbon "
+                        "uses the %s class default, %g %s (set [footprint] gpu_kgco2e to your own figure)",
+                        shown, cls_used, base.value, base.unit)
         self._gpu_cache[model_name] = found
         return found
 
