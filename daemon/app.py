@@ -40,6 +40,7 @@ from .grid.base import IntensityPoint, IntensityProvider
 from .grid.static import StaticProvider
 from .health import HealthBoard
 from .ledger import Ledger, LedgerError, LedgerReader
+from .ledger.schema import bound_page_cache
 from .logredact import RedactingFilter
 from .procs import ProcessTracker
 from .sources.base import Source
@@ -201,6 +202,7 @@ async def serve(cfg: Config, daemon: Daemon, stop: asyncio.Event) -> None:
     reader = LedgerReader(store_path(cfg), pue=cfg.accounting.pue,
                           price_per_kwh=cfg.accounting.price_per_kwh, currency=cfg.accounting.currency,
                           footprint=engine.book.footprint)
+    bound_page_cache(reader.conn)  # the API's reader: 512 KiB of page cache, as the writer (issue 18: RSS)
     max_connections = fitting_max_connections(cfg.http.max_connections)
     if max_connections < cfg.http.max_connections:
         log.warning("[http] max_connections = %d does not fit the open-files limit (%d): at most %d connections "

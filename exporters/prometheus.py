@@ -25,13 +25,13 @@ import platform
 import re
 import threading
 from importlib import metadata
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from wattprint.daemon.model import COMPONENTS, Snapshot
+from wattprint.daemon.model import COMPONENTS, JobTotals, Snapshot
 
 log = logging.getLogger("wattprint.exporters.prometheus")
 
@@ -192,7 +192,8 @@ def _devices(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
     return [power, energy, info]
 
 
-def _jobs(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
+def _job_families() -> list[Metric]:
+    """The six per-job families, empty: energy, CO2e, embodied, market, water, running."""
     energy = CounterMetricFamily(
         "wattprint_job_energy_joules_total",
         "Energy booked to each job by component (gpu, cpu, dram; other: its share of the node remainder "
@@ -225,17 +226,85 @@ def _jobs(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
     running = GaugeMetricFamily(
         "wattprint_job_running", "1 while the job runs, 0 once it has finished.", labels=["job_id", "label", "user"]
     )
-    with_other = _has_node(snapshot)
-    for job in snapshot.jobs:
-        key = [_text(job.job_id), _text(job.label), _text(job.user)]
-        for component, joules in _components(job.energy_j, with_other):
-            energy.add_metric(key + [component], joules)
-        co2e.add_metric(key, float(job.co2e_g))
-        embodied.add_metric(key, float(job.embodied_co2e_g))
-        market.add_metric(key, float(job.co2e_market_g))
-        water.add_metric(key, float(job.water_l))
-        running.add_metric(key, 1.0 if job.state == "running" else 0.0)
     return [energy, co2e, embodied, market, water, running]
+
+
+def _jobs(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
+    families = _job_families()
+    with_other = _has_node(snapshot)
+    global _finished_job_parts
+    cached = _finished_job_parts
+    kept: dict[int, _JobParts] = {}
+    # Per job in order: a finished job's parts, or (for a running job, added to the
+    # families directly) where its samples start and end in each family.
+    order: list[_JobParts | tuple[list[int], list[int]]] = []
+    scratch: list[Metric] | None = None
+    for job in snapshot.jobs:
+        if job.state == "running":
+            begin = [len(f.samples) for f in families]
+            _add_job(families, job, with_other)
+            order.append((begin, [len(f.samples) for f in families]))
+            continue
+        parts = cached.get(id(job))
+        if parts is None or parts[0] is not job or parts[1] != with_other:
+            scratch = scratch or _job_families()
+            parts = _job_parts(job, with_other, scratch)
+        kept[id(job)] = parts
+        for family, samples in zip(families, parts[2]):
+            family.samples.extend(samples)
+        order.append(parts)
+    _finished_job_parts = kept
+    if kept and all(parts[4] for parts in kept.values()) and all(_plain_head(f) for f in families):
+        # The families' text from the finished jobs' kept lines and the running jobs' new
+        # ones, in sample order (else family_text renders them itself, as before).
+        texts: list[list[str]] = [[] for _ in families]
+        for entry in order:
+            if len(entry) == 2:
+                begin, stop = entry  # type: ignore[misc]
+                for i, family in enumerate(families):
+                    run = family.samples[begin[i]:stop[i]]
+                    if not all(_plain_sample(family, sample) for sample in run):
+                        return families
+                    texts[i].append(_lines(run))
+            else:
+                for i, text in enumerate(entry[3]):  # type: ignore[misc]
+                    texts[i].append(text)
+        for family, acc in zip(families, texts):
+            family.__dict__[_TEXT_ATTR] = _header(family) + "".join(acc)
+    return families
+
+
+def _add_job(families: list[Metric], job: JobTotals, with_other: bool) -> None:
+    """One job's samples, added to _jobs' six families."""
+    energy, co2e, embodied, market, water, running = families
+    key = [_text(job.job_id), _text(job.label), _text(job.user)]
+    for component, joules in _components(job.energy_j, with_other):
+        energy.add_metric(key + [component], joules)
+    co2e.add_metric(key, float(job.co2e_g))
+    embodied.add_metric(key, float(job.embodied_co2e_g))
+    market.add_metric(key, float(job.co2e_market_g))
+    water.add_metric(key, float(job.water_l))
+    running.add_metric(key, 1.0 if job.state == "running" else 0.0)
+
+
+# A finished job's samples and text lines, per family of _jobs, kept from one build to
+# the next (issue 18): up to [jobs] max_finished_in_metrics finished jobs are in every
+# snapshot, unchanged, and rendering them was most of a /metrics render (6 ms for 200).
+# id(job) -> (job, with_other, samples per family, text per family, all plain); an
+# entry is used only for that very object (JobBook hands over the same JobTotals of a
+# finished job while it is unchanged); the map holds only the last build's finished jobs.
+_JobParts = tuple[JobTotals, bool, list[list[Any]], list[str], bool]
+_finished_job_parts: dict[int, _JobParts] = {}
+
+
+def _job_parts(job: JobTotals, with_other: bool, own: list[Metric]) -> _JobParts:
+    """One job's samples of each of _jobs' six families (in order) and their lines as
+    ``family_text`` writes them (when all are plain); ``own``: _job_families() to fill."""
+    for family in own:
+        family.samples = []
+    _add_job(own, job, with_other)
+    plain = all(_plain(f) for f in own)
+    return (job, with_other, [f.samples for f in own], [_lines(f.samples) if plain else "" for f in own], plain)
 
 
 def _unattributed(snapshot: Snapshot, report: ErrorReporter) -> list[Metric]:
@@ -504,9 +573,9 @@ def _label_value(value: str) -> str:
 
 def _plain(metric: Metric) -> bool:
     """True when ``family_text``'s direct path renders ``metric`` exactly."""
-    if metric.type not in ("counter", "gauge") or not _LEGACY_NAME.match(metric.name):
+    if not _plain_head(metric):
         return False
-    for sample in metric.samples:
+    for sample in metric.samples:  # (_plain_sample, inlined: this runs for every sample of a scrape)
         if (sample.timestamp is not None or sample.exemplar is not None
                 or getattr(sample, "native_histogram", None) is not None
                 or not _LEGACY_NAME.match(sample.name)
@@ -514,6 +583,18 @@ def _plain(metric: Metric) -> bool:
                 or not all(isinstance(v, str) and _LEGACY_LABEL.match(k) for k, v in sample.labels.items())):
             return False
     return True
+
+
+def _plain_head(metric: Metric) -> bool:
+    return metric.type in ("counter", "gauge") and bool(_LEGACY_NAME.match(metric.name))
+
+
+def _plain_sample(metric: Metric, sample: Any) -> bool:
+    return not (sample.timestamp is not None or sample.exemplar is not None
+                or getattr(sample, "native_histogram", None) is not None
+                or not _LEGACY_NAME.match(sample.name)
+                or any(sample.name == metric.name + suffix for suffix in _OM_SUFFIXES)
+                or not all(isinstance(v, str) and _LEGACY_LABEL.match(k) for k, v in sample.labels.items()))
 
 
 def family_text(metric: Metric) -> str:
@@ -524,18 +605,28 @@ def family_text(metric: Metric) -> str:
     if not _plain(metric):
         text = generate_latest(_One(metric)).decode("utf-8")  # type: ignore[arg-type]
     else:
-        name = metric.name + "_total" if metric.type == "counter" else metric.name
-        doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
-        out = [f"# HELP {name} {doc}\n# TYPE {name} {metric.type}\n"]
-        for sample in metric.samples:
-            if sample.labels:
-                labels = ",".join(f'{k}="{_label_value(v)}"' for k, v in sorted(sample.labels.items()))
-                out.append(f"{sample.name}{{{labels}}} {floatToGoString(sample.value)}\n")
-            else:
-                out.append(f"{sample.name} {floatToGoString(sample.value)}\n")
-        text = "".join(out)
+        text = _header(metric) + _lines(metric.samples)
     metric.__dict__[_TEXT_ATTR] = text
     return text
+
+
+def _header(metric: Metric) -> str:
+    """The ``# HELP`` and ``# TYPE`` lines of a plain family."""
+    name = metric.name + "_total" if metric.type == "counter" else metric.name
+    doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
+    return f"# HELP {name} {doc}\n# TYPE {name} {metric.type}\n"
+
+
+def _lines(samples: Iterable[Any]) -> str:
+    """The text lines of a plain family's samples."""
+    out = []
+    for sample in samples:
+        if sample.labels:
+            labels = ",".join(f'{k}="{_label_value(v)}"' for k, v in sorted(sample.labels.items()))
+            out.append(f"{sample.name}{{{labels}}} {floatToGoString(sample.value)}\n")
+        else:
+            out.append(f"{sample.name} {floatToGoString(sample.value)}\n")
+    return "".join(out)
 
 
 __all__ = ["CONTENT_TYPE", "BuildInfoCollector", "SnapshotCollector", "add_daemon_collectors", "build_registry",

@@ -48,7 +48,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..attribution import Attribution, SpanMeasured
 from ..carbon import IntensityBook, co2e_g
@@ -202,6 +202,11 @@ class JobBook:
         self._restored = False
         # The current bucket and the value booked for each of its slots (slot_start -> value)
         self._slot_values: tuple[int, dict[int, Intensity]] | None = None
+        # A finished job's totals as last published, with what they were computed from
+        # (issue 18): up to max_finished_in_metrics finished jobs are in every snapshot and
+        # rarely change (a settlement, a node gap's remainder), so they are built again only
+        # when one of their inputs differs.
+        self._finished_totals: dict[str, tuple[tuple[Any, ...], JobTotals]] = {}
 
     # -- restore -------------------------------------------------------------
     def restore(self, job_rows: dict[str, dict], co2e_g: dict[str, float]) -> None:
@@ -426,7 +431,8 @@ class JobBook:
             devices=tuple(DeviceState(a.kind, a.device, a.name, a.power_w, a.energy_j_total, a.source, a.uuid,
                                       a.vendor)  # type: ignore[arg-type]
                           for a in sorted(self.devices.values(), key=lambda a: (a.kind, a.device))),
-            jobs=tuple(self._job_totals(j, st) for j, st in self.jobs.items()),
+            jobs=tuple(self._job_totals(j, st) if st.running else self._finished_job_totals(j, st)
+                       for j, st in self.jobs.items()),
             unattributed_j_total=dict(self.unattributed_total),
             health=health,
             grid_zone=intensity.zone,
@@ -445,6 +451,16 @@ class JobBook:
                          embodied_co2e_g=life.embodied_co2e_g, co2e_market_g=life.co2e_market_g,
                          water_l=life.water_l)
 
+    def _finished_job_totals(self, job_id: str, st: _JobState) -> JobTotals:
+        """``_job_totals`` of a finished job, the last one built while its inputs are the same."""
+        key = (st.identity, st.co2e_g, *st.energy_j.items(), *st.occupancy.items())
+        cached = self._finished_totals.get(job_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        totals = self._job_totals(job_id, st)
+        self._finished_totals[job_id] = (key, totals)
+        return totals
+
     def _forget_finished(self, wall: float) -> None:
         """Finished jobs leave the snapshot (and /metrics) after the grace period, and the
         oldest-ended go first beyond max_finished_in_metrics (many short jobs: the series
@@ -452,9 +468,11 @@ class JobBook:
         for job_id in [j for j, st in self.jobs.items()
                        if not st.running and st.ended_at is not None and wall - st.ended_at > self.finished_grace_s]:
             del self.jobs[job_id]
+            self._finished_totals.pop(job_id, None)
         finished = sorted((st.ended_at or 0.0, j) for j, st in self.jobs.items() if not st.running)
         for _, job_id in finished[:max(0, len(finished) - self.max_finished_in_metrics)]:
             del self.jobs[job_id]
+            self._finished_totals.pop(job_id, None)
 
     # -- settlement ----------------------------------------------------------
     def settle(self, book: IntensityBook, for_sinks: bool) -> Settlement:

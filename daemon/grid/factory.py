@@ -7,10 +7,10 @@ from typing import Callable
 
 from ..config import GridConfig, is_set
 from .base import IntensityProvider, utcnow
-from .carbonintensity_uk import CarbonIntensityUKProvider
-from .electricitymaps import ElectricityMapsProvider
-from .energidataservice import EnergiDataServiceProvider
 from .static import StaticProvider
+
+# The live providers' modules are imported only for the provider named (issue 18: the
+# default, "static", needs none of them).
 
 
 def make_provider(cfg: GridConfig, *, now: Callable[[], datetime] = utcnow) -> IntensityProvider:
@@ -18,10 +18,16 @@ def make_provider(cfg: GridConfig, *, now: Callable[[], datetime] = utcnow) -> I
     the provider cannot use (the message names the key)."""
     try:
         if cfg.provider == "energidataservice":
+            from .energidataservice import EnergiDataServiceProvider
+
             return EnergiDataServiceProvider(cfg.zone, base_url=cfg.base_url, now=now)
         if cfg.provider == "carbonintensity_uk":
+            from .carbonintensity_uk import CarbonIntensityUKProvider
+
             return CarbonIntensityUKProvider(cfg.zone, base_url=cfg.base_url, now=now)
         if cfg.provider == "electricitymaps":
+            from .electricitymaps import ElectricityMapsProvider
+
             return ElectricityMapsProvider(cfg.zone, cfg.token, base_url=cfg.base_url, now=now)
         if cfg.provider == "static":
             # A static_g_per_kwh that was set (not the default) wins over the shipped table.

@@ -44,6 +44,7 @@ from .co2e_sql import PER_KWH_SQL, co2e_rows
 from .schema import (
     TICK_BUSY_TIMEOUT_MS,
     LedgerError,
+    bound_page_cache,
     connect,
     is_locked,
     locked_error,
@@ -143,6 +144,7 @@ class Ledger:
         # From now on a lock held by someone else fails one tick's write (the engine
         # keeps the tick and retries), instead of blocking the tick for seconds.
         self.conn.execute(f"PRAGMA busy_timeout={TICK_BUSY_TIMEOUT_MS}")
+        bound_page_cache(self.conn)  # 512 KiB instead of SQLite's 2,000 (issue 18: RSS)
         # What committed ticks already wrote for running jobs (issue 18): a known job's
         # identity row (jobs, slurm_jobs) is not written again, its sources are merged
         # only when the tick's differ from the last merged ones, its Slurm steps only

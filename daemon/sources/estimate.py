@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import psutil
-
 from ..model import DeviceReading
 from .base import SourceError
 
@@ -98,6 +96,23 @@ class CpuEstimateSource:
         pass
 
 
+def installed_memory_bytes(meminfo: str = "/proc/meminfo") -> int:
+    """Installed memory in bytes: ``MemTotal`` of /proc/meminfo (kB x 1024), what
+    ``psutil.virtual_memory().total`` reports on Linux; psutil itself (imported only
+    here, issue 18: 0.9 MiB of RSS for a daemon that never calls it) where that file
+    cannot be read or has no such line."""
+    try:
+        with open(meminfo, "rb") as f:
+            for line in f:
+                if line.startswith(b"MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
 class DramEstimateSource:
     """Source "dram-estimate": one device ``dram`` (kind dram) at W/GB × installed GiB."""
 
@@ -105,7 +120,7 @@ class DramEstimateSource:
 
     def __init__(self, w_per_gb: float = DEFAULT_DRAM_W_PER_GB, total_bytes: int | None = None) -> None:
         self.w_per_gb = w_per_gb
-        self.total_bytes = psutil.virtual_memory().total if total_bytes is None else total_bytes
+        self.total_bytes = installed_memory_bytes() if total_bytes is None else total_bytes
         self.power_w = w_per_gb * self.total_bytes / _GIB
         self._last_mono_s: float | None = None
 

@@ -11,11 +11,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ...config import NodeConfig, read_password_file
-from .ipmi import IpmiClient
-from .redfish import RedfishClient
 from .sample import BmcError, BmcSample
 from .source import MAX_NODE_POWER_W, NodeSource
+
+if TYPE_CHECKING:
+    from .ipmi import IpmiClient
+    from .redfish import RedfishClient
 
 NO_BMC = "no BMC configured ([node] source = \"none\")"
 
@@ -32,6 +36,20 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    """``IpmiClient`` and ``RedfishClient``, imported on first use (issue 18: with
+    ``source = "none"``, the default, the daemon loads neither, nor http.client)."""
+    if name == "IpmiClient":
+        from .ipmi import IpmiClient
+
+        return IpmiClient
+    if name == "RedfishClient":
+        from .redfish import RedfishClient
+
+        return RedfishClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def node_password(cfg: NodeConfig) -> str:
     """The BMC password: the first line of ``password_file`` when set, else ``password``."""
     return read_password_file(cfg.password_file) if cfg.password_file else cfg.password
@@ -42,9 +60,13 @@ def open_node_source(cfg: NodeConfig, *, start: bool = True) -> NodeSource | Non
     or None for ``source = "none"``."""
     client: RedfishClient | IpmiClient
     if cfg.source == "redfish":
+        from .redfish import RedfishClient
+
         client = RedfishClient(cfg.url, cfg.username, node_password(cfg), auth=cfg.auth, ca_file=cfg.ca_file,
                                verify_tls=cfg.verify_tls, chassis=cfg.chassis, timeout_s=cfg.timeout_s)
     elif cfg.source == "ipmi":
+        from .ipmi import IpmiClient
+
         client = IpmiClient(cfg.ipmi_host, cfg.username, node_password(cfg), port=cfg.ipmi_port,
                             interface=cfg.ipmi_interface, sensor=cfg.ipmi_sensor,
                             cipher_suite=cfg.ipmi_cipher_suite, privilege=cfg.ipmi_privilege, ipmitool=cfg.ipmitool,
