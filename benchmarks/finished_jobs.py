@@ -91,15 +91,9 @@ def main() -> int:
         print(json.dumps(worker(args.running, args.finished, args.ticks)))
         return 0
     sys.path.insert(0, str(HERE))
-    from harness import baseline_tree
+    from harness import before_after_trees
 
-    trees: dict[str, Path | None] = {}
-    if args.baseline:
-        trees["before"] = baseline_tree(args.baseline)
-        overlay = tuple(f for f in args.after_files.split(",") if f)
-        trees["after"] = baseline_tree(args.baseline, overlay) if overlay else None
-    else:
-        trees["after"] = None
+    trees = before_after_trees(args.baseline, args.after_files)
     res: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
     try:
         for r in range(args.rounds):

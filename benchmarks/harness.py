@@ -548,3 +548,18 @@ def measure(box: Box, seconds: float, *, warmup_s: float = 3.0, scrape_s: float 
         res["ratio_wattprint_over_codecarbon"] = round(win.cpu_s["wattprint"] / max(1e-9, win.cpu_s["codecarbon"]), 2)
     res["stage_split"] = split_result
     return res
+
+
+def before_after_trees(baseline: str | None, after_files: str) -> dict[str, Path | None]:
+    """The code trees an in-process before/after benchmark measures: with ``baseline``,
+    ``before`` = that git ref and ``after`` = the ref plus the comma-separated
+    ``after_files`` from the working tree (none given: the working tree itself);
+    without it only ``after``, the working tree (None)."""
+    trees: dict[str, Path | None] = {}
+    if baseline:
+        trees["before"] = baseline_tree(baseline)
+        overlay = tuple(f for f in after_files.split(",") if f)
+        trees["after"] = baseline_tree(baseline, overlay) if overlay else None
+    else:
+        trees["after"] = None
+    return trees

@@ -127,15 +127,9 @@ def main() -> int:
     if args.worker:
         print(json.dumps(worker(args.jobs, args.ticks)))
         return 0
-    from harness import baseline_tree
+    from harness import before_after_trees
 
-    trees: dict[str, Path | None] = {}
-    if args.baseline:
-        trees["before"] = baseline_tree(args.baseline)
-        overlay = tuple(f for f in args.after_files.split(",") if f)
-        trees["after"] = baseline_tree(args.baseline, overlay) if overlay else None
-    else:
-        trees["after"] = None
+    trees = before_after_trees(args.baseline, args.after_files)
     results: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
     try:
         for _ in range(args.rounds):

@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import PY, Box, Daemon, baseline_tree, log, rss_kib  # noqa: E402
+from harness import PY, Box, Daemon, before_after_trees, log, rss_kib  # noqa: E402
 
 IMPORTS = """
 import time
@@ -118,13 +118,7 @@ def main() -> int:
     ap.add_argument("--json")
     ap.add_argument("--breakdown", action="store_true", help="where the imports' RSS goes (MiB, cumulative)")
     args = ap.parse_args()
-    trees: dict[str, Path | None] = {}
-    if args.baseline:
-        trees["before"] = baseline_tree(args.baseline)
-        overlay = tuple(f for f in args.after_files.split(",") if f)
-        trees["after"] = baseline_tree(args.baseline, overlay) if overlay else None
-    else:
-        trees["after"] = None
+    trees = before_after_trees(args.baseline, args.after_files)
     if args.breakdown:
         try:
             for name, tree in trees.items():
