@@ -47,8 +47,23 @@ reading is not a component; it sets the remainder ``other`` = node energy - (gpu
 cpu + dram measured this tick), never negative. A node reading below the measured
 components books ``other`` = 0 and says so (``Attribution.node_below_j``; the engine
 counts it and degrades the node's health). Without a node reading in a tick ``other``
-is 0 for that tick; a node reading of 0 J (the node source's baseline tick, when it
-first has a trustworthy value or is back after a gap) counts as none. The remainder policy books it:
+is 0 for that tick (the node source returns none for its baseline tick); a node
+reading of 0 J is a figure like any other.
+
+Counter corrections carried (``node_carry_j``): between BMC samples the node source
+books the held power, and a counter value that shows it was too high is taken from the
+following ticks' node figures, down to 0. A tick whose figure that correction takes
+below its measured components, while the BMC's own held power for the tick
+(``DeviceReading.held_j``) covered them, is not a node below its components: those
+joules of measured energy were already covered by the remainder booked in the earlier,
+too-high ticks. So ``other`` is 0 and the uncovered part is carried (returned in
+``Attribution.node_carry_j``, handed back by the engine next tick) and taken from the
+next ticks' remainder before it is booked: over a span that ends with no carry, all
+jobs' and unattributed energy equals the node's energy exactly. A shortfall with no
+such correction (the BMC's power itself below the components, or a gap's reading
+below the gap's measured energy) is ``node_below_j``, and the carry waits.
+
+The remainder policy books ``other``:
 
 - ``proportional`` (the default): split over the jobs AND the unattributed measured
   energy in proportion to their measured (gpu + cpu + dram) energy of the tick, so a
@@ -120,6 +135,9 @@ class Attribution:
     node_method: str = ""  # the node readings' method ("redfish" | "ipmi"), "" without
     # How far the node reading fell below the measured components (J); 0 when it did not.
     node_below_j: float = 0.0
+    # Measured energy a counter correction left without node cover, to take from the
+    # next ticks' remainder (J; see the module docstring); the engine hands it back.
+    node_carry_j: float = 0.0
 
 
 @dataclass
@@ -207,9 +225,11 @@ def attribute(
     gpu_idle_floor_w: Mapping[str, float] | None = None,
     remainder_policy: str = "proportional",
     span: SpanMeasured | None = None,
+    node_carry_j: float = 0.0,
 ) -> Attribution:
     """One tick's attribution (see the module docstring); ``span``: the earlier ticks
-    a multi-tick node reading covers (None: it covers this tick only)."""
+    a multi-tick node reading covers (None: it covers this tick only); ``node_carry_j``:
+    the previous tick's ``Attribution.node_carry_j``."""
     jobs: dict[str, dict[str, float]] = {j.identity.job_id: {c: 0.0 for c in COMPONENTS} for j in view.jobs}
     sources: dict[str, dict[str, str]] = {}
     device_j = {c: 0.0 for c in COMPONENTS}
@@ -231,13 +251,15 @@ def attribute(
     mem_total = max(view.mem_used_bytes, sum(j.rss_bytes for j in view.jobs))
 
     node_j: float | None = None
+    node_held_j = 0.0
+    node_corrected = False  # a counter correction took some node figure below its held power
     node_source: str | None = None
     node_methods: list[str] = []
     for r in readings:
         if r.kind == "node":  # not a component: it sets the remainder below
-            if r.energy_j <= 0.0:  # a baseline (first reading, back after a gap): no node figure
-                continue
             node_j = (node_j or 0.0) + r.energy_j
+            node_held_j += r.held_j
+            node_corrected = node_corrected or r.energy_j < r.held_j
             node_source = weaker_source(node_source, r.source)
             if r.name and r.name not in node_methods:
                 node_methods.append(r.name)
@@ -284,9 +306,15 @@ def attribute(
             measured_j += span.measured_j
             for job_id, j in span.job_measured_j.items():
                 weights[job_id] = weights.get(job_id, 0.0) + j
-        other_j = node_j - measured_j
-        if other_j < 0.0:
-            node_below_j, other_j = -other_j, 0.0
+        remainder_j = node_j - measured_j
+        if remainder_j >= node_carry_j:  # the carry (if any) is paid off
+            other_j, node_carry_j = remainder_j - node_carry_j, 0.0
+        elif remainder_j >= 0.0:  # part of the carry paid
+            other_j, node_carry_j = 0.0, node_carry_j - remainder_j
+        elif node_corrected and node_held_j >= measured_j:  # a correction, not a low meter: carried
+            other_j, node_carry_j = 0.0, node_carry_j - remainder_j
+        else:
+            other_j, node_below_j = 0.0, -remainder_j
         device_j["other"] = other_j
         if remainder_policy == "proportional" and measured_j > 0.0 and other_j > 0.0:
             for job_id, weight in weights.items():
@@ -302,5 +330,5 @@ def attribute(
     return Attribution(
         job_energy_j=jobs, unattributed_j=unattributed, device_j=device_j,
         gpu_seconds=gpu_seconds, gpu_memory_bytes=gpu_mem, job_sources=sources, gpu_invisible_j=invisible_j,
-        node_j=node_j, node_method=method, node_below_j=node_below_j,
+        node_j=node_j, node_method=method, node_below_j=node_below_j, node_carry_j=node_carry_j,
     )

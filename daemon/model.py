@@ -81,6 +81,12 @@ class DeviceReading:
     # instance, AMD partition) its slices / the board's; a partitioned board's own
     # reading (the remainder) the rest.
     board_share: float = 1.0
+    # Node only: the tick's energy from the BMC's held power before any counter
+    # correction (0 for a reading that books a gap). A figure below it took a
+    # correction (an earlier tick's held power was too high): attribution carries what
+    # that leaves uncovered against later ticks' remainder instead of calling the
+    # node below its components.
+    held_j: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

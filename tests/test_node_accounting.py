@@ -92,10 +92,52 @@ def test_without_a_node_reading_other_is_zero_everywhere():
     assert "node" not in a.job_sources["j1"] and "other" not in a.job_sources["j1"]
 
 
-def test_a_zero_node_reading_is_a_baseline_not_a_node_below_the_components():
+def test_a_zero_node_reading_is_a_figure_below_the_components():
+    """The node source returns no reading for its baseline tick; a 0 J reading is a
+    figure (a tick a counter correction took to 0 with no held power to cover it), and
+    below the measured components it is counted, never booked as if no BMC were there."""
     a = attribute([gpu("gpu0", 420.0, (10,)), node(0.0)], view(1))
-    assert (a.node_j, a.node_below_j, a.device_j["other"]) == (None, 0.0, 0.0)
+    assert (a.node_j, a.node_below_j, a.device_j["other"], a.node_carry_j) == (0.0, 420.0, 0.0, 0.0)
     assert "node" not in a.job_sources["j1"]
+
+
+def held(energy_j: float, held_j: float) -> DeviceReading:
+    """A node reading from a BMC counter: ``held_j`` from the held power, ``energy_j``
+    after the counter's correction."""
+    return DeviceReading("node", "node", energy_j, held_j, "counter", 1.0, name="redfish", held_j=held_j)  # type: ignore[arg-type]
+
+
+def test_a_correction_below_the_components_is_carried_and_the_span_adds_up_to_the_node():
+    """Node 1,000 W held; a counter value shows one tick's worth too much was booked, so
+    the source takes it from the next figure (0 J), then normal ticks. Measured 700 J
+    a tick (job 1 420 J, 280 J unattributed). By hand: tick 1 other 1,300; tick 2 other
+    0, carry 700 (not below: the held 1,000 J covered the components); tick 3 remainder
+    300 pays 300 (carry 400); tick 4 300 (carry 100); tick 5 200 booked, carry 0. The five
+    ticks book 5,000 J = the node's five figures; no tick is a node below its components."""
+    figures = [(2000.0, 1000.0), (0.0, 1000.0), (1000.0, 1000.0), (1000.0, 1000.0), (1000.0, 1000.0)]
+    carry, others, booked, below = 0.0, [], 0.0, []
+    for energy_j, held_j in figures:
+        a = attribute([gpu("gpu0", 420.0, (10,)), gpu("gpu1", 280.0), held(energy_j, held_j)], view(1),
+                      node_carry_j=carry)
+        carry = a.node_carry_j
+        others.append(a.device_j["other"])
+        below.append(a.node_below_j)
+        booked += sum(total(e) for e in a.job_energy_j.values()) + total(a.unattributed_j)
+    assert others == pytest.approx([1300.0, 0.0, 0.0, 0.0, 200.0])
+    assert below == [0.0] * 5 and carry == 0.0
+    assert booked == pytest.approx(5000.0)
+
+
+def test_a_low_meter_is_below_not_carried_and_the_carry_waits():
+    # The BMC's own power (650 J held) is below the components (700 J): a meter below, counted.
+    a = attribute([gpu("gpu0", 420.0, (10,)), gpu("gpu1", 280.0), held(650.0, 650.0)], view(1), node_carry_j=50.0)
+    assert (a.node_below_j, a.node_carry_j, a.device_j["other"]) == (pytest.approx(50.0), 50.0, 0.0)
+    # No node figure this tick: the carry passes through untouched.
+    a = attribute([gpu("gpu0", 420.0, (10,))], view(1), node_carry_j=80.0)
+    assert (a.node_j, a.node_carry_j, a.node_below_j) == (None, 80.0, 0.0)
+    # A gap's reading (held 0 J) below the span's measured energy is below, not carried.
+    a = attribute([gpu("gpu0", 420.0, (10,)), held(300.0, 0.0)], view(1))
+    assert (a.node_below_j, a.node_carry_j) == (pytest.approx(120.0), 0.0)
 
 
 def test_a_node_reading_with_nothing_measured_stays_unattributed():
@@ -128,7 +170,7 @@ def test_conservation_for_every_component_and_against_the_node(gpus, node_j, pol
         assert jobs_c + a.unattributed_j[c] == pytest.approx(a.device_j[c], rel=1e-12, abs=1e-6)
     measured = sum(e for e, _ in gpus)
     everything = sum(total(e) for e in a.job_energy_j.values()) + total(a.unattributed_j)
-    if node_j is None or node_j == 0.0:  # 0 J: the node source's baseline tick, no node figure
+    if node_j is None:
         assert a.device_j["other"] == 0.0 and a.node_below_j == 0.0
         assert everything == pytest.approx(measured, rel=1e-12, abs=1e-6)
     elif node_j >= measured:

@@ -32,12 +32,25 @@ def client(bmc: RedfishBmc, **kw: object) -> RedfishClient:
     return RedfishClient(bmc.url, bmc.username, bmc.password, **args)  # type: ignore[arg-type]
 
 
+class Clock:
+    """``time.monotonic`` for a source polled by hand, remembering the last value it
+    gave: the time the source stamped on the last sample it took."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def __call__(self) -> float:
+        self.last = time.monotonic()
+        return self.last
+
+
 class Ticks:
     """Drives ``read()`` like the engine: one call per tick, real monotonic time."""
 
     def __init__(self, src: NodeSource):
         self.src = src
         self.readings: list[list] = []
+        self.read_at: list[float] = []
         self.max_read_s = 0.0
 
     def tick(self, n: int = 1, poll_every: int = 0) -> None:
@@ -46,12 +59,20 @@ class Ticks:
             if poll_every and i % poll_every == 0:
                 self.src.poll_once()
             t0 = time.monotonic()
-            got = list(self.src.read(time.monotonic()))
+            got = list(self.src.read(t0))
             self.max_read_s = max(self.max_read_s, time.monotonic() - t0)
             self.readings.append(got)
+            self.read_at.append(t0)
 
     def energy_j(self, since: int = 0) -> float:
         return sum(r.energy_j for got in self.readings[since:] for r in got)
+
+    def after_last_value_j(self, clock: Clock, watts: float) -> float:
+        """The energy since the last counter value was read, to the last tick: the
+        power the test set x the time between them (the ticks book it in the span
+        the next counter value closes, so their sum is the counter's last value plus
+        this)."""
+        return watts * max(0.0, self.read_at[-1] - clock.last)
 
 
 # ----------------------------------------------------------------------- discovery
@@ -68,8 +89,11 @@ def test_discovers_sensors_power_and_energy_counter(bmc: RedfishBmc) -> None:
     assert sample.energy_j == pytest.approx(bmc.served_energy_j[-1], abs=1e-3)  # kWh -> J
     src = NodeSource(c, "redfish", start=False)
     src.poll_once()
+    assert list(src.read(time.monotonic())) == []  # the baseline: no figure of its own
+    time.sleep(TICK_S)
     (r,) = src.read(time.monotonic())
     assert (r.kind, r.device, r.source, r.name, r.attributable) == ("node", "node", "counter", "redfish", True)
+    assert r.energy_j == pytest.approx(1000.0 * r.interval_s, rel=1e-9)  # held power, no counter value since
 
 
 def test_falls_back_to_legacy_power_without_sensors(bmc: RedfishBmc) -> None:
@@ -131,7 +155,8 @@ def test_energy_over_ticks_equals_counter_difference(bmc: RedfishBmc) -> None:
     """Power steps up and down between BMC samples; the ticks' energy (held power +
     corrections) sums to the difference of the counter values the server answered."""
     bmc.set_power(600.0)
-    src = NodeSource(client(bmc), "redfish", start=False)
+    clock = Clock()
+    src = NodeSource(client(bmc), "redfish", start=False, clock=clock)
     ticks = Ticks(src)
     ticks.tick(1, poll_every=1)
     first = len(bmc.served_energy_j) - 1
@@ -142,7 +167,8 @@ def test_energy_over_ticks_equals_counter_difference(bmc: RedfishBmc) -> None:
     ticks.tick(1)  # the last counter value arrives: its correction is booked in this tick
     served = bmc.served_energy_j
     assert served[-1] - served[first] > 0
-    assert ticks.energy_j() == pytest.approx(served[-1] - served[first], abs=1e-3)
+    expected = served[-1] - served[first] + ticks.after_last_value_j(clock, 750.0)
+    assert ticks.energy_j() == pytest.approx(expected, abs=0.01 * 750.0)  # (10 ms: the HTTP answer's lag)
     assert all(r.energy_j >= 0 and r.source == "counter" for got in ticks.readings for r in got)
     # And the counter is the power the test set, integrated: about 600..1000 W x the time.
     elapsed = sum(r.interval_s for got in ticks.readings[1:] for r in got)
@@ -171,7 +197,8 @@ def test_counter_without_power_sensor_books_its_rate(bmc: RedfishBmc, tmp_path: 
 
 def test_stale_reading_is_not_booked_then_recovers(bmc: RedfishBmc) -> None:
     bmc.set_power(800.0)
-    src = NodeSource(client(bmc), "redfish", start=False, max_age_s=30.0)
+    clock = Clock()
+    src = NodeSource(client(bmc), "redfish", start=False, max_age_s=30.0, clock=clock)
     ticks = Ticks(src)
     ticks.tick(1, poll_every=1)
     first = len(bmc.served_energy_j) - 1  # the baseline
@@ -195,12 +222,14 @@ def test_stale_reading_is_not_booked_then_recovers(bmc: RedfishBmc) -> None:
     src.poll_once()
     ticks.tick(1)
     # Over the whole run the ticks sum to the counter's difference, the gap included.
-    assert ticks.energy_j() == pytest.approx(bmc.served_energy_j[-1] - bmc.served_energy_j[first], abs=1e-3)
+    expected = bmc.served_energy_j[-1] - bmc.served_energy_j[first] + ticks.after_last_value_j(clock, 800.0)
+    assert ticks.energy_j() == pytest.approx(expected, abs=0.01 * 800.0)
 
 
 def test_counter_reset_is_counted_and_rebaselined(bmc: RedfishBmc) -> None:
     bmc.set_power(500.0)
-    src = NodeSource(client(bmc), "redfish", start=False)
+    clock = Clock()
+    src = NodeSource(client(bmc), "redfish", start=False, clock=clock)
     ticks = Ticks(src)
     ticks.tick(6, poll_every=3)
     bmc.reset_energy()
@@ -217,8 +246,8 @@ def test_counter_reset_is_counted_and_rebaselined(bmc: RedfishBmc) -> None:
     assert src.problems() == []  # the next good step ends the episode
     src.poll_once()
     ticks.tick(1)
-    assert ticks.energy_j(since=since) == pytest.approx(bmc.served_energy_j[-1] - bmc.served_energy_j[anchor],
-                                                        abs=1e-3)
+    expected = bmc.served_energy_j[-1] - bmc.served_energy_j[anchor] + ticks.after_last_value_j(clock, 500.0)
+    assert ticks.energy_j(since=since) == pytest.approx(expected, abs=0.01 * 500.0)
 
 
 def test_401_degrades_with_an_auth_message_and_stops_booking(bmc: RedfishBmc, caplog: pytest.LogCaptureFixture) -> None:
@@ -244,7 +273,8 @@ def test_a_10s_stall_never_delays_read_and_totals_recover(bmc: RedfishBmc) -> No
     within milliseconds, the held power is booked through the stall, and after it the
     totals equal the counter's difference."""
     bmc.set_power(1000.0)
-    src = NodeSource(client(bmc, timeout_s=1.0), "redfish", poll_interval_s=1.0, max_age_s=30.0)
+    clock = Clock()
+    src = NodeSource(client(bmc, timeout_s=1.0), "redfish", poll_interval_s=1.0, max_age_s=30.0, clock=clock)
     ticks = Ticks(src)
     try:
         deadline = time.monotonic() + 5.0
@@ -269,10 +299,11 @@ def test_a_10s_stall_never_delays_read_and_totals_recover(bmc: RedfishBmc) -> No
     assert ticks.max_read_s < 0.05, ticks.max_read_s  # lock + arithmetic; 50 ms leaves room for a loaded CI box
     # The baseline: the first value the thread read (served[0] is discovery's look at the sensor).
     first_served = bmc.served_energy_j[1]
-    src.poll_once()
+    src.poll_once()  # (the thread has stopped: the clock's last value is this sample's)
     ticks.tick(1)
-    assert ticks.energy_j() == pytest.approx(bmc.served_energy_j[-1] - first_served, abs=1e-3)
-    elapsed = sum(r.interval_s for got in ticks.readings[start_idx + 1:] for r in got)
+    expected = bmc.served_energy_j[-1] - first_served + ticks.after_last_value_j(clock, 1000.0)
+    assert ticks.energy_j() == pytest.approx(expected, abs=0.01 * 1000.0)
+    elapsed = sum(r.interval_s for got in ticks.readings[start_idx:] for r in got)
     assert ticks.energy_j() == pytest.approx(1000.0 * elapsed, rel=0.05)
 
 
@@ -426,7 +457,8 @@ def test_tls_is_verified_by_default(tmp_path: Path) -> None:
 
 def test_implausible_counter_jump_is_counted_and_not_booked(bmc: RedfishBmc) -> None:
     bmc.set_power(500.0)
-    src = NodeSource(client(bmc), "redfish", start=False)
+    clock = Clock()
+    src = NodeSource(client(bmc), "redfish", start=False, clock=clock)
     ticks = Ticks(src)
     ticks.tick(4, poll_every=2)
     bmc.add_energy_j(3.6e9)  # 1 MWh in a few ms: no node draws that

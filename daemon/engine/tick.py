@@ -27,7 +27,9 @@ unattributed). A failing sink degrades ``sinks``, never the tick. Source reads a
 their deadline: reader.py; the store's backlog and retention: store.py. A node
 reading below the measured components (attribution books the remainder ``other`` as
 0) is counted in ``node_below_components_total`` and holds ``node`` degraded while it
-lasts (``[node] remainder`` is ``remainder_policy``). A node reading that covers a gap
+lasts (``[node] remainder`` is ``remainder_policy``); a counter correction's shortfall
+is carried to the next tick's attribution instead (attribution.py), and one not paid
+within ``NODE_CARRY_MAX_S`` is dropped and counted the same way. A node reading that covers a gap
 (more than its tick) is compared with the measured energy of the gap's ticks, kept in
 the book's window (book.py, "Node gaps").
 
@@ -69,6 +71,10 @@ NODE_HEALTH = "node"  # the node source's health part (sources/node)
 NODE_BELOW_DETAIL = ("the node's input power from the BMC is below the GPU, CPU and DRAM measured in the same "
                      "tick: the remainder (other) is booked as 0 (counted in "
                      "wattprint_node_below_components_total)")
+# A counter correction's carry (attribution.py) not paid off by the node's remainder
+# within this long is dropped and counted as a node below its components: the node's
+# power has not been above the components by enough to cover it.
+NODE_CARRY_MAX_S = 120.0
 
 
 def feed(sinks: Sequence[Callable[[Any], None]], value: Any, health: HealthBoard) -> None:
@@ -120,6 +126,8 @@ class Engine:
     _gpu_idle: GpuIdleFloor = field(init=False, default_factory=GpuIdleFloor)  # per GPU: lowest power, no process
     _last_tick_error: str = field(init=False, default="")
     _has_node: bool = field(init=False, default=False)  # a node source (health name "node") is read
+    _node_carry_j: float = field(init=False, default=0.0)  # attribution's carry, handed back next tick
+    _node_carry_since: float | None = field(init=False, default=None)  # monotonic: when the carry began
 
     def __post_init__(self) -> None:
         # Health parts in this order: the sources, processes, store.
@@ -178,20 +186,33 @@ class Engine:
         compared with the measured energy of that span's earlier ticks with no node
         figure (the book's window)."""
         self._gpu_idle.observe(readings)
-        span_s = max((r.interval_s for r in readings if r.kind == "node" and r.energy_j > 0.0), default=0.0)
+        span_s = max((r.interval_s for r in readings if r.kind == "node"), default=0.0)
         span = self.book.window.span_before(now_mono, span_s, set(self.book.jobs)) if span_s > 0.0 else None
-        att = attribute(readings, view, self.idle_policy, self._gpu_idle.floor_w, self.remainder_policy, span)
+        att = attribute(readings, view, self.idle_policy, self._gpu_idle.floor_w, self.remainder_policy, span,
+                        self._node_carry_j)
         if self._has_node:  # (without a node source no reading ever covers a gap)
             self.book.window.add(now_mono, att)
-        self._check_node(att)
+        self._check_node(att, now_mono)
         return att
 
-    def _check_node(self, att: Attribution) -> None:
+    def _check_node(self, att: Attribution, now_mono: float) -> None:
         """A node reading below the measured components (the remainder booked as 0) is
         counted in ``node_below_components_total`` and degrades ``node`` for as long
         as it lasts (one log line per episode: a cause of its own on the health board,
-        so the source's clean reads do not end the episode)."""
-        if att.node_below_j > 0.0:
+        so the source's clean reads do not end the episode). A counter correction's
+        carry is handed to the next tick; one older than ``NODE_CARRY_MAX_S`` is dropped
+        and counted the same way (the measured energy it stood for stays booked)."""
+        below = att.node_below_j > 0.0
+        self._node_carry_j = att.node_carry_j
+        if self._node_carry_j <= 0.0:
+            self._node_carry_since = None
+        elif self._node_carry_since is None:
+            self._node_carry_since = now_mono
+        elif now_mono - self._node_carry_since > NODE_CARRY_MAX_S:
+            log.debug("node: a counter correction's carry of %.1f J not covered in %.0f s: dropped",
+                      self._node_carry_j, NODE_CARRY_MAX_S)
+            self._node_carry_j, self._node_carry_since, below = 0.0, None, True
+        if below:
             self._counters["node_below_components_total"] += 1
             self.health.fail(NODE_HEALTH, NODE_BELOW_DETAIL, cause="accounting")
         else:

@@ -13,8 +13,14 @@ Energy per tick:
   value re-anchors the total. The tick in which it arrives books the correction
   ``(counter difference since the previous value) - (energy booked since then)``, so
   over any span of ticks between two counter values the energy returned sums to the
-  counter's difference. A correction below zero is taken from the following ticks
-  (never a negative tick).
+  counter's difference. The held energy booked since the previous value splits at
+  the new value's reading time: what the tick booked after it belongs to the next
+  span, so samples that arrive two in one tick and none in the next correct nothing
+  under steady power. A correction below zero is taken from the following ticks
+  (never a negative tick); each reading carries its held energy (``held_j``) so
+  attribution can tell such a tick from a meter below the components.
+- The first trustworthy tick (and the first after a gap that is not booked) is a
+  baseline: ``read`` returns ``[]`` for it, so a 0 J reading is always a figure.
 - A reading older than ``max_age_s`` (its ``ReadingTime`` against the BMC's ``Date``)
   is stale: not used, counted (``node_stale_readings_total``), health degraded. When
   the held power is older than ``max_age_s`` (stale readings, or the BMC has not
@@ -27,7 +33,7 @@ Energy per tick:
   with the measured energy of all the ticks it covers; a gap longer than ``MAX_GAP_S``
   is a new baseline). Without a counter (power
   only, as IPMI) nothing measured the gap: it is not booked, and the first fresh
-  reading is a new baseline (0 J); so is one after a reset or an implausible step
+  reading is a new baseline (no reading for that tick); so is one after a reset or an implausible step
   during the gap.
 - A counter that went back is a reset (``node_counter_resets_total``) and one that
   rose faster than ``MAX_NODE_POWER_W`` allows is implausible
@@ -119,6 +125,10 @@ class NodeSource:
         self._correction_j = 0.0  # to book in this tick (counter difference - booked)
         self._debt_j = 0.0  # a negative correction not yet taken from ticks
         self._live = False  # the last tick returned a reading (booking is continuous)
+        # The tick being read (for the samples it folds in): its time, interval and held power.
+        self._tick_now_mono = 0.0
+        self._tick_dt_s = 0.0
+        self._tick_rate_w = 0.0
         self._last_live_mono: float | None = None  # the last tick that returned a reading
         self._gap_steps = False  # a good counter step was taken while dark (the gap is measured)
         self._gap_broken = False  # a reset / implausible step while dark (the gap is lost)
@@ -166,7 +176,8 @@ class NodeSource:
 
     # ------------------------------------------------------------------ the tick
     def read(self, now_mono_s: float) -> Sequence[DeviceReading]:
-        """The node's energy since the previous call; never waits for the BMC."""
+        """The node's energy since the previous call; never waits for the BMC. ``[]``
+        when there is no node figure for this tick (no fresh power, or a baseline)."""
         with self._lock:
             pending, self._pending = self._pending, []
         last, self._last_read_mono = self._last_read_mono, now_mono_s
@@ -176,6 +187,8 @@ class NodeSource:
         held_power = self._power_w if self._fresh(now_mono_s) else None
         held_j = held_power * dt if (held_power is not None and self._live) else 0.0
         self._held_since_anchor_j += held_j
+        self._tick_now_mono, self._tick_dt_s = now_mono_s, dt
+        self._tick_rate_w = held_j / dt if dt > 0.0 else 0.0
         for p in pending:
             self._take(p)
         if not self._fresh(now_mono_s):
@@ -193,23 +206,30 @@ class NodeSource:
                 self._correction_j = self._debt_j = 0.0
                 if energy < 0.0:
                     self._debt_j, energy = -energy, 0.0
-                return [self._reading(energy, max(0.0, now_mono_s - since))]
-            self._correction_j = 0.0  # a baseline tick
+                return [self._reading(energy, max(0.0, now_mono_s - since), held_j=0.0)]
+            # A baseline: booking starts at this tick; it has no node figure of its own.
+            self._correction_j = 0.0
             self._debt_j = 0.0
             self._held_since_anchor_j = 0.0
-            return [self._reading(0.0, dt)]
+            return []
         self._last_live_mono = now_mono_s
         energy = held_j + self._correction_j - self._debt_j
         self._correction_j = 0.0
         self._debt_j = 0.0
         if energy < 0.0:
             self._debt_j, energy = -energy, 0.0
-        return [self._reading(energy, dt)]
+        return [self._reading(energy, dt, held_j=held_j)]
 
-    def _reading(self, energy_j: float, dt: float) -> DeviceReading:
+    def _reading(self, energy_j: float, dt: float, *, held_j: float) -> DeviceReading:
         return DeviceReading(kind="node", device=DEVICE, energy_j=energy_j, power_w=self._power_w or 0.0,  # type: ignore[arg-type]
                              source="counter" if self._anchor_j is not None else "power",
-                             interval_s=dt, name=self.method, attributable=True)
+                             interval_s=dt, name=self.method, attributable=True, held_j=held_j)
+
+    def _held_after_j(self, at_mono: float) -> float:
+        """The held energy this tick booked after ``at_mono`` (a counter value's reading
+        time): it belongs to the span after that value, not to the one it closes."""
+        after_s = min(max(self._tick_now_mono - at_mono, 0.0), self._tick_dt_s)
+        return min(self._tick_rate_w * after_s, self._held_since_anchor_j)
 
     def _fresh(self, now_mono_s: float) -> bool:
         return self._power_w is not None and now_mono_s - self._power_at_mono <= self.max_age_s
@@ -249,23 +269,26 @@ class NodeSource:
     def _take_counter(self, value_j: float, at_mono: float, derive_power: bool) -> None:
         anchor, anchor_mono = self._anchor_j, self._anchor_mono
         self._anchor_j, self._anchor_mono = value_j, at_mono
+        # The held energy booked since the previous value splits at this value's reading
+        # time: what this tick booked after it starts the next span (so a counter value
+        # arriving a tick late, or two in one tick, corrects nothing under steady power).
+        after_j = self._held_after_j(at_mono)
+        before_j = self._held_since_anchor_j - after_j
+        self._held_since_anchor_j = after_j
         if anchor is None:  # the first value: a baseline
-            self._held_since_anchor_j = 0.0
             return
         step = value_j - anchor
         span = max(at_mono - anchor_mono, 1e-3)
         if step < 0:
             with self._lock:
                 self._counters["node_counter_resets_total"] += 1
-            self._counter_episode = "reset"
-            self._held_since_anchor_j = 0.0  # the held power stands for that span
+            self._counter_episode = "reset"  # the held power stands for that span
             self._gap_broken = self._gap_broken or not self._live  # a gap across a reset: re-baselined
             return
         if step > MAX_NODE_POWER_W * span:  # implausible for the span (a whole gap's, while dark)
             with self._lock:
                 self._counters["node_implausible_steps_total"] += 1
             self._counter_episode = "implausible"
-            self._held_since_anchor_j = 0.0
             self._gap_broken = self._gap_broken or not self._live
             return
         self._counter_episode = ""
@@ -274,8 +297,7 @@ class NodeSource:
             self._power_at_mono = at_mono
         if not self._live:  # while dark: the step (less what was booked since the anchor) is the gap's
             self._gap_steps = True
-        self._correction_j += step - self._held_since_anchor_j
-        self._held_since_anchor_j = 0.0
+        self._correction_j += step - before_j
 
     # ------------------------------------------------------------------ health, metrics
     def problems(self) -> list[str]:
