@@ -184,9 +184,9 @@ class Box:
         return path
 
     # processes
-    def spawn_idle(self, n: int) -> None:
+    def spawn_idle(self, n: int, seconds: float = 3600) -> None:
         for _ in range(n):
-            self.procs.append(subprocess.Popen(["sleep", "3600"], env=self.env, start_new_session=True))
+            self.procs.append(subprocess.Popen(["sleep", f"{seconds:g}"], env=self.env, start_new_session=True))
 
     def spawn_job(self, label: str, workers: int = 2, seconds: float = 3600) -> subprocess.Popen:
         """A labelled job: ``sh`` with ``workers`` children (sleep), like a launcher
@@ -237,7 +237,9 @@ class Daemon:
     package is imported from that directory (``baseline_tree``) instead of the
     working tree: the "before" daemon, run beside the working tree's in one window."""
 
-    def __init__(self, box: Box, name: str = "wattprint", code: Path | None = None):
+    def __init__(self, box: Box, name: str = "wattprint", code: Path | None = None, timed: bool = True):
+        """``timed=False``: the plain CLI, without daemon_timed.py's per-tick records
+        (a list that grows by about 150 bytes a tick: for memory over hours)."""
         self.box = box
         self.name = name
         config = box.config if name == "wattprint" else box.second_config(name)
@@ -249,8 +251,9 @@ class Daemon:
         env = dict(box.env)
         if code is not None:
             env["PYTHONPATH"] = str(code)
-        self.p = subprocess.Popen([PY, str(BENCH / "daemon_timed.py"), "--ticks-out", str(self.ticks_path),
-                                   "run", "--config", str(config)],
+        wrapper = [str(BENCH / "daemon_timed.py"), "--ticks-out", str(self.ticks_path)] if timed else \
+            ["-m", "wattprint.daemon"]
+        self.p = subprocess.Popen([PY, *wrapper, "run", "--config", str(config)],
                                   stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def get(self, path: str) -> bytes:

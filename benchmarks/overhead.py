@@ -82,9 +82,9 @@ def setup_gpus(box: Box) -> Callable[[float], None] | None:
     return None
 
 
-def setup_procs(box: Box, idle: int = 2000, jobs: int = 32) -> Callable[[float], None] | None:
-    box.spawn_idle(idle)
-    roots = [box.spawn_job(f"bench-procs-{j}", workers=2).pid for j in range(jobs)]
+def setup_procs(box: Box, idle: int = 2000, jobs: int = 32, life_s: float = 3600) -> Callable[[float], None] | None:
+    box.spawn_idle(idle, seconds=life_s)
+    roots = [box.spawn_job(f"bench-procs-{j}", workers=2, seconds=life_s).pid for j in range(jobs)]
     for g in range(len(box.gpus)):
         box.gpus[g]["processes"] = [proc(roots[(g * 4 + i) % len(roots)], sm_util=50 + i) for i in range(4)]
     box.write_gpus()

@@ -8,7 +8,12 @@ processes, 8 simulated GPUs, 2 RAPL packages), the real daemon at 1 Hz with
 seconds. The daemon's code is the working tree's, or ``--baseline REF`` (plus
 ``--after-files``, as in compare.py).
 
-    .venv/bin/python benchmarks/rss_soak.py --seconds 1800 [--baseline 8947193 [--after-files a,b]] --json OUT
+    .venv/bin/python benchmarks/rss_soak.py --seconds 1800 [--aged] [--baseline 8947193 [--after-files a,b]] --json OUT
+
+The daemon runs as the plain CLI (not through daemon_timed.py, whose per-tick records
+grow by about 150 bytes a tick, 0.5 MiB an hour, in the daemon's own process: runs
+before this change counted them as the daemon's growth). ``--aged`` runs the
+wall-clock work 10x as often (NVML re-init every 30 s, the full /proc re-read every 3 s).
 
 Growth is reported as the least-squares slope of VmRSS over the run's second half
 (MiB per hour) and as last-minus-first of the minute medians after the first 5 min.
@@ -53,12 +58,21 @@ def slope_mib_per_h(samples: list[tuple[float, int]]) -> float | None:
     return round(3600 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den, 3) if den else None
 
 
-def inner(seconds: float, every: float, code: Path | None, out: Path) -> None:
+AGED = (("[gpu]\n", "[gpu]\nreinit_interval_s = 30\n"),)  # --aged: NVML re-init 10x as often
+AGED_TAIL = "[jobs]\nrescan_interval_s = 3.0\n"  # and the full /proc re-read
+
+
+def inner(seconds: float, every: float, code: Path | None, out: Path, aged: bool = False) -> None:
     box = Box("soak")
     daemon: Daemon | None = None
     try:
-        overhead.setup_procs(box)
-        daemon = Daemon(box, code=code)
+        overhead.setup_procs(box, life_s=seconds + 900)  # (alive to the end of the run)
+        if aged:
+            text = box.config.read_text()
+            for old, new in AGED:
+                text = text.replace(old, new)
+            box.config.write_text(text + AGED_TAIL)
+        daemon = Daemon(box, code=code, timed=False)  # (daemon_timed.py's records would grow)
         daemon.wait_ticks(2)
         t0 = time.monotonic()
         samples: list[dict[str, Any]] = []
@@ -84,7 +98,7 @@ def inner(seconds: float, every: float, code: Path | None, out: Path) -> None:
         first_min = [v for t, v in after5 if t < 360]
         last_min = [v for t, v in after5 if t >= seconds - 60]
         res = {
-            "seconds": seconds, "ticks": tick, "code": str(code) if code else "working tree",
+            "seconds": seconds, "ticks": tick, "aged": aged, "code": str(code) if code else "working tree",
             "rss_start_mib": round(rss[0][1] / 1024, 2),
             "rss_steady_median_second_half_mib": round(statistics.median(v for _, v in half) / 1024, 2),
             "rss_min_max_after_5min_mib": [round(min(v for _, v in after5) / 1024, 2),
@@ -110,12 +124,14 @@ def main() -> int:
     ap.add_argument("--baseline", metavar="GIT_REF")
     ap.add_argument("--after-files", default="")
     ap.add_argument("--json", required=True)
+    ap.add_argument("--aged", action="store_true",
+                    help="wall-clock work 10x as often: NVML re-init every 30 s, the full /proc re-read every 3 s")
     ap.add_argument("--code", help=argparse.SUPPRESS)  # inside the namespace
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     out = Path(args.json).resolve()
     if args.inner:
-        inner(args.seconds, args.every, Path(args.code) if args.code else None, out)
+        inner(args.seconds, args.every, Path(args.code) if args.code else None, out, args.aged)
         return 0
     code = None
     if args.baseline:
@@ -123,7 +139,8 @@ def main() -> int:
         code = baseline_tree(args.baseline, overlay)
     try:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--inner", "--seconds", str(args.seconds),
-               "--every", str(args.every), "--json", str(out)] + (["--code", str(code)] if code else [])
+               "--every", str(args.every), "--json", str(out)] + (["--code", str(code)] if code else []) \
+            + (["--aged"] if args.aged else [])
         if os.geteuid() == 0 and shutil.which("unshare"):
             cmd = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"] + cmd
         log(f"soak: {args.seconds:g} s of procs, RSS every {args.every:g} s -> {out}")

@@ -179,6 +179,67 @@ def test_driver_not_loaded_then_loaded_later(sim_path, clock):
     assert nvml.nvmlDeviceGetPowerUsage(h) == 100_000
 
 
+def test_the_file_is_parsed_again_whenever_its_bytes_change_in_place_or_replaced(sim_path, clock, monkeypatch):
+    """The simulator re-reads the file on every reload and parses it only when its
+    bytes changed: a rewrite in place with the same size (and, on a coarse clock, the
+    same mtime) is seen, a replace is seen, the same bytes are not parsed again, and a
+    malformed file raises and leaves the old GPUs as they were."""
+    parses = []
+    real_parse = nvml_sim.parse_sim_doc
+    monkeypatch.setattr(nvml_sim, "parse_sim_doc", lambda *a, **k: parses.append(1) or real_parse(*a, **k))
+    write_sim(sim_path, [gpu(0, 300.0)])
+    nvml = SimulatedNvml(str(sim_path), clock=clock)
+    nvml.nvmlInit()
+    h = nvml.nvmlDeviceGetHandleByIndex(0)
+    for _ in range(3):
+        assert nvml.nvmlDeviceGetCount() == 1
+    assert len(parses) == 1 and nvml.reloads == 4  # read four times, parsed once
+    text = sim_path.read_text()
+    with open(sim_path, "r+") as fh:  # in place: same inode, same size
+        fh.write(text.replace("300.0", "400.0"))
+    assert sim_path.read_text() != text and len(sim_path.read_text()) == len(text)
+    nvml.nvmlDeviceGetCount()
+    assert nvml.nvmlDeviceGetPowerUsage(h) == 400_000 and len(parses) == 2
+    write_sim(sim_path, [gpu(0, 500.0)])  # replaced
+    nvml.nvmlDeviceGetCount()
+    assert nvml.nvmlDeviceGetPowerUsage(h) == 500_000 and len(parses) == 3
+    sim_path.write_text("{not json")
+    with pytest.raises(SimFileError):
+        nvml.nvmlDeviceGetCount()
+    assert nvml.nvmlDeviceGetPowerUsage(h) == 500_000  # the old state stays
+    write_sim(sim_path, [gpu(0, 500.0)])  # good again (the bytes parsed before the bad file)
+    nvml.nvmlDeviceGetCount()
+    assert nvml.nvmlDeviceGetPowerUsage(h) == 500_000
+
+
+def test_only_the_gpus_whose_objects_changed_are_parsed_again(sim_path, clock, monkeypatch):
+    """A job starting changes one GPU's process list: that GPU is parsed again, the
+    others are kept (immutable specs); what every GPU reports follows the file."""
+    parsed = []
+    real = nvml_sim._parse_gpu
+    monkeypatch.setattr(nvml_sim, "_parse_gpu", lambda where, index, raw: parsed.append(where) or real(where, index, raw))
+    gpus = [gpu(i, 100.0 * (i + 1)) for i in range(3)]
+    write_sim(sim_path, gpus)
+    nvml = SimulatedNvml(str(sim_path), clock=clock)
+    nvml.nvmlInit()
+    assert parsed == ["gpus[0]", "gpus[1]", "gpus[2]"]
+    gpus[1] = gpu(1, 200.0, processes=[proc(4242)])
+    write_sim(sim_path, gpus)
+    parsed.clear()
+    assert nvml.nvmlDeviceGetCount() == 3
+    assert parsed == ["gpus[1]"]
+    handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(3)]
+    assert [nvml.nvmlDeviceGetPowerUsage(h) for h in handles] == [100_000, 200_000, 300_000]
+    assert [p.pid for p in nvml.nvmlDeviceGetComputeRunningProcesses(handles[1])] == [4242]
+    assert nvml.nvmlDeviceGetComputeRunningProcesses(handles[0]) == []
+    # A GPU inserted in front shifts the others: every one after it is parsed again
+    # (its position, and so its index and messages, changed).
+    write_sim(sim_path, [gpu(9, 50.0), *gpus])
+    parsed.clear()
+    assert nvml.nvmlDeviceGetCount() == 4
+    assert parsed == ["gpus[0]", "gpus[1]", "gpus[2]", "gpus[3]"]
+
+
 @pytest.mark.parametrize("name, cls", [
     ("NO_PERMISSION", pynvml.NVMLError_NoPermission),
     ("UNKNOWN", pynvml.NVMLError_Unknown),

@@ -638,15 +638,29 @@ def _parse_gpu(where: str, index: int, raw: Any) -> _SimGpu:
     )
 
 
-def parse_sim_doc(path: str) -> _SimDoc:
-    """Read and validate a sim file; raise SimFileError naming the file and the problem."""
+def read_sim_bytes(path: str) -> bytes:
+    """The sim file's bytes; raise SimFileError naming the file and the problem."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            return fh.read()
     except FileNotFoundError:
         raise SimFileError(f"sim file {path}: not found") from None
     except OSError as exc:
         raise SimFileError(f"sim file {path}: cannot read: {exc.strerror or exc}") from None
+
+
+# The GPUs parsed from the last file, by position: (file index, NVIDIA index, raw object,
+# parsed GPU). A GPU whose object is equal to the one parsed before is not parsed again
+# (_SimGpu is immutable): a job starting changes one GPU's processes, not eight GPUs.
+_GpuCache = list[tuple[int, int, Any, "_SimGpu"]]
+
+
+def parse_sim_doc(path: str, data: bytes | None = None, gpu_cache: _GpuCache | None = None) -> _SimDoc:
+    """Read (or take ``data``, the file's bytes) and validate a sim file; raise
+    SimFileError naming the file and the problem. ``gpu_cache``: the GPUs of the last
+    parse (updated in place when this one succeeds)."""
+    if data is None:
+        data = read_sim_bytes(path)
     try:
         doc = json.loads(data)
     except UnicodeDecodeError:
@@ -672,7 +686,13 @@ def parse_sim_doc(path: str) -> _SimDoc:
                 raise ValueError(f"gpus[{i}].vendor: {vendor!r} is not one of {', '.join(VENDORS)}")
             if vendor == "nvidia":
                 nvidia.append((i, g))
-        parsed = [_parse_gpu(f"gpus[{i}]", index, g) for index, (i, g) in enumerate(nvidia)]
+        before = gpu_cache or []
+        parsed = []
+        for index, (i, g) in enumerate(nvidia):
+            if index < len(before) and before[index][:2] == (i, index) and before[index][2] == g:
+                parsed.append(before[index][3])
+            else:
+                parsed.append(_parse_gpu(f"gpus[{i}]", index, g))
         ns = doc.get("pid_namespace", "daemon")
         if ns not in ("daemon", "host"):
             raise ValueError(f"pid_namespace: {ns!r} is not one of daemon, host")
@@ -687,6 +707,8 @@ def parse_sim_doc(path: str) -> _SimDoc:
     uuids = [g.uuid for g in parsed]
     if len(set(uuids)) != len(uuids):
         raise SimFileError(f"sim file {path}: gpus: uuids must be unique, got {uuids}")
+    if gpu_cache is not None:
+        gpu_cache[:] = [(i, index, g, parsed[index]) for index, (i, g) in enumerate(nvidia)]
     return result
 
 
@@ -695,9 +717,16 @@ def parse_sim_file(path: str) -> list[_SimGpu]:
     return parse_sim_doc(path).gpus
 
 
-def _device_functions() -> set[str]:
-    """Functions that take a GPU (``nvmlDeviceGetCount`` does not)."""
-    return {n for n in dir(SimulatedNvml) if n.startswith("nvmlDevice")} - {"nvmlDeviceGetCount"}
+_DEVICE_FUNCTIONS: frozenset[str] = frozenset()
+
+
+def _device_functions() -> frozenset[str]:
+    """Functions that take a GPU (``nvmlDeviceGetCount`` does not); computed once."""
+    global _DEVICE_FUNCTIONS
+    if not _DEVICE_FUNCTIONS:
+        _DEVICE_FUNCTIONS = frozenset(n for n in dir(SimulatedNvml) if n.startswith("nvmlDevice")) \
+            - {"nvmlDeviceGetCount"}
+    return _DEVICE_FUNCTIONS
 
 
 # --- the simulated library --------------------------------------------------------------
@@ -719,6 +748,10 @@ class SimulatedNvml:
         self._init_gpu_count = 0  # realistic: the GPU count fixed at nvmlInit
         self.reports_host_pids = False  # "pid_namespace": "host" makes it True
         self.reloads = 0  # successful file reads, for tests
+        # The last file's bytes and what they parsed to: the file is read on every
+        # reload (each nvmlDeviceGetCount), parsed again only when its bytes changed.
+        self._parsed: tuple[bytes, _SimDoc] | None = None
+        self._gpu_cache: _GpuCache = []  # and each GPU's object, parsed again only when it changed
 
     # -- init / shutdown --
 
@@ -1147,7 +1180,12 @@ class SimulatedNvml:
                 st.latest[p.pid] = self._process_sample(p, ts)
 
     def _reload(self) -> _SimDoc:
-        doc = parse_sim_doc(self.sim_file)  # raises SimFileError; old state stays
+        data = read_sim_bytes(self.sim_file)  # raises SimFileError; old state stays
+        if self._parsed is not None and self._parsed[0] == data:
+            doc = self._parsed[1]  # the same bytes: the same (immutable) document
+        else:
+            doc = parse_sim_doc(self.sim_file, data, self._gpu_cache)  # raises SimFileError; old state stays
+            self._parsed = (data, doc)
         now = self._clock()
         ts_us = self._wall_us(now)
         states: list[_GpuState] = []
