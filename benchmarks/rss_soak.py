@@ -13,7 +13,9 @@ seconds. The daemon's code is the working tree's, or ``--baseline REF`` (plus
 The daemon runs as the plain CLI (not through daemon_timed.py, whose per-tick records
 grow by about 150 bytes a tick, 0.5 MiB an hour, in the daemon's own process: runs
 before this change counted them as the daemon's growth). ``--aged`` runs the
-wall-clock work 10x as often (NVML re-init every 30 s, the full /proc re-read every 3 s).
+wall-clock work 10x as often (NVML re-init every 30 s, the full /proc re-read every 3 s);
+``--seed-store FILE`` starts the daemon on a copy of an existing store (one already
+larger than SQLite's page cache bound, 512 KiB per connection).
 
 Growth is reported as the least-squares slope of VmRSS over the run's second half
 (MiB per hour) and as last-minus-first of the minute medians after the first 5 min.
@@ -62,11 +64,30 @@ AGED = (("[gpu]\n", "[gpu]\nreinit_interval_s = 30\n"),)  # --aged: NVML re-init
 AGED_TAIL = "[jobs]\nrescan_interval_s = 3.0\n"  # and the full /proc re-read
 
 
-def inner(seconds: float, every: float, code: Path | None, out: Path, aged: bool = False) -> None:
+def seed_store(box: Box, source: Path) -> None:
+    """Start from a copy of an existing store (SQLite's backup API: consistent while the
+    source's daemon is still writing it)."""
+    import sqlite3
+
+    state = box.work / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    dst = sqlite3.connect(state / "wattprint.sqlite3")
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+
+
+def inner(seconds: float, every: float, code: Path | None, out: Path, aged: bool = False,
+          seed: Path | None = None) -> None:
     box = Box("soak")
     daemon: Daemon | None = None
     try:
         overhead.setup_procs(box, life_s=seconds + 900)  # (alive to the end of the run)
+        if seed is not None:
+            seed_store(box, seed)
         if aged:
             text = box.config.read_text()
             for old, new in AGED:
@@ -98,7 +119,8 @@ def inner(seconds: float, every: float, code: Path | None, out: Path, aged: bool
         first_min = [v for t, v in after5 if t < 360]
         last_min = [v for t, v in after5 if t >= seconds - 60]
         res = {
-            "seconds": seconds, "ticks": tick, "aged": aged, "code": str(code) if code else "working tree",
+            "seconds": seconds, "ticks": tick, "aged": aged, "seeded_from": str(seed) if seed else None,
+            "code": str(code) if code else "working tree",
             "rss_start_mib": round(rss[0][1] / 1024, 2),
             "rss_steady_median_second_half_mib": round(statistics.median(v for _, v in half) / 1024, 2),
             "rss_min_max_after_5min_mib": [round(min(v for _, v in after5) / 1024, 2),
@@ -126,12 +148,15 @@ def main() -> int:
     ap.add_argument("--json", required=True)
     ap.add_argument("--aged", action="store_true",
                     help="wall-clock work 10x as often: NVML re-init every 30 s, the full /proc re-read every 3 s")
+    ap.add_argument("--seed-store", metavar="SQLITE",
+                    help="start from a copy of this store (e.g. another soak's, past the page cache bound)")
     ap.add_argument("--code", help=argparse.SUPPRESS)  # inside the namespace
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     out = Path(args.json).resolve()
     if args.inner:
-        inner(args.seconds, args.every, Path(args.code) if args.code else None, out, args.aged)
+        inner(args.seconds, args.every, Path(args.code) if args.code else None, out, args.aged,
+              Path(args.seed_store) if args.seed_store else None)
         return 0
     code = None
     if args.baseline:
@@ -140,7 +165,8 @@ def main() -> int:
     try:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--inner", "--seconds", str(args.seconds),
                "--every", str(args.every), "--json", str(out)] + (["--code", str(code)] if code else []) \
-            + (["--aged"] if args.aged else [])
+            + (["--aged"] if args.aged else []) \
+            + (["--seed-store", str(Path(args.seed_store).resolve())] if args.seed_store else [])
         if os.geteuid() == 0 and shutil.which("unshare"):
             cmd = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"] + cmd
         log(f"soak: {args.seconds:g} s of procs, RSS every {args.every:g} s -> {out}")

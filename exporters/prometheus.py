@@ -94,6 +94,8 @@ COUNTER_HELP: Mapping[str, str] = {
     "influx_points_written_total": "InfluxDB lines the server acknowledged (HTTP 204).",
     "node_below_components_total": "Ticks whose node input energy from the BMC was below the GPU, CPU and DRAM "
                                    "measured in the same tick (the remainder, other, was booked as 0).",
+    "node_carry_joules": "Measured energy a BMC counter correction left without node cover, to be taken from the "
+                         "next ticks' remainder (other) before it is booked; 0 when none (docs/jobs.md).",
     "node_reads_total": "Successful reads of the node's power from its BMC ([node] source).",
     "node_read_errors_total": "Failed reads of the BMC (timeouts, refused credentials, HTTP or ipmitool errors).",
     "node_read_timeouts_total": "BMC reads that did not finish within [node] timeout_s (part of "

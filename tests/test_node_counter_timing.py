@@ -146,12 +146,18 @@ def test_a_power_drop_between_samples_is_carried_not_below_and_the_run_adds_up(m
     # the held 1,000 W over-books 200 W x ~2.7 s; the value that shows it lands in a
     # tick whose held energy (1,000 J) less that correction is below the 700 J measured.
     plan = [((), (0.2, 800.0)), ((), None), ((), None), ((0.1,), None)] + [((0.5,), None)] * 12
+    carries = []
     for polls, power in plan:
         before = node_total(snap)
         snap = r.tick(polls, power)
         figures.append(node_total(snap) - before)
         assert health(snap, "node") == "ok", figures
+        # The gauge is what the ticks booked beyond the node's total since the start.
+        carries.append(snap.counters["node_carry_joules"])
+        assert carries[-1] == pytest.approx((booked(snap) - start_booked) - (node_total(snap) - start_node),
+                                            rel=1e-9, abs=1e-6)
     assert min(figures) < MEASURED_W, figures  # the scenario did put a tick below the components
+    assert max(carries) > 0.0 and carries[-1] == 0.0
     assert snap.counters["node_below_components_total"] == 0.0
     # The node's energy over the span is the BMC counter's difference, plus the held
     # 800 W booked after the last value (read 0.5 s into the last tick).

@@ -221,8 +221,8 @@ class Engine:
     def _counters_now(self) -> dict[str, float]:
         """The engine's self-metrics: the tick's, the reader's, the store's, the book's,
         the tracker's, then each counter feed's, in that order (a later key wins)."""
-        out = {**self._counters, **self.reader.counters, **self.store.counters, **self.book.counters,
-               **self.tracker.counters()}
+        out = {**self._counters, "node_carry_joules": self._node_carry_j, **self.reader.counters,
+               **self.store.counters, **self.book.counters, **self.tracker.counters()}
         for counter_feed in self.counter_feeds:
             out.update(counter_feed())
         return out
