@@ -60,8 +60,9 @@ def slope_mib_per_h(samples: list[tuple[float, int]]) -> float | None:
     return round(3600 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den, 3) if den else None
 
 
-AGED = (("[gpu]\n", "[gpu]\nreinit_interval_s = 30\n"),)  # --aged: NVML re-init 10x as often
-AGED_TAIL = "[jobs]\nrescan_interval_s = 3.0\n"  # and the full /proc re-read
+# --aged: the wall-clock work 10x as often (NVML re-init every 30 s, the full /proc re-read every 3 s)
+AGED_GPU = "[gpu]\nreinit_interval_s = 30\n"
+AGED_JOBS = "[jobs]\nrescan_interval_s = 3.0\n"
 
 
 def seed_store(box: Box, source: Path) -> None:
@@ -89,10 +90,7 @@ def inner(seconds: float, every: float, code: Path | None, out: Path, aged: bool
         if seed is not None:
             seed_store(box, seed)
         if aged:
-            text = box.config.read_text()
-            for old, new in AGED:
-                text = text.replace(old, new)
-            box.config.write_text(text + AGED_TAIL)
+            box.config.write_text(box.config.read_text().replace("[gpu]\n", AGED_GPU) + AGED_JOBS)
         daemon = Daemon(box, code=code, timed=False)  # (daemon_timed.py's records would grow)
         daemon.wait_ticks(2)
         t0 = time.monotonic()

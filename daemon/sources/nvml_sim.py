@@ -212,6 +212,7 @@ attributes a real ``c_nvmlDeviceAttributes``; ``nvmlDeviceIsMigDeviceHandle`` re
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import re
@@ -649,10 +650,10 @@ def read_sim_bytes(path: str) -> bytes:
         raise SimFileError(f"sim file {path}: cannot read: {exc.strerror or exc}") from None
 
 
-# The GPUs parsed from the last file, by position: (file index, NVIDIA index, raw object,
-# parsed GPU). A GPU whose object is equal to the one parsed before is not parsed again
-# (_SimGpu is immutable): a job starting changes one GPU's processes, not eight GPUs.
-_GpuCache = list[tuple[int, int, Any, "_SimGpu"]]
+# The NVIDIA GPUs parsed from the last file, in order: (file index, raw object, parsed
+# GPU). A GPU whose object is equal to the one parsed before at its place is not parsed
+# again (_SimGpu is immutable): a job starting changes one GPU's processes, not eight.
+_GpuCache = list[tuple[int, Any, "_SimGpu"]]
 
 
 def parse_sim_doc(path: str, data: bytes | None = None, gpu_cache: _GpuCache | None = None) -> _SimDoc:
@@ -689,8 +690,8 @@ def parse_sim_doc(path: str, data: bytes | None = None, gpu_cache: _GpuCache | N
         before = gpu_cache or []
         parsed = []
         for index, (i, g) in enumerate(nvidia):
-            if index < len(before) and before[index][:2] == (i, index) and before[index][2] == g:
-                parsed.append(before[index][3])
+            if index < len(before) and before[index][0] == i and before[index][1] == g:
+                parsed.append(before[index][2])
             else:
                 parsed.append(_parse_gpu(f"gpus[{i}]", index, g))
         ns = doc.get("pid_namespace", "daemon")
@@ -708,7 +709,7 @@ def parse_sim_doc(path: str, data: bytes | None = None, gpu_cache: _GpuCache | N
     if len(set(uuids)) != len(uuids):
         raise SimFileError(f"sim file {path}: gpus: uuids must be unique, got {uuids}")
     if gpu_cache is not None:
-        gpu_cache[:] = [(i, index, g, parsed[index]) for index, (i, g) in enumerate(nvidia)]
+        gpu_cache[:] = [(i, g, gpu) for (i, g), gpu in zip(nvidia, parsed)]
     return result
 
 
@@ -717,16 +718,10 @@ def parse_sim_file(path: str) -> list[_SimGpu]:
     return parse_sim_doc(path).gpus
 
 
-_DEVICE_FUNCTIONS: frozenset[str] = frozenset()
-
-
+@functools.cache
 def _device_functions() -> frozenset[str]:
     """Functions that take a GPU (``nvmlDeviceGetCount`` does not); computed once."""
-    global _DEVICE_FUNCTIONS
-    if not _DEVICE_FUNCTIONS:
-        _DEVICE_FUNCTIONS = frozenset(n for n in dir(SimulatedNvml) if n.startswith("nvmlDevice")) \
-            - {"nvmlDeviceGetCount"}
-    return _DEVICE_FUNCTIONS
+    return frozenset(n for n in dir(SimulatedNvml) if n.startswith("nvmlDevice")) - {"nvmlDeviceGetCount"}
 
 
 # --- the simulated library --------------------------------------------------------------

@@ -54,7 +54,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ...model import DeviceReading
 from .sample import BmcError, BmcSample
@@ -77,6 +77,20 @@ class BmcClient(Protocol):
     def read(self) -> BmcSample: ...
 
     def close(self) -> None: ...
+
+
+class _HeldTick(NamedTuple):
+    """The tick being read, for the counter values it folds in: its span on the
+    monotonic clock and the power it held (0 when it books no held power)."""
+
+    start_mono: float
+    end_mono: float
+    rate_w: float
+
+    def after_j(self, at_mono: float) -> float:
+        """The held energy this tick booked after ``at_mono`` (a counter value's reading
+        time): it belongs to the span after that value, not to the one it closes."""
+        return self.rate_w * (self.end_mono - min(max(at_mono, self.start_mono), self.end_mono))
 
 
 @dataclass
@@ -125,10 +139,6 @@ class NodeSource:
         self._correction_j = 0.0  # to book in this tick (counter difference - booked)
         self._debt_j = 0.0  # a negative correction not yet taken from ticks
         self._live = False  # the last tick returned a reading (booking is continuous)
-        # The tick being read (for the samples it folds in): its time, interval and held power.
-        self._tick_now_mono = 0.0
-        self._tick_dt_s = 0.0
-        self._tick_rate_w = 0.0
         self._last_live_mono: float | None = None  # the last tick that returned a reading
         self._gap_steps = False  # a good counter step was taken while dark (the gap is measured)
         self._gap_broken = False  # a reset / implausible step while dark (the gap is lost)
@@ -187,10 +197,9 @@ class NodeSource:
         held_power = self._power_w if self._fresh(now_mono_s) else None
         held_j = held_power * dt if (held_power is not None and self._live) else 0.0
         self._held_since_anchor_j += held_j
-        self._tick_now_mono, self._tick_dt_s = now_mono_s, dt
-        self._tick_rate_w = held_j / dt if dt > 0.0 else 0.0
+        tick = _HeldTick(now_mono_s - dt, now_mono_s, held_j / dt if dt > 0.0 else 0.0)
         for p in pending:
-            self._take(p)
+            self._take(p, tick)
         if not self._fresh(now_mono_s):
             self._correction_j += held_j  # counted as booked above, but this tick books nothing
             self._go_dark()
@@ -225,12 +234,6 @@ class NodeSource:
                              source="counter" if self._anchor_j is not None else "power",
                              interval_s=dt, name=self.method, attributable=True, held_j=held_j)
 
-    def _held_after_j(self, at_mono: float) -> float:
-        """The held energy this tick booked after ``at_mono`` (a counter value's reading
-        time): it belongs to the span after that value, not to the one it closes."""
-        after_s = min(max(self._tick_now_mono - at_mono, 0.0), self._tick_dt_s)
-        return min(self._tick_rate_w * after_s, self._held_since_anchor_j)
-
     def _fresh(self, now_mono_s: float) -> bool:
         return self._power_w is not None and now_mono_s - self._power_at_mono <= self.max_age_s
 
@@ -242,7 +245,7 @@ class NodeSource:
         tick is a new baseline."""
         self._live = False
 
-    def _take(self, p: _Pending) -> None:
+    def _take(self, p: _Pending, tick: _HeldTick) -> None:
         """Fold one BMC sample into the state (on the tick's thread)."""
         s = p.sample
         stale = False
@@ -260,19 +263,19 @@ class NodeSource:
                 stale = True
                 self._power_at_mono = float("-inf")
             else:
-                self._take_counter(s.energy_j, p.fetched_mono - age, derive_power=s.power_w is None)
+                self._take_counter(s.energy_j, p.fetched_mono - age, tick, derive_power=s.power_w is None)
         if stale:
             with self._lock:
                 self._counters["node_stale_readings_total"] += 1
         self._stale_episode = stale
 
-    def _take_counter(self, value_j: float, at_mono: float, derive_power: bool) -> None:
+    def _take_counter(self, value_j: float, at_mono: float, tick: _HeldTick, derive_power: bool) -> None:
         anchor, anchor_mono = self._anchor_j, self._anchor_mono
         self._anchor_j, self._anchor_mono = value_j, at_mono
         # The held energy booked since the previous value splits at this value's reading
         # time: what this tick booked after it starts the next span (so a counter value
         # arriving a tick late, or two in one tick, corrects nothing under steady power).
-        after_j = self._held_after_j(at_mono)
+        after_j = min(tick.after_j(at_mono), self._held_since_anchor_j)
         before_j = self._held_since_anchor_j - after_j
         self._held_since_anchor_j = after_j
         if anchor is None:  # the first value: a baseline
